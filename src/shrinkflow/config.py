@@ -1,0 +1,177 @@
+"""Load params.yaml, merge presets and overrides over it, and validate the result.
+
+The JSON Schema in workflow/schemas/params.schema.yaml is the single definition of what is
+allowed; this module turns its verdict into one line that names the key path and the allowed
+values, e.g. ``prune.sparsities[2]: 1.5 is not in [0, 1)``. Snakemake (at start-up) and every CLI
+command validate through ``validate_params`` so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from shrinkflow.errors import ShrinkflowError
+
+SCHEMA_PATH = Path(__file__).with_name("schemas") / "params.schema.yaml"
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 insists on ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse one YAML file; a missing or malformed file is a one-line error naming it."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ShrinkflowError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ShrinkflowError(f"{path}:{where} is not valid YAML ({problem})") from None
+
+
+def merge(base: dict, override: Mapping) -> dict:
+    """Deep-merge ``override`` into a copy of ``base``: mappings merge, everything else replaces.
+
+    The same rule as Snakemake's ``--configfile``, so the CLI sees what the Snakefile sees.
+    """
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def apply_override(cfg: dict, assignment: str) -> dict:
+    """Apply one ``key.path=value`` override; the value is YAML (``2``, ``[1, 2]``, ``null``)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ShrinkflowError(f"--set {assignment!r}: expected key.path=value, e.g. train.epochs=3")
+    try:
+        value = yaml.load(raw, Loader=_Loader) if raw else None
+    except yaml.YAMLError:
+        raise ShrinkflowError(f"--set {key}: {raw!r} is not a YAML value") from None
+    nested: Any = value
+    for part in reversed(key.split(".")):
+        nested = {part: nested}
+    return merge(cfg, nested)
+
+
+def load_params(files: Sequence[Path], overrides: Iterable[str] = ()) -> dict:
+    """Merge ``files`` in order (later wins), then ``overrides``, and validate the result."""
+    if not files:
+        raise ShrinkflowError("--params: at least one params file is required (e.g. params.yaml)")
+    cfg: dict = {}
+    for path in files:
+        content = read_yaml(path)
+        if content is None:
+            content = {}
+        if not isinstance(content, Mapping):
+            raise ShrinkflowError(f"{path}: expected a mapping of keys at the top level")
+        cfg = merge(cfg, content)
+    for assignment in overrides:
+        cfg = apply_override(cfg, assignment)
+    validate_params(cfg)
+    return cfg
+
+
+@cache
+def schema() -> dict:
+    return read_yaml(SCHEMA_PATH)
+
+
+def validate_params(cfg: Mapping) -> None:
+    """Raise ShrinkflowError with one line for the first problem in ``cfg`` (by key path)."""
+    from jsonschema import Draft202012Validator
+
+    errors = sorted(
+        Draft202012Validator(schema()).iter_errors(cfg),
+        key=lambda e: (_key_path(e.absolute_path), e.validator != "additionalProperties"),
+    )
+    if errors:
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        raise ShrinkflowError(describe(errors[0]) + more)
+    _check_cross_keys(cfg)
+
+
+def _check_cross_keys(cfg: Mapping) -> None:
+    """Rules that involve several keys, which JSON Schema would only express cryptically."""
+    data = cfg["data"]
+    if data["name"] == "imagefolder" and not data["root"]:
+        raise ShrinkflowError(
+            "data.root: required when data.name is imagefolder "
+            "(a folder with one sub-folder of images per class)"
+        )
+
+
+def _key_path(path: Iterable) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def describe(error: Any) -> str:
+    """One line for a jsonschema error: ``<key path>: <what is wrong and what is allowed>``."""
+    where = _key_path(error.absolute_path) or "params"
+    schema_ = error.schema
+    value = error.instance
+    kind = error.validator
+    if kind == "additionalProperties":
+        allowed = sorted(schema_.get("properties", {}))
+        unknown = sorted(set(value) - set(allowed))
+        return f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(allowed)})"
+    if kind == "required":
+        missing = [k for k in error.validator_value if k not in value]
+        return f"{where}: missing key {missing[0]!r}"
+    if kind == "enum":
+        allowed = ", ".join(str(v) for v in error.validator_value)
+        return f"{where}: {value!r} is not one of {allowed}"
+    if kind == "type":
+        wanted = error.validator_value
+        wanted = " or ".join(wanted) if isinstance(wanted, list) else wanted
+        return f"{where}: {value!r} is not of type {wanted}"
+    if kind in {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}:
+        return f"{where}: {value!r} is not in {_interval(schema_)}"
+    if kind == "minItems":
+        return f"{where}: needs at least {error.validator_value} item(s)"
+    if kind == "uniqueItems":
+        return f"{where}: {value!r} has duplicate items"
+    if kind == "minLength":
+        return f"{where}: must not be empty"
+    if kind == "pattern":
+        return f"{where}: {value!r} does not match {error.validator_value!r}"
+    return f"{where}: {error.message}"
+
+
+def _interval(schema_: Mapping) -> str:
+    if "exclusiveMinimum" in schema_:
+        low = f"({schema_['exclusiveMinimum']}"
+    else:
+        low = f"[{schema_['minimum']}" if "minimum" in schema_ else "(-inf"
+    if "exclusiveMaximum" in schema_:
+        high = f"{schema_['exclusiveMaximum']})"
+    else:
+        high = f"{schema_['maximum']}]" if "maximum" in schema_ else "inf)"
+    return f"{low}, {high}"

@@ -1,0 +1,141 @@
+"""params.yaml validation: every bad input is one line naming the key path and what is allowed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shrinkflow.config import apply_override, load_params, merge, schema
+from shrinkflow.errors import ShrinkflowError
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = ROOT / "params.yaml"
+
+
+def test_default_params_are_valid():
+    cfg = load_params([PARAMS])
+    assert cfg["data"]["name"] == "digits"
+    assert cfg["backends"] == ["torch"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.val_fraction=1.5", "data.val_fraction: 1.5 is not in [0, 1)"),
+        (
+            "data.name=cifar",
+            "data.name: 'cifar' is not one of digits, cifar10, cifar100, imagefolder",
+        ),
+        ("train.epoch=3", "train: unknown key 'epoch' (allowed: augment, batch_size, epochs,"),
+        ("bogus=1", "params: unknown key 'bogus'"),
+        ("train.epochs=two", "train.epochs: 'two' is not of type integer"),
+        ("train.epochs=0", "train.epochs: 0 is not in [1, inf)"),
+        ("train.lr=0", "train.lr: 0 is not in (0, inf)"),
+        ("models=[resnet20, resnet21]", "models[1]: 'resnet21' is not one of"),
+        ("backends=[torch, jax]", "backends[1]: 'jax' is not one of torch"),
+        ("backends=[]", "backends: needs at least 1 item(s)"),
+        ("evaluate.batch_sizes=[1, 0]", "evaluate.batch_sizes[1]: 0 is not in [1, inf)"),
+        ("data.mirror=ftp://x", "data.mirror: 'ftp://x' does not match"),
+        ("train.schedule=step", "train.schedule: 'step' is not one of cosine, constant"),
+        ("data.name=imagefolder", "data.root: required when data.name is imagefolder"),
+        ("train.nesterov=1", "train.nesterov: 1 is not of type boolean"),
+    ],
+)
+def test_bad_values_name_the_key_and_the_allowed_values(override, message):
+    with pytest.raises(ShrinkflowError) as info:
+        load_params([PARAMS], [override])
+    text = str(info.value)
+    assert text.startswith(message), text
+    assert "\n" not in text
+
+
+def test_missing_key_is_named(tmp_path):
+    cfg = yaml.safe_load(PARAMS.read_text())
+    del cfg["train"]["lr"]
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ShrinkflowError, match=r"^train: missing key 'lr'$"):
+        load_params([path])
+
+
+def test_presets_merge_in_order_and_lists_replace(tmp_path):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("models: [resnet56]\ntrain: {epochs: 3}\n")
+    cfg = load_params([PARAMS, preset], ["train.lr=1e-3"])
+    assert cfg["models"] == ["resnet56"]
+    assert cfg["train"]["epochs"] == 3
+    assert cfg["train"]["lr"] == pytest.approx(1e-3)  # 1e-3 is a float, not YAML 1.1's string
+    assert cfg["train"]["batch_size"] == load_params([PARAMS])["train"]["batch_size"]
+
+
+def test_merge_does_not_mutate_its_inputs():
+    base = {"a": {"b": 1, "c": [1]}}
+    merged = merge(base, {"a": {"b": 2}})
+    assert merged == {"a": {"b": 2, "c": [1]}}
+    assert base == {"a": {"b": 1, "c": [1]}}
+
+
+@pytest.mark.parametrize("bad", ["train.epochs", "=3", "train..lr=1"])
+def test_malformed_override_is_rejected(bad):
+    with pytest.raises(ShrinkflowError, match="expected key.path=value"):
+        apply_override({}, bad)
+
+
+def test_unreadable_and_malformed_files_are_named(tmp_path):
+    with pytest.raises(ShrinkflowError, match=r"nope\.yaml: cannot read"):
+        load_params([tmp_path / "nope.yaml"])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [1, 2\n")
+    with pytest.raises(ShrinkflowError, match=r"broken\.yaml: line \d+ is not valid YAML"):
+        load_params([broken])
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n")
+    with pytest.raises(ShrinkflowError, match="expected a mapping"):
+        load_params([listy])
+
+
+def test_schema_model_names_match_the_torch_registry():
+    from shrinkflow.backends.torch.models import list_models
+
+    assert schema()["properties"]["models"]["items"]["enum"] == list_models()
+
+
+def test_packaged_schema_is_the_workflow_schema():
+    from shrinkflow.config import SCHEMA_PATH
+
+    assert SCHEMA_PATH.read_text() == (ROOT / "workflow/schemas/params.schema.yaml").read_text()
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "shrinkflow.cli", *args], cwd=cwd, capture_output=True, text=True
+    )
+
+
+def test_cli_validate_ok_and_bad_input_exit_codes():
+    ok = run_cli("validate", "--params", str(PARAMS))
+    assert ok.returncode == 0, ok.stderr
+    assert "ok" in ok.stdout
+    bad = run_cli("validate", "--params", str(PARAMS), "--set", "data.val_fraction=2")
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "error: data.val_fraction: 2 is not in [0, 1)"
+    assert "Traceback" not in bad.stderr
+
+
+def test_cli_models_lists_the_registry():
+    result = run_cli("models")
+    assert result.returncode == 0, result.stderr
+    names = [line.split()[0] for line in result.stdout.splitlines()]
+    assert "resnet20" in names and "vgg16_bn" in names
+    resnet20 = next(line for line in result.stdout.splitlines() if line.startswith("resnet20 "))
+    assert float(resnet20.split()[1]) == pytest.approx(0.27, abs=0.01)
+
+
+def test_cli_unknown_backend_is_one_line():
+    result = run_cli("models", "--backend", "jax")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: backend: 'jax' is not one of torch"
