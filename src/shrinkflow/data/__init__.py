@@ -1,0 +1,1 @@
+"""Data sets: download, prepare, and the prepared split every backend reads."""
