@@ -1,0 +1,56 @@
+"""The small interface every backend offers; stages talk to backends only through it."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from shrinkflow.data.prepared import PreparedData
+from shrinkflow.errors import ShrinkflowError
+
+BACKENDS = ("torch",)
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+class Backend(Protocol):
+    name: str
+
+    def list_models(self) -> list[str]: ...
+
+    def count_params(self, model_name: str) -> int: ...
+
+    def train_fingerprint(self, cfg: dict, model_name: str, data: PreparedData) -> str: ...
+
+    def resumable_run_id(self, resume_dir: Path, fingerprint: str) -> str | None: ...
+
+    def train_model(
+        self,
+        cfg: dict,
+        model_name: str,
+        data: PreparedData,
+        out_dir: Path,
+        resume_dir: Path,
+        on_epoch: EpochCallback,
+        run_id: str | None,
+    ) -> Any: ...
+
+    def evaluate_model(self, cfg: dict, model_dir: Path, data: PreparedData) -> dict: ...
+
+
+def get_backend(name: str) -> Backend:
+    """Import one backend on demand, so a job never pays for another framework's import."""
+    if name not in BACKENDS:
+        raise ShrinkflowError(f"backend: {name!r} is not one of {', '.join(BACKENDS)}")
+    return importlib.import_module(f"shrinkflow.backends.{name}").BACKEND
+
+
+def check_model(backend: Backend, model_name: str) -> None:
+    known = backend.list_models()
+    if model_name not in known:
+        raise ShrinkflowError(
+            f"model: {model_name!r} is not available for backend {backend.name} "
+            f"(known: {', '.join(known)})"
+        )

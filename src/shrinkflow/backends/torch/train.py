@@ -1,0 +1,466 @@
+"""Train one model on prepared data: SGD, warm-up + cosine LR, in-memory augmentation, resumable.
+
+Reproducibility: the weight init, the batch order and the augmentation all come from
+``cfg["seed"]`` (the global RNG for init and dropout, one CPU ``torch.Generator`` for batches and
+crops), so on CPU two runs with the same params, data and thread count end with bit-identical
+weights. A killed run resumes from the state saved after its last completed epoch and still ends
+bit-identical to an uninterrupted run, because every source of state (weights, BN statistics,
+optimizer momentum, scheduler position, GradScaler, RNGs) is saved and restored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import pickle
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shrinkflow.backends.torch.artifact import save_model
+from shrinkflow.backends.torch.models import create_model
+from shrinkflow.backends.torch.tensors import to_device_tensors
+from shrinkflow.data.prepared import PreparedData
+from shrinkflow.errors import ShrinkflowError
+from shrinkflow.outputs import atomic_file
+from shrinkflow.progress import say, track
+
+STATE_FILE = "state.pt"
+# Bumped whenever the resume state's layout or the training procedure changes, so that an old
+# state is never resumed by code that would continue it differently.
+STATE_FORMAT = "shrinkflow.torch.train-state/1"
+
+
+@dataclass
+class TrainResult:
+    epochs: int
+    best_epoch: int
+    best_val_top1: float
+    resumed_from_epoch: int  # the last epoch restored from the resume state; 0 for a fresh start
+    history: list[dict]
+    seconds: float  # wall time of this call (a resumed run counts only its own epochs)
+
+
+def train_fingerprint(cfg: dict, model_name: str, data: PreparedData) -> str:
+    """Hash of all that decides the trained weights: a resume state is reused only on a match."""
+    key = {
+        "format": STATE_FORMAT,
+        "seed": cfg["seed"],
+        "train": cfg["train"],
+        "model": model_name,
+        "data": data.fingerprint,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def resumable_run_id(resume_dir: Path, fingerprint: str) -> str | None:
+    """The MLflow run id saved with a resume state matching ``fingerprint``, else None."""
+    state = _read_state(Path(resume_dir) / STATE_FILE, "cpu")
+    if state is None or state.get("fingerprint") != fingerprint:
+        return None
+    return state.get("run_id")
+
+
+def train_model(
+    cfg: dict,
+    model_name: str,
+    data: PreparedData,
+    out_dir: Path,
+    resume_dir: Path,
+    on_epoch: Callable[[int, dict[str, float]], None],
+    run_id: str | None = None,
+    device: str = "auto",
+) -> TrainResult:
+    """Train ``model_name`` with ``cfg["train"]`` and save the best-on-val epoch to ``out_dir``.
+
+    Args:
+        out_dir: an existing empty folder (the caller renames it into place) that receives
+            the model file; the test split is never read here.
+        resume_dir: where the per-epoch resume state lives; a state with the same fingerprint
+            is continued, any other one is deleted.
+        on_epoch: called after every epoch (1-based) with train_loss, train_top1, val_loss,
+            val_top1, lr (of the epoch's last step) and epoch_seconds.
+        run_id: stored with the resume state, so a resumed job continues the same MLflow run.
+        device: "auto" (CUDA if available, else CPU), "cpu" or "cuda[:n]".
+    """
+    started = time.perf_counter()
+    t = cfg["train"]
+    epochs, batch_size = int(t["epochs"]), int(t["batch_size"])
+    if epochs < 1:
+        raise ShrinkflowError(f"train.epochs: {epochs} is not >= 1")
+    if batch_size < 1:
+        raise ShrinkflowError(f"train.batch_size: {batch_size} is not >= 1")
+    if len(data.train) == 0:
+        raise ShrinkflowError(
+            "train: the prepared data has no training images "
+            "(lower data.val_fraction / data.test_fraction or add images)"
+        )
+    dev = _device(device)
+    amp = bool(t["mixed_precision"]) and dev.type == "cuda"
+    if t["mixed_precision"] and not amp:
+        say("train.mixed_precision: ignored on CPU (float16 autocast needs CUDA)")
+
+    with _deterministic_on_cpu(dev):
+        torch.manual_seed(cfg["seed"])
+        model = create_model(
+            model_name, data.num_classes, in_channels=data.channels, image_size=data.image_size
+        ).to(dev)
+        x_train, y_train = to_device_tensors(data, "train", dev)
+        x_val, y_val = to_device_tensors(data, "val", dev)
+        steps = len(batch_bounds(len(y_train), batch_size))
+        optimizer = torch.optim.SGD(
+            _param_groups(model, float(t["weight_decay"])),
+            lr=float(t["lr"]),
+            momentum=float(t["momentum"]),
+            nesterov=bool(t["nesterov"]),
+        )
+        run = _Run(
+            model=model,
+            optimizer=optimizer,
+            scheduler=torch.optim.lr_scheduler.LambdaLR(
+                optimizer,
+                _lr_factor(t["schedule"], int(t["warmup_epochs"]) * steps, epochs * steps),
+            ),
+            scaler=torch.amp.GradScaler("cuda", enabled=amp),
+            # Batch order and augmentation come from a CPU generator whatever the device:
+            # the same on CPU and GPU, and its state is one small tensor.
+            generator=torch.Generator().manual_seed(cfg["seed"]),
+            device=dev,
+            amp=amp,
+        )
+        augment = _Augment(
+            enabled=bool(t["augment"]),
+            hflip=bool(t["hflip"]),
+            pad=data.image_size // 8,  # the CIFAR 4 pixels at 32x32, scaled with the size
+            fill=_black(data.mean, data.std, dev),
+        )
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=float(t["label_smoothing"]))
+
+        fingerprint = train_fingerprint(cfg, model_name, data)
+        state_path = Path(resume_dir) / STATE_FILE
+        state = _matching_state(state_path, fingerprint, dev)
+        start_epoch, best_val_top1, best_epoch, best_model, history = 0, -1.0, 0, None, []
+        if state is not None:
+            start_epoch = int(state["epoch"])
+            if start_epoch < epochs:
+                say(f"resuming from epoch {start_epoch + 1}/{epochs}")
+            else:
+                say(f"all {epochs} epochs already trained (resume state); saving the best one")
+            run.restore(state)
+            best_val_top1, best_epoch = float(state["best_val_top1"]), int(state["best_epoch"])
+            best_model, history = state["best_model"], list(state["history"])
+        if len(y_val) == 0:
+            say("train: no validation images, so the last epoch is kept instead of the best one")
+
+        for epoch in range(start_epoch + 1, epochs + 1):
+            epoch_start = time.perf_counter()
+            train_loss, train_top1, lr = run.epoch(
+                x_train, y_train, batch_size, augment, loss_fn, f"epoch {epoch}/{epochs}"
+            )
+            val_loss, val_top1 = _evaluate(model, x_val, y_val, batch_size, amp)
+            metrics = {
+                "train_loss": train_loss,
+                "train_top1": train_top1,
+                "val_loss": val_loss,
+                "val_top1": val_top1,
+                "lr": lr,
+                "epoch_seconds": time.perf_counter() - epoch_start,
+            }
+            history.append({"epoch": epoch, **metrics})
+            # Ties go to the later epoch: equally accurate, but trained longer.
+            if len(y_val) == 0 or val_top1 >= best_val_top1:
+                best_val_top1, best_epoch = val_top1, epoch
+                best_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            say(
+                f"epoch {epoch}/{epochs}: train loss {train_loss:.4f} top1 {train_top1:.4f}, "
+                f"val loss {val_loss:.4f} top1 {val_top1:.4f}, lr {lr:.5f}, "
+                f"{metrics['epoch_seconds']:.1f} s"
+            )
+            on_epoch(epoch, metrics)
+            state = {
+                "format": STATE_FORMAT,
+                "fingerprint": fingerprint,
+                "run_id": run_id,
+                "epoch": epoch,
+                **run.snapshot(),
+                "best_val_top1": best_val_top1,
+                "best_epoch": best_epoch,
+                "best_model": best_model,
+                "history": history,
+            }
+            with atomic_file(state_path) as tmp:
+                torch.save(state, tmp)
+
+    model.load_state_dict(best_model)
+    spec = {
+        "arch": model_name,
+        "num_classes": data.num_classes,
+        "in_channels": data.channels,
+        "image_size": data.image_size,
+        "mean": [float(m) for m in data.mean],
+        "std": [float(s) for s in data.std],
+        "classes": [str(c) for c in data.classes],
+    }
+    save_model(model, spec, Path(out_dir))
+    return TrainResult(
+        epochs=epochs,
+        best_epoch=best_epoch,
+        best_val_top1=best_val_top1,
+        resumed_from_epoch=start_epoch,
+        history=history,
+        seconds=time.perf_counter() - started,
+    )
+
+
+@dataclass
+class _Augment:
+    """Random crop of the zero-padded image (``pad`` pixels) and optional horizontal flip."""
+
+    enabled: bool
+    hflip: bool
+    pad: int
+    fill: torch.Tensor  # per channel, the normalized value of the padding
+
+    def __call__(self, x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        x = _random_crop(x, shifts, self.pad, self.fill)
+        if self.hflip:
+            x = torch.where(flips.view(-1, 1, 1, 1), x.flip(3), x)
+        return x
+
+
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, stop) of each batch over n samples. The last partial batch is kept, except that a
+    final batch of ONE sample joins the batch before it: BatchNorm cannot train on one sample
+    whose feature maps are 1x1 (VGG and the big ResNets at small image sizes)."""
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    return [(s, min(s + batch_size, n)) for s in starts[:-1]] + [(starts[-1], n)] if starts else []
+
+
+@dataclass
+class _Run:
+    """Everything a training run mutates, so that it can be saved and restored as one."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator
+    device: torch.device
+    amp: bool
+
+    def epoch(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        augment: _Augment,
+        loss_fn: nn.Module,
+        description: str,
+    ) -> tuple[float, float, float]:
+        """One pass over (x, y) in a fresh random order; returns mean loss, top-1 and last LR."""
+        n, dev = len(y), self.device
+        # All of the epoch's randomness is drawn up front: one transfer to the device.
+        order = torch.randperm(n, generator=self.generator)
+        shifts = torch.randint(0, 2 * augment.pad + 1, (n, 2), generator=self.generator)
+        flips = torch.rand(n, generator=self.generator) < 0.5
+        order, shifts, flips = order.to(dev), shifts.to(dev), flips.to(dev)
+        self.model.train()
+        # Accumulated on the device: no host sync per step.
+        loss_sum = torch.zeros((), device=dev)
+        correct = torch.zeros((), dtype=torch.long, device=dev)
+        lr = 0.0
+        bounds = batch_bounds(n, batch_size)
+        for start, stop in track(bounds, total=len(bounds), description=description):
+            idx = order[start:stop]
+            xb, yb = augment(x[idx], shifts[idx], flips[idx]), y[idx]
+            with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=self.amp):
+                logits = self.model(xb)
+                loss = loss_fn(logits, yb)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.scheduler.step()  # per iteration: warm-up and cosine are smooth within epochs
+            loss_sum += loss.detach().float() * len(yb)
+            correct += (logits.detach().argmax(1) == yb).sum()
+        return loss_sum.item() / n, correct.item() / n, lr
+
+    def snapshot(self) -> dict[str, Any]:
+        """The run's state as tensors and plain values (loadable with weights_only=True)."""
+        cuda = self.device.type == "cuda"
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if cuda else [],
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        # RNG states must be CPU byte tensors, wherever map_location put the rest.
+        self.generator.set_state(state["generator"].cpu())
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if self.device.type == "cuda" and state["cuda_rng"]:
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+
+
+@contextmanager
+def _deterministic_on_cpu(dev: torch.device) -> Iterator[None]:
+    """Deterministic kernels while training on CPU, where they cost nothing; then torch's
+    previous setting. CUDA runs keep torch's defaults: deterministic GPU convolutions are slow,
+    so a GPU run repeats its init and batch order but not every bit."""
+    previous = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    if dev.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ShrinkflowError(f"device {name!r} is not auto, cpu or cuda[:n]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ShrinkflowError(f"device {name!r}: CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise ShrinkflowError(f"device {name!r} is not auto, cpu or cuda[:n]")
+    return dev
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on conv and linear weights only, not on BN scales/shifts nor biases.
+
+    Decaying BN parameters and biases only shrinks scales the next layer undoes and costs
+    accuracy (as in the usual ImageNet/CIFAR recipes). Conv and linear weights are exactly the
+    parameters with two or more dimensions.
+    """
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def _lr_factor(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR multiplier per iteration: linear from 1/10 to 1 over the warm-up, then cosine or flat.
+
+    The cosine reaches 0 at ``total_steps``, i.e. just after the last iteration.
+    """
+    if schedule not in ("cosine", "constant"):
+        raise ShrinkflowError(f"train.schedule: {schedule!r} is not cosine or constant")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return 0.1 + 0.9 * step / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _black(mean: Any, std: Any, dev: torch.device) -> torch.Tensor:
+    """The normalized value of a black pixel: padding is black before normalization, as in
+    torchvision's RandomCrop(padding=4) followed by Normalize."""
+    m = torch.tensor(mean, dtype=torch.float32, device=dev)
+    s = torch.tensor(std, dtype=torch.float32, device=dev)
+    return (-m / s).view(1, -1, 1, 1)
+
+
+def _random_crop(
+    x: torch.Tensor, shifts: torch.Tensor, pad: int, fill: torch.Tensor
+) -> torch.Tensor:
+    """Per-image random crop of the ``pad``-padded batch back to its size, by two gathers."""
+    if pad == 0:
+        return x
+    b, c, h, w = x.shape
+    padded = fill.expand(b, c, h + 2 * pad, w + 2 * pad).clone()
+    padded[:, :, pad : pad + h, pad : pad + w] = x
+    rows = shifts[:, 0:1] + torch.arange(h, device=x.device)  # (B, H) rows to keep
+    cols = shifts[:, 1:2] + torch.arange(w, device=x.device)  # (B, W) columns to keep
+    out = padded.gather(2, rows.view(b, 1, h, 1).expand(b, c, h, w + 2 * pad))
+    return out.gather(3, cols.view(b, 1, 1, w).expand(b, c, h, w))
+
+
+@torch.no_grad()
+def _evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, amp: bool
+) -> tuple[float, float]:
+    """Mean cross-entropy and top-1 over a split in eval mode; NaN for an empty split.
+
+    The loss is plain cross-entropy whatever train.label_smoothing, so that validation losses
+    compare between settings.
+    """
+    if len(y) == 0:
+        return math.nan, math.nan
+    model.eval()
+    loss_sum = torch.zeros((), device=x.device)
+    correct = torch.zeros((), dtype=torch.long, device=x.device)
+    for i in range(0, len(y), batch_size):
+        xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+        with torch.autocast(device_type=x.device.type, dtype=torch.float16, enabled=amp):
+            logits = model(xb)
+        loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum")
+        correct += (logits.argmax(1) == yb).sum()
+    return loss_sum.item() / len(y), correct.item() / len(y)
+
+
+def _matching_state(path: Path, fingerprint: str, dev: torch.device) -> dict | None:
+    """The resume state at ``path`` if it was saved for ``fingerprint``; any other is deleted."""
+    state = _read_state(path, dev)
+    if state is not None and state.get("fingerprint") != fingerprint:
+        say(f"{path}: saved for other params, data or model; starting over")
+        state = None
+    if state is None:
+        path.unlink(missing_ok=True)  # a stale state must not be resumed by a later run either
+    return state
+
+
+def _read_state(path: Path, dev: torch.device | str) -> dict | None:
+    """The resume state at ``path``, or None when there is none or it cannot be read.
+
+    The state is a cache: an unreadable one (say, from an older torch) is reported and
+    ignored rather than failing the job.
+    """
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location=dev, weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        say(f"{path}: unreadable resume state ignored ({reason})")
+        return None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        say(f"{path}: resume state of another format ignored")
+        return None
+    return state

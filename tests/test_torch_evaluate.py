@@ -1,0 +1,252 @@
+"""Tests for the PyTorch evaluation stage (shrinkflow.backends.torch.evaluate)."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from shrinkflow import metrics
+from shrinkflow.backends.torch import evaluate
+from shrinkflow.backends.torch.artifact import MODEL_FILE, load_model, save_model
+from shrinkflow.backends.torch.models import create_model
+from shrinkflow.data.prepared import PreparedData
+from shrinkflow.errors import ShrinkflowError
+
+CLASSES = [str(i) for i in range(10)]
+MEAN, STD = (0.4,), (0.3,)
+WARMUP, REPEATS = 2, 3
+BATCHES = [1, 16]  # larger than the 10-image test split, so timing must cycle its images
+
+
+def _cfg(device: str = "cpu") -> dict:
+    return {
+        "evaluate": {
+            "device": device,
+            "batch_sizes": BATCHES,
+            "warmup": WARMUP,
+            "repeats": REPEATS,
+        }
+    }
+
+
+def _spec() -> dict:
+    return {
+        "arch": "resnet20",
+        "num_classes": 10,
+        "in_channels": 1,
+        "image_size": 8,
+        "mean": list(MEAN),
+        "std": list(STD),
+        "classes": CLASSES,
+    }
+
+
+def _save(model: nn.Module, folder):
+    folder.mkdir()
+    save_model(model, _spec(), folder)
+    return folder
+
+
+def _independent_logits(model: nn.Module, images_uint8: np.ndarray) -> np.ndarray:
+    """Logits computed without shrinkflow's tensor helpers: numpy normalization, NHWC -> NCHW."""
+    x = (images_uint8.astype(np.float32) / 255.0 - MEAN[0]) / STD[0]
+    with torch.no_grad():
+        return model.eval()(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A random resnet20 and 40 digit-sized images whose test labels it gets 7/10 right."""
+    torch.manual_seed(0)
+    model = create_model("resnet20", 10, in_channels=1, image_size=8)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8)
+    test = np.arange(30, 40)
+    predicted = _independent_logits(model, images[test]).argmax(axis=1)
+    labels = rng.integers(0, 10, 40).astype(np.int64)
+    labels[test] = predicted
+    labels[test[:3]] = (predicted[:3] + 1) % 10  # three deliberate misses
+    data = PreparedData(
+        images=images,
+        labels=labels,
+        train=np.arange(20),
+        val=np.arange(20, 30),
+        test=test,
+        classes=CLASSES,
+        mean=MEAN,
+        std=STD,
+        manifest={"fingerprint": "test"},
+    )
+    folder = _save(model, tmp_path_factory.mktemp("eval") / "baseline")
+    return model, data, folder
+
+
+@pytest.fixture(scope="module")
+def result(setup):
+    _, data, folder = setup
+    return evaluate.evaluate_model(_cfg(), folder, data)
+
+
+def test_returns_every_measurement_with_summary_names(result):
+    expected = {
+        "top1",
+        "top5",
+        "val_top1",
+        "params",
+        "nonzero_params",
+        "measured_sparsity",
+        "macs",
+        "size_bytes",
+        "gzip_bytes",
+        "latency_ms_b1",
+        "latency_ms_b1_p90",
+        "latency_batch",
+        "throughput_ips",
+        "throughput_batch",
+        "peak_mem_mb",
+        "peak_mem_method",
+        "threads",
+        "device",
+    }
+    assert set(result) == expected
+    assert expected & set(metrics.SUMMARY_COLUMNS) == {
+        "top1",
+        "top5",
+        "params",
+        "nonzero_params",
+        "measured_sparsity",
+        "macs",
+        "size_bytes",
+        "gzip_bytes",
+        "latency_ms_b1",
+        "throughput_ips",
+        "peak_mem_mb",
+    }
+    assert result["device"] == "cpu"
+    assert result["threads"] == torch.get_num_threads()
+    assert result["latency_batch"] == 1 and result["throughput_batch"] == 16
+    assert 0 < result["latency_ms_b1"] <= result["latency_ms_b1_p90"]
+    assert result["throughput_ips"] > 0
+    assert result["peak_mem_mb"] >= 0 and result["peak_mem_method"] in ("vmhwm", "ru_maxrss")
+
+
+def test_accuracy_matches_an_independent_computation(setup, result):
+    model, data, _ = setup
+    assert result["top1"] == pytest.approx(0.7)
+    logits = _independent_logits(model, data.images[data.test])
+    top5 = np.argsort(-logits, axis=1)[:, :5]
+    assert result["top5"] == pytest.approx(np.mean((top5 == data.labels[data.test, None]).any(1)))
+    val_pred = _independent_logits(model, data.images[data.val]).argmax(axis=1)
+    assert result["val_top1"] == pytest.approx(np.mean(val_pred == data.labels[data.val]))
+
+
+def test_sizes_are_those_of_the_model_file(setup, result):
+    folder = setup[2]
+    assert result["size_bytes"] == (folder / MODEL_FILE).stat().st_size
+    assert result["gzip_bytes"] == metrics.gzip_bytes(folder / MODEL_FILE)
+    assert 0 < result["gzip_bytes"] < result["size_bytes"] * 1.01
+
+
+def test_params_and_macs_of_the_dense_model(setup, result):
+    model = setup[0]
+    assert result["params"] == sum(p.numel() for p in model.parameters())
+    # Biases start at exactly zero; the randomly drawn conv and linear weights do not.
+    nonzero = sum(int((p != 0).sum()) for p in model.parameters())
+    assert result["nonzero_params"] == nonzero < result["params"]
+    assert result["measured_sparsity"] == 0.0
+    assert result["macs"] == evaluate.count_macs(model, (1, 1, 8, 8)) > 0
+
+
+def test_zeroed_weights_are_counted_from_the_saved_file(setup, result, tmp_path):
+    model, data, _ = setup
+    pruned = create_model("resnet20", 10, in_channels=1, image_size=8)
+    pruned.load_state_dict(model.state_dict())
+    weight = pruned.layer1[0].conv1.weight
+    zeroed = weight.numel() // 2
+    with torch.no_grad():
+        weight.view(-1)[:zeroed] = 0
+    folder = _save(pruned, tmp_path / "pruned")
+
+    after = evaluate.evaluate_model(_cfg(), folder, data)
+    prunable = sum(
+        m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+    )
+    assert after["params"] == result["params"]
+    assert after["nonzero_params"] == result["nonzero_params"] - zeroed
+    assert after["measured_sparsity"] == pytest.approx(zeroed / prunable)
+    assert after["macs"] == result["macs"]  # dense MACs: zeros are still multiplied
+
+
+def test_count_macs_matches_the_hand_formula():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+    conv = 4 * 8 * 8 * (1 * 3 * 3)  # one MAC per output element per kernel tap
+    linear = (4 * 8 * 8) * 10
+    assert evaluate.count_macs(model, (1, 1, 8, 8)) == conv + linear
+    assert evaluate.count_macs(model, (3, 1, 8, 8)) == 3 * (conv + linear)
+
+
+def test_timing_honours_warmup_repeats_and_uses_test_images(setup, monkeypatch):
+    _, data, folder = setup
+    inputs = []
+
+    def spying_load(model_dir, device="cpu"):
+        model, spec = load_model(model_dir, device)
+        model.register_forward_hook(lambda _m, args, _out: inputs.append(args[0].clone()))
+        return model, spec
+
+    monkeypatch.setattr(evaluate, "load_model", spying_load)
+    evaluate.evaluate_model(_cfg(), folder, data)
+
+    timed = WARMUP + REPEATS
+    by_batch = Counter(len(x) for x in inputs)
+    # Batch 1: the MAC count plus timing; batch 16: the memory pass plus timing;
+    # batch 10: one accuracy pass over each of the test and val splits.
+    assert by_batch == {1: 1 + timed, 16: 1 + timed, 10: 2}
+
+    cycled = np.resize(data.test, 16)
+    expected = (data.images[cycled].astype(np.float32) / 255.0 - MEAN[0]) / STD[0]
+    expected = torch.from_numpy(expected.transpose(0, 3, 1, 2).copy())
+    batch16 = [x for x in inputs if len(x) == 16]
+    assert all(torch.allclose(x, expected, atol=1e-6) for x in batch16)
+    batch1 = [x for x in inputs if len(x) == 1 and x.abs().sum() > 0]  # MAC count feeds zeros
+    assert len(batch1) == timed
+    assert all(torch.allclose(x, expected[:1], atol=1e-6) for x in batch1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_gives_the_cpu_accuracy_and_measures_device_memory(setup, result):
+    _, data, folder = setup
+    on_gpu = evaluate.evaluate_model(_cfg("cuda"), folder, data)
+    assert on_gpu["device"] == "cuda" and on_gpu["peak_mem_method"] == "cuda_max_allocated"
+    assert on_gpu["peak_mem_mb"] > 0
+    for key in ("params", "nonzero_params", "measured_sparsity", "macs", "size_bytes"):
+        assert on_gpu[key] == result[key], key
+    # cuDNN (TF32 convolutions) may flip a near-tied prediction: one image of ten.
+    for key in ("top1", "top5", "val_top1"):
+        assert on_gpu[key] == pytest.approx(result[key], abs=0.1), key
+
+
+def test_cuda_requested_without_a_gpu_names_the_key(setup, monkeypatch):
+    _, data, folder = setup
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ShrinkflowError, match=r"evaluate\.device"):
+        evaluate.evaluate_model(_cfg("cuda"), folder, data)
+
+
+def test_data_of_another_shape_is_refused(setup):
+    _, data, folder = setup
+    other = PreparedData(
+        images=np.zeros((4, 8, 8, 3), dtype=np.uint8),
+        labels=np.zeros(4, dtype=np.int64),
+        train=np.arange(2),
+        val=np.arange(2, 3),
+        test=np.arange(3, 4),
+        classes=CLASSES,
+        mean=(0.5,) * 3,
+        std=(0.2,) * 3,
+        manifest={"fingerprint": "other"},
+    )
+    with pytest.raises(ShrinkflowError, match=MODEL_FILE):
+        evaluate.evaluate_model(_cfg(), folder, other)
