@@ -1,0 +1,344 @@
+"""shrinkflow.tracking against real MLflow on real SQLite files, with many processes at once."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from shrinkflow import tracking
+from shrinkflow.errors import ShrinkflowError
+from shrinkflow.tracking import (
+    flatten,
+    job_run,
+    prepare_store,
+    read_run_ref,
+    tracking_uri,
+    write_run_ref,
+)
+
+WORKER = Path(__file__).with_name("tracking_worker.py")
+
+
+def make_cfg(tmp_path: Path, experiment: str = "test") -> dict:
+    return {
+        "seed": 0,
+        "data": {"name": "digits", "image_size": 32, "mirror": None},
+        "backends": ["torch"],
+        "tracking": {"experiment": experiment, "uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    }
+
+
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated database without experiments: creating the schema takes seconds, copying not."""
+    db = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}")
+    return db
+
+
+@pytest.fixture
+def cfg(tmp_path: Path, empty_store: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    return make_cfg(tmp_path)
+
+
+def client_for(cfg: dict) -> MlflowClient:
+    return MlflowClient(cfg["tracking"]["uri"])
+
+
+def steps(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_run_round_trips_params_metrics_tags_artifacts(
+    cfg: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    monkeypatch.chdir(repo)
+    model = tmp_path / "model.bin"
+    model.write_bytes(b"weights")
+    folder = tmp_path / "savedmodel"
+    (folder / "variables").mkdir(parents=True)
+    (folder / "variables" / "v.bin").write_bytes(b"v")
+
+    with job_run(cfg, "train") as parent:
+        pass
+    with job_run(
+        cfg,
+        "prune",
+        tags={"shrinkflow.backend": "torch", "shrinkflow.model": "resnet20"},
+        parent_run_id=parent.run_id,
+        run_name="prune-l1",
+    ) as job:
+        for step in range(5):
+            job.log_metrics({"loss": 1.0 / (step + 1), "acc": step / 10}, step=step)
+        job.log_metrics({"top1": 0.97})
+        job.log_params({"prune": {"method": "l1", "sparsity": 0.5}})
+        job.set_tags({"shrinkflow.sparsity": "0.5"})
+        job.log_artifact(model)
+        job.log_artifact(folder, artifact_path="export")
+
+    client = client_for(cfg)
+    run = client.get_run(job.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "prune-l1"
+    assert run.info.experiment_id == job.experiment_id
+    assert client.get_experiment(job.experiment_id).name == "test"
+    params = run.data.params
+    assert params["data.image_size"] == "32"
+    assert params["data.mirror"] == "null"
+    assert params["backends"] == '["torch"]'
+    assert params["tracking.experiment"] == "test"
+    assert params["prune.method"] == "l1" and params["prune.sparsity"] == "0.5"
+    tags = run.data.tags
+    assert tags["shrinkflow.stage"] == "prune"
+    assert tags["shrinkflow.backend"] == "torch" and tags["shrinkflow.model"] == "resnet20"
+    assert tags["shrinkflow.sparsity"] == "0.5"
+    assert tags["mlflow.parentRunId"] == parent.run_id
+    assert tags["mlflow.source.git.commit"] == head.strip()
+    assert steps(client, job.run_id, "loss") == [(s, 1.0 / (s + 1)) for s in range(5)]
+    assert steps(client, job.run_id, "acc") == [(s, s / 10) for s in range(5)]
+    assert steps(client, job.run_id, "top1") == [(0, 0.97)]
+    assert client.get_run(parent.run_id).info.status == "FINISHED"
+    assert "mlflow.parentRunId" not in client.get_run(parent.run_id).data.tags
+
+    assert {a.path for a in client.list_artifacts(job.run_id)} == {"model.bin", "export"}
+    nested = client.list_artifacts(job.run_id, "export/savedmodel/variables")
+    assert [a.path for a in nested] == ["export/savedmodel/variables/v.bin"]
+    # Artifacts live beside the database, not in the cwd.
+    stored = tmp_path / "mlartifacts" / job.run_id / "artifacts"
+    assert (stored / "model.bin").read_bytes() == b"weights"
+    assert not (repo / "mlruns").exists() and not (repo / "mlartifacts").exists()
+
+
+def test_no_git_commit_tag_outside_a_repository(
+    cfg: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    monkeypatch.chdir(tmp_path)
+    with job_run(cfg, "download") as job:
+        pass
+    assert "mlflow.source.git.commit" not in client_for(cfg).get_run(job.run_id).data.tags
+
+
+def test_exception_marks_run_failed_and_propagates(cfg: dict) -> None:
+    with pytest.raises(RuntimeError, match="boom"), job_run(cfg, "train") as job:
+        job.log_metrics({"loss": 2.0}, step=0)
+        raise RuntimeError("boom")
+    run = client_for(cfg).get_run(job.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.metrics["loss"] == 2.0
+
+
+def test_keyboard_interrupt_marks_run_killed(cfg: dict) -> None:
+    with pytest.raises(KeyboardInterrupt), job_run(cfg, "train") as job:
+        raise KeyboardInterrupt
+    assert client_for(cfg).get_run(job.run_id).info.status == "KILLED"
+
+
+def test_sigterm_marks_run_killed(cfg: dict, tmp_path: Path) -> None:
+    uri = cfg["tracking"]["uri"]
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen(
+        [sys.executable, str(WORKER), uri, "0", "sleep", str(ready)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ready.exists(), proc.communicate()[0] if proc.poll() is not None else "timed out"
+    time.sleep(0.1)  # the id is written before the write_text returns; let the process settle
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert "Traceback" not in output
+    assert MlflowClient(uri).get_run(ready.read_text()).info.status == "KILLED"
+
+
+def test_continuing_a_run_appends_to_it(cfg: dict) -> None:
+    with job_run(cfg, "train", tags={"shrinkflow.model": "resnet20"}) as first:
+        first.log_metrics({"loss": 1.0}, step=0)
+        first.log_metrics({"loss": 0.9}, step=1)
+    with job_run(cfg, "train", run_id=first.run_id) as resumed:
+        resumed.log_metrics({"loss": 0.8}, step=2)
+    assert resumed.run_id == first.run_id
+    client = client_for(cfg)
+    assert len(client.search_runs([first.experiment_id])) == 1
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["shrinkflow.model"] == "resnet20"
+    assert steps(client, first.run_id, "loss") == [(0, 1.0), (1, 0.9), (2, 0.8)]
+
+
+def test_continuing_keeps_first_params_and_logs_new_ones(cfg: dict) -> None:
+    with job_run(cfg, "train") as first:
+        pass
+    cfg["data"]["image_size"] = 64
+    cfg["train"] = {"epochs": 3}
+    with job_run(cfg, "train", run_id=first.run_id):
+        pass
+    params = client_for(cfg).get_run(first.run_id).data.params
+    assert params["data.image_size"] == "32"
+    assert params["train.epochs"] == "3"
+
+
+def test_unknown_run_id_starts_a_new_run(cfg: dict) -> None:
+    with job_run(cfg, "train", run_id="0123456789abcdef0123456789abcdef") as job:
+        pass
+    assert job.run_id != "0123456789abcdef0123456789abcdef"
+    assert client_for(cfg).get_run(job.run_id).info.status == "FINISHED"
+
+
+def test_deleted_experiment_is_an_error(cfg: dict) -> None:
+    prepare_store(cfg)
+    client = client_for(cfg)
+    client.delete_experiment(client.get_experiment_by_name("test").experiment_id)
+    with pytest.raises(ShrinkflowError, match="tracking.experiment: 'test' is deleted"):
+        prepare_store(cfg)
+
+
+def test_prepare_store_is_idempotent(cfg: dict, tmp_path: Path) -> None:
+    prepare_store(cfg)
+    prepare_store(cfg)
+    experiments = client_for(cfg).search_experiments()
+    assert sorted(e.name for e in experiments) == ["Default", "test"]
+    created = client_for(cfg).get_experiment_by_name("test")
+    assert created.artifact_location == (tmp_path / "mlartifacts").as_uri()
+
+
+def test_lock_conflicts_are_retried_and_other_errors_are_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 4:
+            try:
+                raise OSError("(sqlite3.OperationalError) database is locked")
+            except OSError as exc:
+                raise RuntimeError("log_batch failed") from exc
+        return "ok"
+
+    assert tracking._retry(flaky) == "ok"
+    assert len(calls) == 4
+
+    def broken() -> None:
+        calls.append(1)
+        raise RuntimeError("no such table: runs")
+
+    calls.clear()
+    with pytest.raises(RuntimeError, match="no such table"):
+        tracking._retry(broken)
+    assert len(calls) == 1
+
+
+def test_lock_conflicts_give_up_after_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [0.0]
+    monkeypatch.setattr(tracking.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(tracking.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+
+    def locked() -> None:
+        raise RuntimeError("database is locked")
+
+    with pytest.raises(RuntimeError, match="locked"):
+        tracking._retry(locked)
+    assert tracking.RETRY_BUDGET_S - 10 < clock[0] <= tracking.RETRY_BUDGET_S
+
+
+def test_concurrent_jobs_on_a_fresh_store_lose_nothing(tmp_path: Path) -> None:
+    n_workers, n_steps = 8, 50
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    go = tmp_path / "go"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), uri, str(i), str(n_steps), str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        for i in range(n_workers)
+    ]
+    ready = [tmp_path / f"ready-{i}" for i in range(n_workers)]
+    deadline = time.monotonic() + 120
+    while not all(r.exists() for r in ready) and time.monotonic() < deadline:
+        assert all(p.poll() is None for p in procs), "a worker died before the start"
+        time.sleep(0.05)
+    assert not (tmp_path / "store").exists()  # nobody has touched the store before the start
+    go.touch()
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    for i, (proc, output) in enumerate(zip(procs, outputs, strict=True)):
+        assert proc.returncode == 0, f"worker {i}:\n{output}"
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("concurrency")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == n_workers
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert sorted(int(r.data.tags["worker"]) for r in runs) == list(range(n_workers))
+    for run in runs:
+        i = int(run.data.tags["worker"])
+        assert run.data.params["seed"] == str(i)
+        for n, key in enumerate(("loss", "acc", "lr")):
+            history = steps(client, run.info.run_id, key)
+            assert history == [(s, i + s / 100 + n) for s in range(n_steps)], (i, key)
+        assert [a.path for a in client.list_artifacts(run.info.run_id)] == [f"worker-{i}.txt"]
+    assert (tmp_path / "store" / "mlartifacts").is_dir()
+
+
+def test_tracking_uri_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = {"tracking": {"experiment": "x", "uri": None}}
+    assert tracking_uri(cfg) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert tracking_uri(cfg).startswith("sqlite:////")  # absolute: jobs may run elsewhere
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracker:5000")
+    assert tracking_uri(cfg) == "http://tracker:5000"
+    cfg["tracking"]["uri"] = "sqlite:////data/mlflow.db"
+    assert tracking_uri(cfg) == "sqlite:////data/mlflow.db"
+
+
+def test_run_ref_round_trip(tmp_path: Path) -> None:
+    folder = tmp_path / "results" / "baseline"
+    assert read_run_ref(folder) is None
+    folder.mkdir(parents=True)
+    assert read_run_ref(folder) is None
+    write_run_ref(folder, "abc123", "train")
+    assert read_run_ref(folder) == "abc123"
+    assert '"stage": "train"' in (folder / "run.json").read_text()
+
+
+def test_corrupt_run_ref_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "run.json").write_text("{not json")
+    with pytest.raises(ShrinkflowError, match="run.json"):
+        read_run_ref(tmp_path)
+
+
+def test_flatten() -> None:
+    nested = {"a": 1, "b": {"c": [1, 2], "d": {"e": None}}, "f": {}}
+    assert flatten(nested) == {"a": 1, "b.c": [1, 2], "b.d.e": None}
+    assert flatten({"x": 1}, prefix="p.") == {"p.x": 1}
+
+
+def test_module_import_does_not_import_mlflow() -> None:
+    code = "import sys, shrinkflow.tracking; print('mlflow' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "False", result.stderr
