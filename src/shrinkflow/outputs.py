@@ -22,6 +22,13 @@ def _umask() -> int:
     return mask
 
 
+def _clear_leftovers(final: Path) -> None:
+    """Remove temporary siblings of ``final`` left by a killed earlier attempt (SIGKILL runs no
+    cleanup). Only the job that owns ``final`` writes them, so none can belong to a live writer."""
+    for stale in final.parent.glob(f".tmp-{final.name}-*"):
+        _remove(stale)
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
@@ -34,6 +41,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield an empty temporary folder that replaces ``final`` when the block succeeds."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _clear_leftovers(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     # mkdtemp creates 0700; outputs get the usual permissions (shared caches, clusters).
     tmp.chmod(0o777 & ~_umask())
@@ -51,6 +59,7 @@ def atomic_file(final: Path) -> Iterator[Path]:
     """Yield a temporary path in the same folder that replaces ``final`` when the block succeeds."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _clear_leftovers(final)
     fd, name = tempfile.mkstemp(prefix=f".tmp-{final.name}-", dir=final.parent)
     os.close(fd)
     tmp = Path(name)

@@ -34,6 +34,15 @@ CHUNK = 1 << 20  # bytes per read: one progress step, and a bounded amount of me
 TIMEOUT_S = 60  # per socket operation: a stalled server fails the job instead of hanging it
 
 
+def check_source(cfg: dict) -> None:
+    """Fail early, before any output or tracking run exists, when a local source is unusable."""
+    data = cfg["data"]
+    if data["name"] == "imagefolder":
+        scan(Path(data["root"]))
+    elif data["name"] in ARCHIVES:
+        _local_archive(data["root"], ARCHIVES[data["name"]])
+
+
 def download(cfg: dict, out_dir: Path) -> dict:
     """Fetch cfg['data']['name'] into ``out_dir``; return facts to log (source, files, bytes)."""
     data = cfg["data"]
