@@ -1,0 +1,17 @@
+# shrinkflow: download -> prepare -> train -> evaluate -> summarize, per backend x model.
+# dvc.yaml expresses the same DAG; both call the `shrinkflow` CLI with the same arguments
+# (tests/test_dag_parity.py). Run: snakemake --cores 2 [--configfile configs/<preset>.yaml]
+
+configfile: "params.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        SUMMARY,

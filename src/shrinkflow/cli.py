@@ -1,0 +1,146 @@
+"""The `shrinkflow` command: one sub-command per pipeline stage, shared by Snakemake and DVC.
+
+Thin on purpose: parse arguments, load and validate params, hand over to shrinkflow.stages.
+Every bad input ends as one line `error: ...` and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from shrinkflow.config import load_params
+from shrinkflow.errors import ShrinkflowError
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Reproducible pruning and quantization pipelines for image-classification CNNs.",
+)
+
+ParamsOption = Annotated[
+    list[Path],
+    typer.Option(
+        "--params",
+        help="Params file; repeat to merge presets over it in order (later files win).",
+    ),
+]
+SetOption = Annotated[
+    list[str],
+    typer.Option("--set", help="Override one key, e.g. --set train.epochs=3 (repeatable)."),
+]
+OutOption = Annotated[Path, typer.Option("--out", help="Output path (written atomically).")]
+
+DEFAULT_PARAMS = [Path("params.yaml")]
+
+
+def _params(params: list[Path] | None, overrides: list[str] | None) -> dict:
+    return load_params(params or DEFAULT_PARAMS, overrides or [])
+
+
+@app.command()
+def download(out: OutOption, params: ParamsOption = None, set_: SetOption = None) -> None:
+    """Fetch the raw data set named by data.name into OUT (e.g. data/raw/digits)."""
+    from shrinkflow.stages import download as stage
+
+    stage.run(_params(params, set_), out)
+
+
+@app.command()
+def prepare(
+    in_: Annotated[Path, typer.Option("--in", help="The download stage's folder.")],
+    out: OutOption,
+    params: ParamsOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Resize, split and fingerprint the raw data into the split every backend reads."""
+    from shrinkflow.stages import prepare as stage
+
+    stage.run(_params(params, set_), in_, out)
+
+
+@app.command()
+def train(
+    backend: Annotated[str, typer.Option(help="torch")],
+    model: Annotated[str, typer.Option(help="A registered model; see `shrinkflow models`.")],
+    in_: Annotated[Path, typer.Option("--in", help="The prepared data folder.")],
+    out: OutOption,
+    params: ParamsOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Train a baseline model; a killed job resumes from its last completed epoch."""
+    from shrinkflow.stages import train as stage
+
+    stage.run(_params(params, set_), backend, model, in_, out)
+
+
+@app.command()
+def evaluate(
+    in_: Annotated[Path, typer.Option("--in", help="A model folder written by a stage.")],
+    data: Annotated[Path, typer.Option(help="The prepared data folder.")],
+    out: OutOption,
+    params: ParamsOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Measure accuracy, size, MACs, latency, throughput and memory of one model."""
+    from shrinkflow.stages import evaluate as stage
+
+    stage.run(_params(params, set_), in_, data, out)
+
+
+@app.command()
+def summarize(
+    models: Annotated[Path, typer.Option(help="The results/models folder.")],
+    out: OutOption,
+    params: ParamsOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Collect every evaluated node's metrics into one CSV (results/summary.csv)."""
+    from shrinkflow.stages import summarize as stage
+
+    stage.run(_params(params, set_), models, out)
+
+
+@app.command()
+def models(
+    backend: Annotated[str, typer.Option(help="Backend whose registry to list.")] = "torch",
+) -> None:
+    """List the model registry with parameter counts (10 classes, 3x32x32 input)."""
+    from shrinkflow.backends.base import get_backend
+
+    registry = get_backend(backend)
+    for name in registry.list_models():
+        typer.echo(f"{name:<12} {registry.count_params(name) / 1e6:8.2f} M params")
+
+
+@app.command()
+def validate(params: ParamsOption = None, set_: SetOption = None) -> None:
+    """Check params files (merged in order) against the schema; print a one-line verdict."""
+    cfg = _params(params, set_)
+    files = " + ".join(str(p) for p in (params or DEFAULT_PARAMS))
+    typer.echo(
+        f"{files}: ok (data {cfg['data']['name']}, backends {', '.join(cfg['backends'])}, "
+        f"models {', '.join(cfg['models'])})"
+    )
+
+
+def main() -> None:
+    try:
+        app()
+    except ShrinkflowError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

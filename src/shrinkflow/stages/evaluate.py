@@ -1,0 +1,45 @@
+"""`shrinkflow evaluate`: measure one model artefact and write its metrics.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from shrinkflow import tracking
+from shrinkflow.backends.base import get_backend
+from shrinkflow.dag import node_tags
+from shrinkflow.data.prepared import load_prepared
+from shrinkflow.errors import ShrinkflowError
+from shrinkflow.outputs import read_json, write_json
+from shrinkflow.progress import say
+
+
+def read_node(model_dir: Path) -> dict:
+    node_file = model_dir / "node.json"
+    if not node_file.is_file():
+        raise ShrinkflowError(
+            f"--in {model_dir}: not a model folder (no node.json); train it first"
+        )
+    return read_json(node_file)
+
+
+def run(cfg: dict, model_dir: Path, data_dir: Path, out: Path) -> None:
+    node = read_node(model_dir)
+    backend = get_backend(node["backend"])
+    data = load_prepared(data_dir)
+    with tracking.job_run(
+        cfg,
+        "evaluate",
+        tags=node_tags(node),
+        parent_run_id=tracking.read_run_ref(model_dir),
+        run_name=f"evaluate {node['backend']}/{node['model']}/{node['stage']}",
+    ) as job:
+        metrics = backend.evaluate_model(cfg, model_dir, data)
+        job.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
+        job.set_tags({k: str(v) for k, v in metrics.items() if isinstance(v, str)})
+        record = {**node, **metrics, "run_id": job.run_id, "artifact": str(model_dir)}
+        write_json(out, record)
+        say(
+            f"evaluate {node['backend']}/{node['model']}/{node['stage']}: "
+            f"top-1 {metrics['top1']:.4f}, {metrics['size_bytes']} bytes, "
+            f"{metrics['latency_ms_b1']:.2f} ms at batch 1"
+        )

@@ -1,0 +1,180 @@
+"""The whole DAG run for real: Snakemake, then DVC (commit, repro, push/pull), tracked in MLflow."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TINY = {  # the smallest DAG that still exercises every stage
+    "data": {"image_size": 8},
+    "train": {"epochs": 2, "batch_size": 128, "warmup_epochs": 0},
+    "evaluate": {"batch_sizes": [1, 32], "warmup": 1, "repeats": 3},
+}
+
+pytestmark = pytest.mark.slow
+
+
+def make_project(dest: Path) -> Path:
+    """A fresh checkout-like copy of the project with the tiny params written into params.yaml."""
+    for name in ["Snakefile", "dvc.yaml", "workflow", ".dvc", "src", ".dvcignore"]:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(
+                source,
+                dest / name,
+                symlinks=True,
+                ignore=shutil.ignore_patterns("tmp", "cache", "__pycache__", "*.egg-info"),
+            )
+        elif source.exists():
+            shutil.copy(source, dest / name)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (dest / ".gitignore").write_text((ROOT / ".gitignore").read_text())
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    return dest
+
+
+def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, (
+        f"{cmd} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
+    return result
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def read_summary(project: Path) -> list[dict]:
+    with (project / "results/summary.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def mlflow_runs(project: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("shrinkflow")
+    return client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+@pytest.fixture(scope="module")
+def snakemake_project(tmp_path_factory) -> Path:
+    project = make_project(tmp_path_factory.mktemp("smk"))
+    run([str(BIN / "snakemake"), "--profile", "workflow/profiles/local", "--cores", "2"], project)
+    return project
+
+
+def test_snakemake_runs_the_dag_and_writes_the_summary(snakemake_project):
+    rows = read_summary(snakemake_project)
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["backend"], row["model"], row["stage"]) == ("torch", "resnet20", "baseline")
+    assert float(row["top1"]) > 0.3  # two epochs on 8x8 digits; chance is 0.1
+    assert int(row["params"]) == int(row["nonzero_params"]) > 0
+    assert (
+        int(row["size_bytes"]) == (snakemake_project / row["artifact"] / "model.pt").stat().st_size
+    )
+    assert 0 < int(row["gzip_bytes"]) < int(row["size_bytes"])
+    assert float(row["latency_ms_b1"]) > 0 and float(row["throughput_ips"]) > 0
+    assert not list(snakemake_project.rglob(".tmp-*")), "a temporary output was left behind"
+
+
+def test_every_job_is_an_mlflow_run_with_lineage(snakemake_project):
+    runs = mlflow_runs(snakemake_project)
+    by_stage = {r.data.tags["shrinkflow.stage"]: r for r in runs}
+    assert sorted(by_stage) == ["download", "evaluate", "prepare", "summarize", "train"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    parent = {stage: r.data.tags.get("mlflow.parentRunId") for stage, r in by_stage.items()}
+    assert parent["prepare"] == by_stage["download"].info.run_id
+    assert parent["train"] == by_stage["prepare"].info.run_id
+    assert parent["evaluate"] == by_stage["train"].info.run_id
+    train = by_stage["train"]
+    assert train.data.params["train.epochs"] == "2"
+    assert train.data.tags["shrinkflow.model"] == "resnet20"
+    assert train.data.tags["shrinkflow.node"] == "baseline"
+    assert by_stage["evaluate"].data.tags["shrinkflow.backend"] == "torch"
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{snakemake_project / 'mlflow.db'}")
+    history = client.get_metric_history(train.info.run_id, "val_top1")
+    assert [m.step for m in history] == [1, 2]
+    row = read_summary(snakemake_project)[0]
+    assert row["run_id"] == by_stage["evaluate"].info.run_id
+
+
+def job_counts(dry_run_output: str) -> dict[str, int]:
+    table = dry_run_output.split("Job stats:")[1].split("total")[0]
+    return {
+        words[0]: int(words[1])
+        for words in (line.split() for line in table.splitlines())
+        if len(words) == 2 and words[1].isdigit()
+    }
+
+
+def test_rerun_is_a_no_op_and_a_param_change_reruns_only_its_branch(snakemake_project, tmp_path):
+    snakemake = str(BIN / "snakemake")
+    dry = run([snakemake, "-n", "--cores", "2"], snakemake_project)
+    assert "Nothing to be done" in dry.stdout + dry.stderr
+    preset = tmp_path / "more-repeats.yaml"
+    preset.write_text("evaluate: {repeats: 4}\n")
+    changed = run([snakemake, "-n", "--cores", "2", "--configfile", str(preset)], snakemake_project)
+    assert job_counts(changed.stdout) == {"evaluate": 1, "summarize": 1, "all": 1}
+
+
+def test_dvc_commit_records_snakemake_outputs_without_rerunning(snakemake_project):
+    dvc = str(BIN / "dvc")
+    run([dvc, "commit", "-f", "-q"], snakemake_project)
+    status = run([dvc, "status"], snakemake_project)
+    assert "up to date" in status.stdout.lower(), status.stdout
+    repro = run([dvc, "repro"], snakemake_project)
+    assert "Running stage" not in repro.stdout
+
+
+def test_dvc_push_and_pull_round_trip_the_checkpoint(snakemake_project):
+    dvc = str(BIN / "dvc")
+    model = snakemake_project / "results/models/torch/resnet20/baseline/model/model.pt"
+    before = md5(model)
+    run([dvc, "commit", "-f", "-q"], snakemake_project)
+    run([dvc, "push", "-q"], snakemake_project)
+    assert any((snakemake_project / "dvc-storage").rglob("*")), "nothing reached the remote"
+    shutil.rmtree(snakemake_project / ".dvc/cache")
+    shutil.rmtree(model.parent)
+    run([dvc, "pull", "-q"], snakemake_project)
+    assert md5(model) == before
+
+
+def test_dvc_repro_runs_the_same_dag_from_scratch(tmp_path):
+    project = make_project(tmp_path)
+    result = run([str(BIN / "dvc"), "repro"], project)
+    for stage in [
+        "download",
+        "prepare",
+        "train@torch-resnet20",
+        "evaluate@torch-resnet20",
+        "summarize",
+    ]:
+        assert f"Running stage '{stage}'" in result.stdout
+    rows = read_summary(project)
+    assert [(r["backend"], r["model"], r["stage"]) for r in rows] == [
+        ("torch", "resnet20", "baseline")
+    ]
+    assert (project / "dvc.lock").is_file()
+    assert len(mlflow_runs(project)) == 5
+    again = run([str(BIN / "dvc"), "repro"], project)
+    assert "Running stage" not in again.stdout

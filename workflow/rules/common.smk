@@ -1,0 +1,63 @@
+# Helpers only: config validation, the CLI's params arguments, and paths shared with dvc.yaml.
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from shrinkflow import dag
+from shrinkflow.config import validate_params
+from shrinkflow.errors import ShrinkflowError
+
+# Keep every job quiet and offline (DESIGN.md section 6).
+envvars_defaults = {"MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}
+for _name, _value in envvars_defaults.items():
+    os.environ.setdefault(_name, _value)
+
+
+try:
+    validate_params(config)
+except ShrinkflowError as exc:
+    sys.exit(f"error: {exc}")
+
+
+def params_args():
+    """`--params` (and `--set`) arguments that make every CLI job see exactly this config."""
+    files = ["params.yaml"]
+    for path in workflow.config_settings.configfiles:
+        inside = Path(path).resolve().is_relative_to(Path.cwd())
+        shown = os.path.relpath(path) if inside else str(path)
+        if shown not in files:
+            files.append(shown)
+    args = [f"--params {shlex.quote(f)}" for f in files]
+    for key, value in workflow.config_settings.config.items():
+        args.append("--set " + shlex.quote(f"{key}={json.dumps(value)}"))
+    return " ".join(args)
+
+
+PARAMS = params_args()
+DATASET = config["data"]["name"]
+RAW = str(dag.raw_dir(DATASET))
+PREPARED = str(dag.prepared_dir(DATASET))
+MODELS = str(dag.MODELS)
+SUMMARY = str(dag.SUMMARY)
+
+
+def models_root(wildcards, input):
+    """The folder that holds every node (the summarize job reads the metrics of all of them)."""
+    return MODELS
+
+
+EVALUATED = [str(node.metrics) for node in dag.evaluated_nodes(config)]
+
+wildcard_constraints:
+    backend="|".join(config["backends"]),
+    model="[a-z0-9_]+",
+
+# `snakemake --lint` also notes that shell commands use PARAMS from outside the rule. That is on
+# purpose: as a `params:` entry it would make Snakemake re-run every job whenever the list of
+# config files changes; instead each rule's `params:` holds exactly the config sections it reads,
+# so a changed value re-runs only the jobs that read it.
+# `snakemake --lint` asks for a conda environment or container per rule. Every rule runs the
+# `shrinkflow` CLI from the project's virtualenv (`make venv`, pinned in pyproject.toml and
+# constraints.txt), which is the one environment the tests exercise; that lint is accepted.
