@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -114,6 +115,8 @@ def test_every_job_is_an_mlflow_run_with_lineage(snakemake_project):
     client = MlflowClient(tracking_uri=f"sqlite:///{snakemake_project / 'mlflow.db'}")
     history = client.get_metric_history(train.info.run_id, "val_top1")
     assert [m.step for m in history] == [1, 2]
+    artifacts = {a.path for a in client.list_artifacts(train.info.run_id, "model")}
+    assert "model/model.pt" in artifacts
     row = read_summary(snakemake_project)[0]
     assert row["run_id"] == by_stage["evaluate"].info.run_id
 
@@ -178,3 +181,46 @@ def test_dvc_repro_runs_the_same_dag_from_scratch(tmp_path):
     assert len(mlflow_runs(project)) == 5
     again = run([str(BIN / "dvc"), "repro"], project)
     assert "Running stage" not in again.stdout
+
+
+def test_a_killed_train_job_resumes_in_the_same_mlflow_run(tmp_path):
+    """SIGKILL `shrinkflow train` mid-run; the re-run resumes and continues the same MLflow run."""
+    import signal
+    import time
+
+    import torch
+
+    project = make_project(tmp_path)
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    shrinkflow = str(BIN / "shrinkflow")
+    epochs = 12
+    common = ["--set", f"train.epochs={epochs}", "--set", "train.batch_size=32"]
+    run([shrinkflow, "download", "--out", "data/raw/digits"], project)
+    run(
+        [shrinkflow, "prepare", "--in", "data/raw/digits", "--out", "data/prepared/digits"], project
+    )
+    out = project / "results/models/torch/resnet20/baseline/model"
+    train = [shrinkflow, "train", *common, "--backend", "torch", "--model", "resnet20",
+             "--in", "data/prepared/digits", "--out", str(out)]  # fmt: skip
+    state = out.parent / "resume/state.pt"
+    job = subprocess.Popen(train, cwd=project, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not state.exists() and time.monotonic() < deadline and job.poll() is None:
+        time.sleep(0.05)
+    assert job.poll() is None, "training ended before it could be killed"
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    done = torch.load(state, weights_only=True)["epoch"]
+    assert 1 <= done < epochs and not out.exists()
+
+    resumed = run(train, project)
+    assert f"resuming from epoch {done + 1}/{epochs}" in resumed.stderr
+    runs = [r for r in mlflow_runs(project) if r.data.tags["shrinkflow.stage"] == "train"]
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_top1")]
+    assert sorted(steps) == list(range(1, epochs + 1))
+    assert json.loads((out / "run.json").read_text())["run_id"] == runs[0].info.run_id

@@ -54,7 +54,7 @@ def run(cfg: dict, backend_name: str, model_name: str, data_dir: Path, out: Path
                 "train_seconds": result.seconds,
             }
         )
-        job.log_artifact(out, artifact_path="model")
+        job.log_artifact(out)  # a folder keeps its name: artifacts/model/model.pt
         say(
             f"train {backend_name}/{model_name}: best val top-1 {result.best_val_top1:.4f} "
             f"at epoch {result.best_epoch} ({result.seconds:.1f} s)"
