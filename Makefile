@@ -31,7 +31,7 @@ test: venv
 
 lint: venv
 	ruff check .
-	snakemake --lint
+	pytest -q tests/test_workflow_lint.py
 
 repro: venv
 	dvc repro
