@@ -1,11 +1,15 @@
-"""Train one model on prepared data: SGD, warm-up + cosine LR, in-memory augmentation, resumable.
+"""Train a model on prepared data: SGD, warm-up + cosine LR, in-memory augmentation, resumable.
+
+One loop (``fit``) serves every stage that trains: the baseline (``train_model``), fine-tuning
+a pruned model and gradual pruning, which hook into it through ``step_hook``.
 
 Reproducibility: the weight init, the batch order and the augmentation all come from
 ``cfg["seed"]`` (the global RNG for init and dropout, one CPU ``torch.Generator`` for batches and
 crops), so on CPU two runs with the same params, data and thread count end with bit-identical
 weights. A killed run resumes from the state saved after its last completed epoch and still ends
 bit-identical to an uninterrupted run, because every source of state (weights, BN statistics,
-optimizer momentum, scheduler position, GradScaler, RNGs) is saved and restored.
+optimizer momentum, scheduler position, GradScaler, RNGs, a stateful step hook) is saved and
+restored.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +40,21 @@ from shrinkflow.progress import say, track
 STATE_FILE = "state.pt"
 # Bumped whenever the resume state's layout or the training procedure changes, so that an old
 # state is never resumed by code that would continue it differently.
-STATE_FORMAT = "shrinkflow.torch.train-state/1"
+STATE_FORMAT = "shrinkflow.torch.train-state/2"
+
+StepHook = Callable[[int], None]
+
+
+@runtime_checkable
+class StatefulStepHook(Protocol):
+    """A step hook whose state must survive a resume (say, the masks of gradual pruning):
+    ``fit`` saves ``state_dict()`` with every resume state and restores it on resume."""
+
+    def __call__(self, step: int) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -51,14 +69,15 @@ class TrainResult:
 
 def train_fingerprint(cfg: dict, model_name: str, data: PreparedData) -> str:
     """Hash of all that decides the trained weights: a resume state is reused only on a match."""
-    key = {
-        "format": STATE_FORMAT,
-        "seed": cfg["seed"],
-        "train": cfg["train"],
-        "model": model_name,
-        "data": data.fingerprint,
-    }
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return fingerprint_of(
+        {"seed": cfg["seed"], "train": cfg["train"], "model": model_name, "data": data.fingerprint}
+    )
+
+
+def fingerprint_of(key: dict[str, Any]) -> str:
+    """SHA-256 of ``key`` (plain JSON values) and the resume-state format."""
+    blob = json.dumps({"format": STATE_FORMAT, **key}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def resumable_run_id(resume_dir: Path, fingerprint: str) -> str | None:
@@ -67,6 +86,24 @@ def resumable_run_id(resume_dir: Path, fingerprint: str) -> str | None:
     if state is None or state.get("fingerprint") != fingerprint:
         return None
     return state.get("run_id")
+
+
+def steps_per_epoch(cfg: dict, data: PreparedData) -> int:
+    """Optimizer steps in one epoch over the training split with ``cfg["train"]["batch_size"]``."""
+    return len(batch_bounds(len(data.train), int(cfg["train"]["batch_size"])))
+
+
+def data_spec(model_name: str, data: PreparedData) -> dict[str, Any]:
+    """The model-file spec of a ``model_name`` built for ``data`` (see artifact.save_model)."""
+    return {
+        "arch": model_name,
+        "num_classes": data.num_classes,
+        "in_channels": data.channels,
+        "image_size": data.image_size,
+        "mean": [float(m) for m in data.mean],
+        "std": [float(s) for s in data.std],
+        "classes": [str(c) for c in data.classes],
+    }
 
 
 def train_model(
@@ -79,72 +116,82 @@ def train_model(
     run_id: str | None = None,
     device: str = "auto",
 ) -> TrainResult:
-    """Train ``model_name`` with ``cfg["train"]`` and save the best-on-val epoch to ``out_dir``.
+    """Train a fresh ``model_name`` with ``cfg["train"]`` and save its best-on-val epoch.
+
+    The arguments are those of ``fit``; the model is initialised from ``cfg["seed"]``.
+    """
+    t = cfg["train"]
+    epochs = int(t["epochs"])
+    if epochs < 1:
+        raise ShrinkflowError(f"train.epochs: {epochs} is not >= 1")
+    torch.manual_seed(cfg["seed"])
+    model = create_model(
+        model_name, data.num_classes, in_channels=data.channels, image_size=data.image_size
+    )
+    return fit(
+        model,
+        cfg,
+        data,
+        epochs=epochs,
+        lr=float(t["lr"]),
+        warmup_epochs=int(t["warmup_epochs"]),
+        out_dir=out_dir,
+        resume_dir=resume_dir,
+        fingerprint=train_fingerprint(cfg, model_name, data),
+        on_epoch=on_epoch,
+        run_id=run_id,
+        spec=data_spec(model_name, data),
+        device=device,
+    )
+
+
+def fit(
+    model: nn.Module,
+    cfg: dict,
+    data: PreparedData,
+    *,
+    epochs: int,
+    lr: float,
+    warmup_epochs: int,
+    out_dir: Path,
+    resume_dir: Path,
+    fingerprint: str,
+    on_epoch: Callable[[int, dict[str, float]], None],
+    run_id: str | None,
+    spec: dict[str, Any],
+    step_hook: StepHook | None = None,
+    select_from_epoch: int = 1,
+    device: str = "auto",
+) -> TrainResult:
+    """Train ``model`` for ``epochs`` and save its best-on-val epoch to ``out_dir``.
+
+    Batch size, momentum, Nesterov, weight decay, augmentation, label smoothing, the LR
+    schedule's shape and mixed precision come from ``cfg["train"]``; ``lr`` is the peak LR
+    reached after ``warmup_epochs``.
 
     Args:
         out_dir: an existing empty folder (the caller renames it into place) that receives
-            the model file; the test split is never read here.
-        resume_dir: where the per-epoch resume state lives; a state with the same fingerprint
-            is continued, any other one is deleted.
+            the model file, written by ``artifact.save_model(model, spec, out_dir)``; the test
+            split is never read here.
+        resume_dir: where the per-epoch resume state lives; a state with the same
+            ``fingerprint`` is continued, any other one is deleted.
+        fingerprint: hash of everything that decides the result (see ``fingerprint_of``).
         on_epoch: called after every epoch (1-based) with train_loss, train_top1, val_loss,
             val_top1, lr (of the epoch's last step) and epoch_seconds.
         run_id: stored with the resume state, so a resumed job continues the same MLflow run.
+        step_hook: called with the global step (1-based over the whole run, also across a
+            resume) after every optimizer step; a ``StatefulStepHook``'s state is resumed too.
+        select_from_epoch: only epochs from this one on compete for best-on-val (gradual
+            pruning: the epochs at which the target sparsity is reached); clamped to ``epochs``.
         device: "auto" (CUDA if available, else CPU), "cpu" or "cuda[:n]".
     """
     started = time.perf_counter()
-    t = cfg["train"]
-    epochs, batch_size = int(t["epochs"]), int(t["batch_size"])
     if epochs < 1:
-        raise ShrinkflowError(f"train.epochs: {epochs} is not >= 1")
-    if batch_size < 1:
-        raise ShrinkflowError(f"train.batch_size: {batch_size} is not >= 1")
-    if len(data.train) == 0:
-        raise ShrinkflowError(
-            "train: the prepared data has no training images "
-            "(lower data.val_fraction / data.test_fraction or add images)"
-        )
-    dev = _device(device)
-    amp = bool(t["mixed_precision"]) and dev.type == "cuda"
-    if t["mixed_precision"] and not amp:
-        say("train.mixed_precision: ignored on CPU (float16 autocast needs CUDA)")
-
+        raise ValueError(f"fit: epochs {epochs} is not >= 1")
+    select_from_epoch = min(select_from_epoch, epochs)
+    dev = resolve_device(device)
     with _deterministic_on_cpu(dev):
-        torch.manual_seed(cfg["seed"])
-        model = create_model(
-            model_name, data.num_classes, in_channels=data.channels, image_size=data.image_size
-        ).to(dev)
-        x_train, y_train = to_device_tensors(data, "train", dev)
-        x_val, y_val = to_device_tensors(data, "val", dev)
-        steps = len(batch_bounds(len(y_train), batch_size))
-        optimizer = torch.optim.SGD(
-            _param_groups(model, float(t["weight_decay"])),
-            lr=float(t["lr"]),
-            momentum=float(t["momentum"]),
-            nesterov=bool(t["nesterov"]),
-        )
-        run = _Run(
-            model=model,
-            optimizer=optimizer,
-            scheduler=torch.optim.lr_scheduler.LambdaLR(
-                optimizer,
-                _lr_factor(t["schedule"], int(t["warmup_epochs"]) * steps, epochs * steps),
-            ),
-            scaler=torch.amp.GradScaler("cuda", enabled=amp),
-            # Batch order and augmentation come from a CPU generator whatever the device:
-            # the same on CPU and GPU, and its state is one small tensor.
-            generator=torch.Generator().manual_seed(cfg["seed"]),
-            device=dev,
-            amp=amp,
-        )
-        augment = _Augment(
-            enabled=bool(t["augment"]),
-            hflip=bool(t["hflip"]),
-            pad=data.image_size // 8,  # the CIFAR 4 pixels at 32x32, scaled with the size
-            fill=_black(data.mean, data.std, dev),
-        )
-        loss_fn = nn.CrossEntropyLoss(label_smoothing=float(t["label_smoothing"]))
-
-        fingerprint = train_fingerprint(cfg, model_name, data)
+        run = _Run.build(model, cfg, data, epochs, lr, warmup_epochs, dev, step_hook)
         state_path = Path(resume_dir) / STATE_FILE
         state = _matching_state(state_path, fingerprint, dev)
         start_epoch, best_val_top1, best_epoch, best_model, history = 0, -1.0, 0, None, []
@@ -157,33 +204,19 @@ def train_model(
             run.restore(state)
             best_val_top1, best_epoch = float(state["best_val_top1"]), int(state["best_epoch"])
             best_model, history = state["best_model"], list(state["history"])
-        if len(y_val) == 0:
-            say("train: no validation images, so the last epoch is kept instead of the best one")
+        if run.val_size == 0:
+            say("no validation images, so the last epoch is kept instead of the best one")
 
         for epoch in range(start_epoch + 1, epochs + 1):
-            epoch_start = time.perf_counter()
-            train_loss, train_top1, lr = run.epoch(
-                x_train, y_train, batch_size, augment, loss_fn, f"epoch {epoch}/{epochs}"
-            )
-            val_loss, val_top1 = _evaluate(model, x_val, y_val, batch_size, amp)
-            metrics = {
-                "train_loss": train_loss,
-                "train_top1": train_top1,
-                "val_loss": val_loss,
-                "val_top1": val_top1,
-                "lr": lr,
-                "epoch_seconds": time.perf_counter() - epoch_start,
-            }
+            metrics = run.epoch(epoch, f"epoch {epoch}/{epochs}")
             history.append({"epoch": epoch, **metrics})
             # Ties go to the later epoch: equally accurate, but trained longer.
-            if len(y_val) == 0 or val_top1 >= best_val_top1:
-                best_val_top1, best_epoch = val_top1, epoch
+            if epoch >= select_from_epoch and (
+                run.val_size == 0 or metrics["val_top1"] >= best_val_top1
+            ):
+                best_val_top1, best_epoch = metrics["val_top1"], epoch
                 best_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            say(
-                f"epoch {epoch}/{epochs}: train loss {train_loss:.4f} top1 {train_top1:.4f}, "
-                f"val loss {val_loss:.4f} top1 {val_top1:.4f}, lr {lr:.5f}, "
-                f"{metrics['epoch_seconds']:.1f} s"
-            )
+            _say_epoch(f"epoch {epoch}/{epochs}", metrics)
             on_epoch(epoch, metrics)
             state = {
                 "format": STATE_FORMAT,
@@ -200,15 +233,6 @@ def train_model(
                 torch.save(state, tmp)
 
     model.load_state_dict(best_model)
-    spec = {
-        "arch": model_name,
-        "num_classes": data.num_classes,
-        "in_channels": data.channels,
-        "image_size": data.image_size,
-        "mean": [float(m) for m in data.mean],
-        "std": [float(s) for s in data.std],
-        "classes": [str(c) for c in data.classes],
-    }
     save_model(model, spec, Path(out_dir))
     return TrainResult(
         epochs=epochs,
@@ -217,6 +241,35 @@ def train_model(
         resumed_from_epoch=start_epoch,
         history=history,
         seconds=time.perf_counter() - started,
+    )
+
+
+def fit_in_memory(
+    model: nn.Module,
+    cfg: dict,
+    data: PreparedData,
+    *,
+    epochs: int,
+    lr: float,
+    step_hook: StepHook | None = None,
+    device: str = "auto",
+) -> nn.Module:
+    """``fit`` without warm-up, resume state, saving or best-epoch selection: ``model`` trains
+    in place for ``epochs`` (0: unchanged) and is returned in eval mode on the device, its last
+    epoch kept. Meant for the short recoveries between rounds of iterative pruning."""
+    dev = resolve_device(device)
+    with _deterministic_on_cpu(dev):
+        run = _Run.build(model, cfg, data, max(epochs, 1), lr, 0, dev, step_hook)
+        for epoch in range(1, epochs + 1):
+            _say_epoch(f"epoch {epoch}/{epochs}", run.epoch(epoch, f"epoch {epoch}/{epochs}"))
+    return model.eval()
+
+
+def _say_epoch(label: str, m: dict[str, float]) -> None:
+    say(
+        f"{label}: train loss {m['train_loss']:.4f} top1 {m['train_top1']:.4f}, "
+        f"val loss {m['val_loss']:.4f} top1 {m['val_top1']:.4f}, lr {m['lr']:.5f}, "
+        f"{m['epoch_seconds']:.1f} s"
     )
 
 
@@ -250,7 +303,7 @@ def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
 
 @dataclass
 class _Run:
-    """Everything a training run mutates, so that it can be saved and restored as one."""
+    """Everything a training run reads and mutates, so that it can be saved and restored as one."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -259,21 +312,85 @@ class _Run:
     generator: torch.Generator
     device: torch.device
     amp: bool
+    train: tuple[torch.Tensor, torch.Tensor]
+    val: tuple[torch.Tensor, torch.Tensor]
+    batch_size: int
+    augment: _Augment
+    loss_fn: nn.Module
+    step_hook: StepHook | None
 
-    def epoch(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        batch_size: int,
-        augment: _Augment,
-        loss_fn: nn.Module,
-        description: str,
-    ) -> tuple[float, float, float]:
-        """One pass over (x, y) in a fresh random order; returns mean loss, top-1 and last LR."""
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        cfg: dict,
+        data: PreparedData,
+        epochs: int,
+        lr: float,
+        warmup_epochs: int,
+        dev: torch.device,
+        step_hook: StepHook | None,
+    ) -> _Run:
+        """The optimizer, schedule, data and RNGs of a run from ``cfg``, with ``model`` moved
+        to ``dev`` and the global RNG (dropout) seeded from ``cfg["seed"]``."""
+        t = cfg["train"]
+        batch_size = int(t["batch_size"])
+        if batch_size < 1:
+            raise ShrinkflowError(f"train.batch_size: {batch_size} is not >= 1")
+        if len(data.train) == 0:
+            raise ShrinkflowError(
+                "prepared data has no training images "
+                "(lower data.val_fraction / data.test_fraction or add images)"
+            )
+        amp = bool(t["mixed_precision"]) and dev.type == "cuda"
+        if t["mixed_precision"] and not amp:
+            say("train.mixed_precision: ignored on CPU (float16 autocast needs CUDA)")
+        torch.manual_seed(cfg["seed"])
+        model.to(dev)
+        steps = len(batch_bounds(len(data.train), batch_size))
+        optimizer = torch.optim.SGD(
+            _param_groups(model, float(t["weight_decay"])),
+            lr=lr,
+            momentum=float(t["momentum"]),
+            nesterov=bool(t["nesterov"]),
+        )
+        return cls(
+            model=model,
+            optimizer=optimizer,
+            scheduler=torch.optim.lr_scheduler.LambdaLR(
+                optimizer, _lr_factor(t["schedule"], warmup_epochs * steps, epochs * steps)
+            ),
+            scaler=torch.amp.GradScaler("cuda", enabled=amp),
+            # Batch order and augmentation come from a CPU generator whatever the device:
+            # the same on CPU and GPU, and its state is one small tensor.
+            generator=torch.Generator().manual_seed(cfg["seed"]),
+            device=dev,
+            amp=amp,
+            train=to_device_tensors(data, "train", dev),
+            val=to_device_tensors(data, "val", dev),
+            batch_size=batch_size,
+            augment=_Augment(
+                enabled=bool(t["augment"]),
+                hflip=bool(t["hflip"]),
+                pad=data.image_size // 8,  # the CIFAR 4 pixels at 32x32, scaled with the size
+                fill=_black(data.mean, data.std, dev),
+            ),
+            loss_fn=nn.CrossEntropyLoss(label_smoothing=float(t["label_smoothing"])),
+            step_hook=step_hook,
+        )
+
+    @property
+    def val_size(self) -> int:
+        return len(self.val[1])
+
+    def epoch(self, epoch: int, description: str) -> dict[str, float]:
+        """Train one epoch (1-based) in a fresh random order, then score the val split."""
+        epoch_start = time.perf_counter()
+        x, y = self.train
         n, dev = len(y), self.device
         # All of the epoch's randomness is drawn up front: one transfer to the device.
         order = torch.randperm(n, generator=self.generator)
-        shifts = torch.randint(0, 2 * augment.pad + 1, (n, 2), generator=self.generator)
+        shifts = torch.randint(0, 2 * self.augment.pad + 1, (n, 2), generator=self.generator)
         flips = torch.rand(n, generator=self.generator) < 0.5
         order, shifts, flips = order.to(dev), shifts.to(dev), flips.to(dev)
         self.model.train()
@@ -281,26 +398,39 @@ class _Run:
         loss_sum = torch.zeros((), device=dev)
         correct = torch.zeros((), dtype=torch.long, device=dev)
         lr = 0.0
-        bounds = batch_bounds(n, batch_size)
+        bounds = batch_bounds(n, self.batch_size)
+        step = (epoch - 1) * len(bounds)  # every epoch has the same number of steps
         for start, stop in track(bounds, total=len(bounds), description=description):
             idx = order[start:stop]
-            xb, yb = augment(x[idx], shifts[idx], flips[idx]), y[idx]
+            xb, yb = self.augment(x[idx], shifts[idx], flips[idx]), y[idx]
             with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=self.amp):
                 logits = self.model(xb)
-                loss = loss_fn(logits, yb)
+                loss = self.loss_fn(logits, yb)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            step += 1
+            if self.step_hook is not None:
+                self.step_hook(step)
             lr = self.optimizer.param_groups[0]["lr"]
             self.scheduler.step()  # per iteration: warm-up and cosine are smooth within epochs
             loss_sum += loss.detach().float() * len(yb)
             correct += (logits.detach().argmax(1) == yb).sum()
-        return loss_sum.item() / n, correct.item() / n, lr
+        val_loss, val_top1 = evaluate_split(self.model, *self.val, self.batch_size, self.amp)
+        return {
+            "train_loss": loss_sum.item() / n,
+            "train_top1": correct.item() / n,
+            "val_loss": val_loss,
+            "val_top1": val_top1,
+            "lr": lr,
+            "epoch_seconds": time.perf_counter() - epoch_start,
+        }
 
     def snapshot(self) -> dict[str, Any]:
         """The run's state as tensors and plain values (loadable with weights_only=True)."""
         cuda = self.device.type == "cuda"
+        hook = self.step_hook
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -309,6 +439,7 @@ class _Run:
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if cuda else [],
+            "hook": hook.state_dict() if isinstance(hook, StatefulStepHook) else {},
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -321,6 +452,8 @@ class _Run:
         torch.set_rng_state(state["torch_rng"].cpu())
         if self.device.type == "cuda" and state["cuda_rng"]:
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+        if isinstance(self.step_hook, StatefulStepHook):
+            self.step_hook.load_state_dict(state["hook"])
 
 
 @contextmanager
@@ -340,7 +473,8 @@ def _deterministic_on_cpu(dev: torch.device) -> Iterator[None]:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """The torch.device for "auto" (CUDA if available, else CPU), "cpu" or "cuda[:n]"."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -413,7 +547,7 @@ def _random_crop(
 
 
 @torch.no_grad()
-def _evaluate(
+def evaluate_split(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, amp: bool
 ) -> tuple[float, float]:
     """Mean cross-entropy and top-1 over a split in eval mode; NaN for an empty split.
