@@ -2,6 +2,13 @@
 
 The file holds only tensors and plain Python values, so it loads with
 ``torch.load(weights_only=True)``: opening a model file never runs code from it.
+
+Filter-pruned models (Torch-Pruning removes whole channels) keep the registry's architecture
+with fewer channels per layer. The file needs nothing extra for them: the saved tensors carry
+the pruned shapes, so ``load_model`` builds the registry model, shrinks each convolution,
+linear and batch-norm layer to the shapes of its saved tensors, and then loads the weights.
+The file stays exactly the weights a user deploys (its size is the size reported), with no
+pickled module and no second description of the architecture that could disagree with them.
 """
 
 from __future__ import annotations
@@ -19,6 +26,9 @@ from shrinkflow.errors import ShrinkflowError
 MODEL_FILE = "model.pt"
 FORMAT = "shrinkflow.torch/1"
 SPEC_KEYS = ("arch", "num_classes", "in_channels", "image_size", "mean", "std", "classes")
+# The layers whose width structured pruning changes (the registry's CNNs are all 2-D); any
+# other layer must keep its shapes.
+RESIZABLE = (nn.Conv2d, nn.Linear, nn.BatchNorm2d)
 
 
 def save_model(model: nn.Module, spec: dict[str, Any], folder: Path) -> Path:
@@ -27,6 +37,7 @@ def save_model(model: nn.Module, spec: dict[str, Any], folder: Path) -> Path:
     Args:
         spec: ``arch`` (registry name), ``num_classes``, ``in_channels``, ``image_size``,
             ``mean``/``std`` (per channel, 0..1 scale) and ``classes``; plain Python types only.
+            A filter-pruned model is saved with the spec of the model it was pruned from.
     """
     missing = [k for k in SPEC_KEYS if k not in spec]
     if missing:
@@ -59,9 +70,65 @@ def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[nn.Mod
         in_channels=spec["in_channels"],
         image_size=spec["image_size"],
     )
+    state = payload.get("state_dict")
     try:
-        model.load_state_dict(payload["state_dict"])
-    except (RuntimeError, KeyError, TypeError) as e:
+        resized = _fit_shapes(model, state)
+        model.load_state_dict(state)
+        if resized:
+            _check_forward(model, spec)
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
         reason = str(e).splitlines()[0]
         raise ShrinkflowError(f"{path}: weights do not fit {spec['arch']} ({reason})") from None
     return model.to(device).eval(), spec
+
+
+def _fit_shapes(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    """Shrink (or widen) the layers of ``model`` to the shapes of their tensors in ``state``.
+
+    Returns whether any layer changed: False for a model saved unpruned. The weights themselves
+    are left to ``load_state_dict``, which also reports missing and unexpected keys.
+    """
+    resized = False
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        own = dict(module.named_parameters(recurse=False))
+        own.update(module.named_buffers(recurse=False))
+        changed = {
+            key: state[prefix + key].shape
+            for key, tensor in own.items()
+            if prefix + key in state and state[prefix + key].shape != tensor.shape
+        }
+        if not changed:
+            continue
+        if not isinstance(module, RESIZABLE):
+            raise ValueError(f"{prefix}{next(iter(changed))} has another shape than the model's")
+        for key, shape in changed.items():
+            old = getattr(module, key)
+            new = torch.empty(shape, dtype=old.dtype)
+            if isinstance(old, nn.Parameter):
+                new = nn.Parameter(new, requires_grad=old.requires_grad)
+            setattr(module, key, new)
+        _restate_width(module)
+        resized = True
+    return resized
+
+
+def _restate_width(module: nn.Module) -> None:
+    """Set a resized layer's channel attributes from its tensors, as Torch-Pruning does."""
+    if isinstance(module, nn.Conv2d):
+        module.out_channels = module.weight.shape[0]
+        module.in_channels = module.weight.shape[1] * module.groups
+    elif isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    else:
+        reference = module.running_mean if module.running_mean is not None else module.weight
+        module.num_features = reference.shape[0]
+
+
+@torch.no_grad()
+def _check_forward(model: nn.Module, spec: dict) -> None:
+    """One forward pass, so that shapes which do not chain fail at load, not later."""
+    model.eval()
+    logits = model(torch.zeros(1, spec["in_channels"], spec["image_size"], spec["image_size"]))
+    if tuple(logits.shape) != (1, spec["num_classes"]):
+        raise ValueError(f"the model outputs shape {tuple(logits.shape)}")
