@@ -1,4 +1,5 @@
-# shrinkflow: download -> prepare -> train -> evaluate -> summarize, per backend x model.
+# shrinkflow: download -> prepare -> train -> [sensitivity] -> prune x sparsity -> finetune
+# -> evaluate -> summarize, per backend x model.
 # dvc.yaml expresses the same DAG; both call the `shrinkflow` CLI with the same arguments
 # (tests/test_dag_parity.py). Run: snakemake --cores 2 [--configfile configs/<preset>.yaml]
 
@@ -8,6 +9,7 @@ configfile: "params.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/prune.smk"
 include: "workflow/rules/evaluate.smk"
 
 

@@ -18,55 +18,27 @@ from __future__ import annotations
 
 import argparse
 import csv
-import shutil
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-COPY = ["Snakefile", "dvc.yaml", "params.yaml", "workflow", ".dvc", ".dvcignore", ".gitignore"]
-
-
-def fresh_workspace(dest: Path) -> Path:
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
-    for name in COPY:
-        source = ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns("tmp", "cache"))
-        elif source.exists():
-            shutil.copy(source, dest / name)
-    # DVC hashes the code it depends on; a symlink keeps the copy in step with src/.
-    (dest / "src").symlink_to(ROOT / "src")
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    return dest
-
-
-def timed(cmd: list[str], cwd: Path) -> float:
-    start = time.perf_counter()
-    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    elapsed = time.perf_counter() - start
-    if result.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
-    return elapsed
+from workspace import BIN, ROOT, fresh_workspace, timed
 
 
 def median_of(repeats: int, cmd: list[str], cwd: Path) -> float:
     return statistics.median(timed(cmd, cwd) for _ in range(repeats))
 
 
-def job_times(workspace: Path) -> list[tuple[str, float]]:
-    """Per-job wall seconds from the TSV files of the rules' `benchmark:` directives."""
-    rows = []
-    for tsv in sorted((workspace / "logs/benchmark").rglob("*.tsv")):
+def job_times(workspace: Path) -> dict[str, list[float]]:
+    """Per-rule wall seconds of every job, from the rules' `benchmark:` TSV files."""
+    times: dict[str, list[float]] = {}
+    root = workspace / "logs/benchmark"
+    for tsv in sorted(root.rglob("*.tsv")):
         with tsv.open() as handle:
             record = next(csv.DictReader(handle, delimiter="\t"))
-        rows.append((str(tsv.relative_to(workspace / "logs/benchmark")), float(record["s"])))
-    return rows
+        rule = tsv.relative_to(root).parts[0].removesuffix(".tsv")
+        times.setdefault(rule, []).append(float(record["s"]))
+    return times
 
 
 OVERHEAD_SNIPPETS = {
@@ -101,19 +73,26 @@ def main() -> None:
     with (workspace / "results/summary.csv").open() as handle:
         summary = list(csv.DictReader(handle))
 
-    print(f"default DAG (digits, {', '.join(r['model'] for r in summary)}), --cores {args.cores}")
-    print(f"  end to end (fresh workspace)         {full:7.1f} s   target <= 120 s")
-    for name, seconds in job_times(workspace):
-        print(f"    {name:<34} {seconds:7.1f} s")
+    models = sorted({r["model"] for r in summary})
+    print(
+        f"default DAG (digits, {', '.join(models)}, {len(summary)} evaluated nodes), "
+        f"--cores {args.cores}"
+    )
+    print(f"  end to end (fresh workspace)         {full:7.1f} s")
+    for rule, seconds in job_times(workspace).items():
+        each = f"{len(seconds)} x {statistics.median(seconds):.1f} s" if len(seconds) > 1 else ""
+        print(f"    {rule:<34} {sum(seconds):7.1f} s   {each}")
     print(f"  no-op re-run: snakemake             {noop_smk:7.2f} s   target <= 3 s")
     print(f"  no-op re-run: dvc repro             {noop_dvc:7.2f} s   target <= 3 s")
     print("fixed overhead per job (median of fresh processes)")
     for label, seconds in overhead.items():
         print(f"  {label:<44} {seconds:6.2f} s")
     for row in summary:
+        point = f"{row['prune_method']} {row['target_sparsity']}" if row["prune_method"] else ""
         print(
-            f"result: {row['backend']}/{row['model']} top-1 {float(row['top1']):.4f}, "
-            f"{int(row['size_bytes'])} bytes, {float(row['latency_ms_b1']):.2f} ms at batch 1"
+            f"result: {row['backend']}/{row['model']} {row['stage']} {point}: "
+            f"top-1 {float(row['top1']):.4f}, {int(row['size_bytes'])} bytes, "
+            f"{float(row['latency_ms_b1']):.2f} ms at batch 1"
         )
 
 

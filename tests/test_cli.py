@@ -73,6 +73,78 @@ def shrinkflow(project: Path, *args: str) -> subprocess.CompletedProcess:
         ),
         (["download", "--set", "train.epochs=0", "--out", "raw"], "error: train.epochs: 0 is not"),
         (["validate", "--params", "missing.yaml"], "error: missing.yaml: cannot read"),
+        (
+            [
+                "prune",
+                "--method",
+                "l2",
+                "--sparsity",
+                "0.5",
+                "--in",
+                "m",
+                "--data",
+                "d",
+                "--sensitivity",
+                "s",
+                "--out",
+                "p",
+            ],
+            "error: --method: 'l2' is not one of l1_unstructured, gradual_polynomial,",
+        ),
+        (
+            [
+                "prune",
+                "--method",
+                "l1_unstructured",
+                "--sparsity",
+                "1.5",
+                "--in",
+                "m",
+                "--data",
+                "d",
+                "--sensitivity",
+                "s",
+                "--out",
+                "p",
+            ],
+            "error: --sparsity: 1.5 is not in [0, 1)",
+        ),
+        (
+            [
+                "prune",
+                "--method",
+                "l1_unstructured",
+                "--sparsity",
+                "0.5",
+                "--in",
+                "m",
+                "--data",
+                "d",
+                "--sensitivity",
+                "s",
+                "--out",
+                "p",
+            ],
+            "error: --in m: not a model folder (no node.json)",
+        ),
+        (
+            ["finetune", "--in", "m", "--data", "d", "--out", "f"],
+            "error: --in m: not a model folder (no node.json)",
+        ),
+        (
+            ["sensitivity", "--in", "m", "--data", "d", "--out", "s"],
+            "error: --in m: not a model folder (no node.json)",
+        ),
+        (
+            [
+                "validate",
+                "--set",
+                "prune.methods=[structured_sensitivity]",
+                "--set",
+                "sensitivity.ratios=[]",
+            ],
+            "error: sensitivity.ratios: empty, but prune.methods has structured_sensitivity",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_leaves_nothing(project, args, message):
@@ -108,5 +180,6 @@ def test_imagefolder_with_an_empty_class_fails_before_any_run(project):
 
 def test_help_lists_every_stage():
     result = subprocess.run([SHRINKFLOW, "--help"], capture_output=True, text=True)
-    for stage in ["download", "prepare", "train", "evaluate", "summarize", "models", "validate"]:
+    stages = ["download", "prepare", "train", "sensitivity", "prune", "finetune", "evaluate"]
+    for stage in [*stages, "summarize", "models", "validate"]:
         assert stage in result.stdout

@@ -43,6 +43,20 @@ def test_default_params_are_valid():
         ("train.schedule=step", "train.schedule: 'step' is not one of cosine, constant"),
         ("data.name=imagefolder", "data.root: required when data.name is imagefolder"),
         ("train.nesterov=1", "train.nesterov: 1 is not of type boolean"),
+        ("prune.sparsities=[0.5, 1.0]", "prune.sparsities[1]: 1.0 is not in [0, 1)"),
+        ("prune.sparsities=[-0.1]", "prune.sparsities[0]: -0.1 is not in [0, 1)"),
+        ("prune.methods=[l2]", "prune.methods[0]: 'l2' is not one of l1_unstructured,"),
+        ("prune.scope=block", "prune.scope: 'block' is not one of global, layer"),
+        (
+            "prune.structured.max_layer_ratio=1",
+            "prune.structured.max_layer_ratio: 1 is not in (0, 1)",
+        ),
+        (
+            "prune.structured.layer_ratios=[0.1, 1.0]",
+            "prune.structured.layer_ratios[1]: 1.0 is not",
+        ),
+        ("prune.gradual.frequency=0", "prune.gradual.frequency: 0 is not in [1, inf)"),
+        ("finetune.epochs=-1", "finetune.epochs: -1 is not in [0, inf)"),
     ],
 )
 def test_bad_values_name_the_key_and_the_allowed_values(override, message):

@@ -41,8 +41,19 @@ def test_snakemake_and_dvc_run_the_same_commands():
     smk = snakemake_commands()
     dvc = dvc_commands()
     assert smk == dvc
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    points = len(params["prune"]["methods"]) * len(params["prune"]["sparsities"])
     stages = [c.split()[1] for c in smk]
-    assert stages == sorted(["download", "prepare", "train", "evaluate", "summarize"])
+    assert {stage: stages.count(stage) for stage in stages} == {
+        "download": 1,
+        "prepare": 1,
+        "train": 1,
+        "sensitivity": 1,
+        "prune": points,
+        "finetune": points,
+        "evaluate": 1 + points,
+        "summarize": 1,
+    }
 
 
 def test_parity_holds_for_a_sweep_over_models(tmp_path):

@@ -16,11 +16,18 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-TINY = {  # the smallest DAG that still exercises every stage
+TINY = {  # the smallest DAG that still exercises every stage and every pruning family
     "data": {"image_size": 8},
     "train": {"epochs": 2, "batch_size": 128, "warmup_epochs": 0},
+    "prune": {
+        "methods": ["l1_unstructured", "gradual_polynomial", "structured_sensitivity"],
+        "sparsities": [0.5],
+    },
+    "finetune": {"epochs": 1},
+    "sensitivity": {"ratios": [0.25, 0.5], "max_drop": 1.0},  # every ratio passes: smoke only
     "evaluate": {"batch_sizes": [1, 32], "warmup": 1, "repeats": 3},
 }
+POINTS = [(m, 0.5) for m in TINY["prune"]["methods"]]
 
 pytestmark = pytest.mark.slow
 
@@ -41,6 +48,7 @@ def make_project(dest: Path) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for section, values in TINY.items():
         params[section].update(values)
+    params["prune"]["gradual"]["epochs"] = 1
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (dest / ".gitignore").write_text((ROOT / ".gitignore").read_text())
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
@@ -83,23 +91,42 @@ def snakemake_project(tmp_path_factory) -> Path:
 
 def test_snakemake_runs_the_dag_and_writes_the_summary(snakemake_project):
     rows = read_summary(snakemake_project)
-    assert len(rows) == 1
-    row = rows[0]
-    assert (row["backend"], row["model"], row["stage"]) == ("torch", "resnet20", "baseline")
-    assert float(row["top1"]) > 0.3  # two epochs on 8x8 digits; chance is 0.1
-    assert int(row["params"]) == int(row["nonzero_params"]) > 0
-    assert (
-        int(row["size_bytes"]) == (snakemake_project / row["artifact"] / "model.pt").stat().st_size
-    )
-    assert 0 < int(row["gzip_bytes"]) < int(row["size_bytes"])
-    assert float(row["latency_ms_b1"]) > 0 and float(row["throughput_ips"]) > 0
+    assert [(r["stage"], r["prune_method"], r["target_sparsity"]) for r in rows] == [
+        ("baseline", "", ""),
+        *[("finetuned", method, str(sparsity)) for method, sparsity in POINTS],
+    ]
+    baseline = rows[0]
+    assert (baseline["backend"], baseline["model"]) == ("torch", "resnet20")
+    assert float(baseline["top1"]) > 0.3  # two epochs on 8x8 digits; chance is 0.1
+    assert int(baseline["params"]) == int(baseline["nonzero_params"]) > 0
+    model_file = snakemake_project / baseline["artifact"] / "model.pt"
+    assert int(baseline["size_bytes"]) == model_file.stat().st_size
+    assert 0 < int(baseline["gzip_bytes"]) < int(baseline["size_bytes"])
+    assert float(baseline["latency_ms_b1"]) > 0 and float(baseline["throughput_ips"]) > 0
+    by_method = {r["prune_method"]: r for r in rows[1:]}
+    for method in ("l1_unstructured", "gradual_polynomial"):
+        # measured from the saved weights: the output layer is excluded, so a little under 0.5
+        assert 0.45 < float(by_method[method]["measured_sparsity"]) <= 0.5
+        assert int(by_method[method]["params"]) == int(baseline["params"])
+    structured = by_method["structured_sensitivity"]
+    assert int(structured["params"]) < int(baseline["params"])  # physically smaller
+    assert int(structured["macs"]) < int(baseline["macs"])
+    assert float(structured["measured_sparsity"]) > 0.3  # removed weights count as gone
     assert not list(snakemake_project.rglob(".tmp-*")), "a temporary output was left behind"
+    assert (snakemake_project / "results/models/torch/resnet20/sensitivity/ratios.json").is_file()
 
 
 def test_every_job_is_an_mlflow_run_with_lineage(snakemake_project):
     runs = mlflow_runs(snakemake_project)
-    by_stage = {r.data.tags["shrinkflow.stage"]: r for r in runs}
-    assert sorted(by_stage) == ["download", "evaluate", "prepare", "summarize", "train"]
+    stages = sorted(r.data.tags["shrinkflow.stage"] for r in runs)
+    assert stages == sorted(
+        ["download", "prepare", "train", "sensitivity", "summarize"]
+        + ["prune", "finetune"] * len(POINTS)
+        + ["evaluate"] * (1 + len(POINTS))
+    )
+    by_stage = {
+        r.data.tags["shrinkflow.stage"]: r for r in runs if "shrinkflow.method" not in r.data.tags
+    }
     assert all(r.info.status == "FINISHED" for r in runs)
     parent = {stage: r.data.tags.get("mlflow.parentRunId") for stage, r in by_stage.items()}
     assert parent["prepare"] == by_stage["download"].info.run_id
@@ -119,6 +146,20 @@ def test_every_job_is_an_mlflow_run_with_lineage(snakemake_project):
     assert "model/model.pt" in artifacts
     row = read_summary(snakemake_project)[0]
     assert row["run_id"] == by_stage["evaluate"].info.run_id
+    by_id = {r.info.run_id: r for r in runs}
+    for method, sparsity in POINTS:  # baseline -> pruned -> fine-tuned -> evaluated, as a tree
+        evaluated = next(
+            r
+            for r in runs
+            if r.data.tags["shrinkflow.stage"] == "evaluate"
+            and r.data.tags.get("shrinkflow.method") == method
+        )
+        finetune = by_id[evaluated.data.tags["mlflow.parentRunId"]]
+        prune = by_id[finetune.data.tags["mlflow.parentRunId"]]
+        assert finetune.data.tags["shrinkflow.stage"] == "finetune"
+        assert prune.data.tags["shrinkflow.stage"] == "prune"
+        assert prune.data.tags["shrinkflow.sparsity"] == str(sparsity)
+        assert prune.data.tags["mlflow.parentRunId"] == train.info.run_id
 
 
 def job_counts(dry_run_output: str) -> dict[str, int]:
@@ -137,7 +178,33 @@ def test_rerun_is_a_no_op_and_a_param_change_reruns_only_its_branch(snakemake_pr
     preset = tmp_path / "more-repeats.yaml"
     preset.write_text("evaluate: {repeats: 4}\n")
     changed = run([snakemake, "-n", "--cores", "2", "--configfile", str(preset)], snakemake_project)
-    assert job_counts(changed.stdout) == {"evaluate": 1, "summarize": 1, "all": 1}
+    assert job_counts(changed.stdout) == {"evaluate": 1 + len(POINTS), "summarize": 1, "all": 1}
+    # one more sparsity: only the new branch of each method (and the summary) runs
+    more = tmp_path / "more-sparsities.yaml"
+    more.write_text("prune: {sparsities: [0.5, 0.8]}\n")
+    grown = run([snakemake, "-n", "--cores", "2", "--configfile", str(more)], snakemake_project)
+    n = len(POINTS)
+    assert job_counts(grown.stdout) == {
+        "prune": n,
+        "finetune": n,
+        "evaluate": n,
+        "summarize": 1,
+        "all": 1,
+    }
+    assert "pruned/l1_unstructured/0.8/model" in grown.stdout
+    # a change to one method family's section re-runs only that family
+    gradual = tmp_path / "gradual.yaml"
+    gradual.write_text("prune: {gradual: {frequency: 5}}\n")
+    regrown = run(
+        [snakemake, "-n", "--cores", "2", "--configfile", str(gradual)], snakemake_project
+    )
+    assert job_counts(regrown.stdout) == {
+        "prune": 1,
+        "finetune": 1,
+        "evaluate": 1,
+        "summarize": 1,
+        "all": 1,
+    }
 
 
 def test_dvc_commit_records_snakemake_outputs_without_rerunning(snakemake_project):
@@ -165,20 +232,13 @@ def test_dvc_push_and_pull_round_trip_the_checkpoint(snakemake_project):
 def test_dvc_repro_runs_the_same_dag_from_scratch(tmp_path):
     project = make_project(tmp_path)
     result = run([str(BIN / "dvc"), "repro"], project)
-    for stage in [
-        "download",
-        "prepare",
-        "train@torch-resnet20",
-        "evaluate@torch-resnet20",
-        "summarize",
-    ]:
-        assert f"Running stage '{stage}'" in result.stdout
-    rows = read_summary(project)
-    assert [(r["backend"], r["model"], r["stage"]) for r in rows] == [
-        ("torch", "resnet20", "baseline")
-    ]
+    for stage in ["download", "prepare", "train", "sensitivity", "evaluate", "summarize"]:
+        assert f"Running stage '{stage}" in result.stdout
+    assert result.stdout.count("Running stage 'prune@") == len(POINTS)
+    assert result.stdout.count("Running stage 'finetune@") == len(POINTS)
+    assert len(read_summary(project)) == 1 + len(POINTS)
     assert (project / "dvc.lock").is_file()
-    assert len(mlflow_runs(project)) == 5
+    assert len(mlflow_runs(project)) == 6 + 3 * len(POINTS)
     again = run([str(BIN / "dvc"), "repro"], project)
     assert "Running stage" not in again.stdout
 

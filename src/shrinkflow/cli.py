@@ -82,6 +82,51 @@ def train(
 
 
 @app.command()
+def sensitivity(
+    in_: Annotated[Path, typer.Option("--in", help="The trained baseline's model folder.")],
+    data: Annotated[Path, typer.Option(help="The prepared data folder.")],
+    out: OutOption,
+    params: ParamsOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Prune each layer group alone at sensitivity.ratios; write a table, a plot, and ratios."""
+    from shrinkflow.stages import sensitivity as stage
+
+    stage.run(_params(params, set_), in_, data, out)
+
+
+@app.command()
+def prune(
+    method: Annotated[str, typer.Option(help="One of prune.methods' allowed values.")],
+    sparsity: Annotated[float, typer.Option(help="Target share of weights (or filters) removed.")],
+    in_: Annotated[Path, typer.Option("--in", help="The trained baseline's model folder.")],
+    data: Annotated[Path, typer.Option(help="The prepared data folder.")],
+    sensitivity: Annotated[Path, typer.Option(help="The sensitivity stage's folder.")],
+    out: OutOption,
+    params: ParamsOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Prune the baseline to one sweep point (one-shot, gradual or structured)."""
+    from shrinkflow.stages import prune as stage
+
+    stage.run(_params(params, set_), method, sparsity, in_, data, sensitivity, out)
+
+
+@app.command()
+def finetune(
+    in_: Annotated[Path, typer.Option("--in", help="A pruned model folder.")],
+    data: Annotated[Path, typer.Option(help="The prepared data folder.")],
+    out: OutOption,
+    params: ParamsOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Fine-tune a pruned model; pruned weights stay exactly zero."""
+    from shrinkflow.stages import finetune as stage
+
+    stage.run(_params(params, set_), in_, data, out)
+
+
+@app.command()
 def evaluate(
     in_: Annotated[Path, typer.Option("--in", help="A model folder written by a stage.")],
     data: Annotated[Path, typer.Option(help="The prepared data folder.")],

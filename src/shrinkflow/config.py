@@ -123,6 +123,11 @@ def _check_cross_keys(cfg: Mapping) -> None:
             "data.root: required when data.name is imagefolder "
             "(a folder with one sub-folder of images per class)"
         )
+    if "structured_sensitivity" in cfg["prune"]["methods"] and not cfg["sensitivity"]["ratios"]:
+        raise ShrinkflowError(
+            "sensitivity.ratios: empty, but prune.methods has structured_sensitivity, "
+            "which takes its per-layer ratios from the sensitivity analysis"
+        )
 
 
 def _key_path(path: Iterable) -> str:

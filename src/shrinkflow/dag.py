@@ -34,7 +34,10 @@ class Node:
 
     @property
     def folder(self) -> Path:
-        return MODELS / self.backend / self.model / self.stage
+        base = MODELS / self.backend / self.model / self.stage
+        if self.stage == "baseline":
+            return base
+        return base / self.prune_method / sparsity_label(self.target_sparsity)
 
     @property
     def model_dir(self) -> Path:
@@ -45,20 +48,66 @@ class Node:
         return self.folder / "metrics.json"
 
 
+def sparsity_label(sparsity: float | None) -> str:
+    """A sparsity as it appears in paths and wildcards: Python's repr, as DVC renders it."""
+    return str(sparsity)
+
+
 def baseline(backend: str, model: str) -> Node:
     return Node(backend=backend, model=model, stage="baseline")
 
 
+def pruned(backend: str, model: str, method: str, sparsity: float) -> Node:
+    return Node(backend, model, "pruned", prune_method=method, target_sparsity=sparsity)
+
+
+def finetuned(backend: str, model: str, method: str, sparsity: float) -> Node:
+    return Node(backend, model, "finetuned", prune_method=method, target_sparsity=sparsity)
+
+
+def sensitivity_dir(backend: str, model: str) -> Path:
+    return MODELS / backend / model / "sensitivity"
+
+
 def evaluated_nodes(cfg: dict) -> list[Node]:
-    """Every node the configured DAG evaluates, in a stable order."""
-    return [baseline(b, m) for b in cfg["backends"] for m in cfg["models"]]
+    """Every node the configured DAG evaluates, in a stable order: each baseline, then its
+    fine-tuned sweep points (method x sparsity)."""
+    nodes = []
+    for backend in cfg["backends"]:
+        for model in cfg["models"]:
+            nodes.append(baseline(backend, model))
+            nodes.extend(
+                finetuned(backend, model, method, sparsity)
+                for method in cfg["prune"]["methods"]
+                for sparsity in cfg["prune"]["sparsities"]
+            )
+    return nodes
+
+
+# Tag names from DESIGN.md section 6; a node's DAG stage is `shrinkflow.node`, because
+# `shrinkflow.stage` names the job (train, prune, evaluate, ...) that the run records.
+_TAG_NAMES = {
+    "backend": "backend",
+    "model": "model",
+    "stage": "node",
+    "prune_method": "method",
+    "target_sparsity": "sparsity",
+    "quant_method": "qmethod",
+}
 
 
 def node_tags(node: dict) -> dict[str, str]:
-    """MLflow tags for a node; its DAG stage becomes `shrinkflow.node`, because
-    `shrinkflow.stage` names the job (train, evaluate, ...) that the run records."""
+    """MLflow tags that identify a node: shrinkflow.backend/model/node/method/sparsity/qmethod."""
     return {
-        ("shrinkflow.node" if key == "stage" else f"shrinkflow.{key}"): str(value)
+        f"shrinkflow.{_TAG_NAMES[key]}": str(value)
         for key, value in node.items()
-        if value not in (None, "")
+        if key in _TAG_NAMES and value not in (None, "")
     }
+
+
+def node_label(node: dict) -> str:
+    """`torch/resnet20/finetuned/l1_unstructured/0.5`: how logs and run names show a node."""
+    parts = [node["backend"], node["model"], node["stage"]]
+    if node.get("prune_method"):
+        parts += [node["prune_method"], sparsity_label(node["target_sparsity"])]
+    return "/".join(parts)

@@ -43,6 +43,20 @@ MODELS = str(dag.MODELS)
 SUMMARY = str(dag.SUMMARY)
 
 
+def prune_params(wildcards):
+    """The config a sweep point reads: the shared prune keys, plus its method family's section,
+    so that changing prune.gradual re-runs only the gradual points."""
+    shared = {k: config["prune"][k] for k in ("scope", "exclude")}
+    shared["seed"] = config["seed"]
+    if wildcards.method.startswith("gradual_"):
+        shared["gradual"] = config["prune"]["gradual"]
+        shared["train"] = config["train"]
+    elif wildcards.method.startswith("structured_"):
+        shared["structured"] = config["prune"]["structured"]
+        shared["finetune_lr"] = config["finetune"]["lr"]
+    return shared
+
+
 def models_root(wildcards, input):
     """The folder that holds every node (the summarize job reads the metrics of all of them)."""
     return MODELS
@@ -53,6 +67,8 @@ EVALUATED = [str(node.metrics) for node in dag.evaluated_nodes(config)]
 wildcard_constraints:
     backend="|".join(config["backends"]),
     model="[a-z0-9_]+",
+    method="[a-z0-9_]+",
+    sparsity="[0-9.e-]+",
 
 # `snakemake --lint` also notes that shell commands use PARAMS from outside the rule. That is on
 # purpose: as a `params:` entry it would make Snakemake re-run every job whenever the list of

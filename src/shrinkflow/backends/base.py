@@ -37,6 +37,51 @@ class Backend(Protocol):
         run_id: str | None,
     ) -> Any: ...
 
+    def prunable_weights(self, model_dir: Path) -> int:
+        """How many conv and linear weights the model in ``model_dir`` has."""
+        ...
+
+    def resumable_prune_run_id(
+        self,
+        cfg: dict,
+        method: str,
+        sparsity: float,
+        model_dir: Path,
+        data: PreparedData,
+        resume_dir: Path,
+    ) -> str | None: ...
+
+    def prune_model(
+        self,
+        cfg: dict,
+        method: str,
+        sparsity: float,
+        model_dir: Path,
+        data: PreparedData,
+        out_dir: Path,
+        resume_dir: Path,
+        on_epoch: EpochCallback,
+        run_id: str | None,
+        sensitivity_dir: Path,
+    ) -> dict: ...
+
+    def finetune_fingerprint(self, cfg: dict, model_dir: Path, data: PreparedData) -> str: ...
+
+    def finetune_model(
+        self,
+        cfg: dict,
+        model_dir: Path,
+        data: PreparedData,
+        out_dir: Path,
+        resume_dir: Path,
+        on_epoch: EpochCallback,
+        run_id: str | None,
+    ) -> Any: ...
+
+    def analyze_sensitivity(
+        self, cfg: dict, model_dir: Path, data: PreparedData, out_dir: Path
+    ) -> dict: ...
+
     def evaluate_model(self, cfg: dict, model_dir: Path, data: PreparedData) -> dict: ...
 
 

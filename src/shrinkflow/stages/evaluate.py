@@ -6,7 +6,7 @@ from pathlib import Path
 
 from shrinkflow import tracking
 from shrinkflow.backends.base import get_backend
-from shrinkflow.dag import node_tags
+from shrinkflow.dag import node_label, node_tags
 from shrinkflow.data.prepared import load_prepared
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.outputs import read_json, write_json
@@ -24,6 +24,7 @@ def read_node(model_dir: Path) -> dict:
 
 def run(cfg: dict, model_dir: Path, data_dir: Path, out: Path) -> None:
     node = read_node(model_dir)
+    reference = node.pop("reference_prunable_weights", None)
     backend = get_backend(node["backend"])
     data = load_prepared(data_dir)
     with tracking.job_run(
@@ -31,15 +32,18 @@ def run(cfg: dict, model_dir: Path, data_dir: Path, out: Path) -> None:
         "evaluate",
         tags=node_tags(node),
         parent_run_id=tracking.read_run_ref(model_dir),
-        run_name=f"evaluate {node['backend']}/{node['model']}/{node['stage']}",
+        run_name=f"evaluate {node_label(node)}",
     ) as job:
         metrics = backend.evaluate_model(cfg, model_dir, data)
+        if reference:
+            # zeroed or physically removed: the share of the baseline's weights that are gone
+            metrics["measured_sparsity"] = 1.0 - metrics["prunable_nonzero"] / reference
         job.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
         job.set_tags({k: str(v) for k, v in metrics.items() if isinstance(v, str)})
         record = {**node, **metrics, "run_id": job.run_id, "artifact": str(model_dir)}
         write_json(out, record)
         say(
-            f"evaluate {node['backend']}/{node['model']}/{node['stage']}: "
+            f"evaluate {node_label(node)}: "
             f"top-1 {metrics['top1']:.4f}, {metrics['size_bytes']} bytes, "
             f"{metrics['latency_ms_b1']:.2f} ms at batch 1"
         )

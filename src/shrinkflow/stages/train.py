@@ -23,6 +23,7 @@ def run(cfg: dict, backend_name: str, model_name: str, data_dir: Path, out: Path
     check_model(backend, model_name)
     data = load_prepared(data_dir)
     resume_dir = resume_dir_for(out)
+    resume_dir.mkdir(parents=True, exist_ok=True)  # a declared DVC output, even if never used
     fingerprint = backend.train_fingerprint(cfg, model_name, data)
     node = {"backend": backend_name, "model": model_name, "stage": "baseline"}
     with tracking.job_run(

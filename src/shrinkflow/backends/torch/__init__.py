@@ -34,6 +34,68 @@ class _TorchBackend:
 
         return train_model(cfg, model_name, data, out_dir, resume_dir, on_epoch, run_id=run_id)
 
+    def prunable_weights(self, model_dir: Path) -> int:
+        from shrinkflow.backends.torch.artifact import load_model
+        from shrinkflow.backends.torch.evaluate import count_params
+
+        model, _ = load_model(model_dir)
+        return int(count_params(model)["prunable_weights"])
+
+    def resumable_prune_run_id(self, cfg, method, sparsity, model_dir, data, resume_dir):
+        """Only gradual pruning re-trains (and resumes); the other methods take seconds."""
+        if not method.startswith("gradual_"):
+            return None
+        from shrinkflow.backends.torch.prune_unstructured import gradual_fingerprint
+        from shrinkflow.backends.torch.train import resumable_run_id
+
+        fingerprint = gradual_fingerprint(cfg, method, sparsity, model_dir, data)
+        return resumable_run_id(resume_dir, fingerprint)
+
+    def prune_model(
+        self,
+        cfg,
+        method,
+        sparsity,
+        model_dir,
+        data,
+        out_dir,
+        resume_dir,
+        on_epoch,
+        run_id,
+        sensitivity_dir,
+    ) -> dict:
+        if method.startswith("structured_"):
+            from shrinkflow.backends.torch.prune_structured import prune_structured as prune
+        else:
+            from shrinkflow.backends.torch.prune_unstructured import prune_unstructured as prune
+        return prune(
+            cfg,
+            method,
+            sparsity,
+            model_dir,
+            data,
+            out_dir,
+            resume_dir,
+            on_epoch,
+            run_id,
+            sensitivity_dir,
+        )
+
+    def finetune_fingerprint(self, cfg, model_dir, data) -> str:
+        from shrinkflow.backends.torch.finetune import finetune_fingerprint
+
+        return finetune_fingerprint(cfg, model_dir, data)
+
+    def finetune_model(self, cfg, model_dir, data, out_dir, resume_dir, on_epoch, run_id):
+        from shrinkflow.backends.torch.finetune import finetune_model
+
+        return finetune_model(cfg, model_dir, data, out_dir, resume_dir, on_epoch, run_id)
+
+    def analyze_sensitivity(self, cfg, model_dir, data, out_dir) -> dict:
+        from shrinkflow.backends.torch.sensitivity import analyze_sensitivity
+
+        return analyze_sensitivity(cfg, model_dir, data, out_dir)
+
     def evaluate_model(self, cfg, model_dir, data) -> dict:
         from shrinkflow.backends.torch.evaluate import evaluate_model
 

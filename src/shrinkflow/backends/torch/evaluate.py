@@ -16,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from shrinkflow import metrics
 from shrinkflow.backends.torch.artifact import MODEL_FILE, load_model
+from shrinkflow.backends.torch.sparse import sparse_bytes
 from shrinkflow.backends.torch.tensors import normalize
 from shrinkflow.data.prepared import PreparedData
 from shrinkflow.errors import ShrinkflowError
@@ -56,7 +57,8 @@ def _check_fits(spec: dict, data: PreparedData, model_file: Path) -> None:
 
 
 def count_params(model: nn.Module) -> dict[str, int | float]:
-    """``params``, ``nonzero_params`` and ``measured_sparsity`` of the model's weights."""
+    """``params``, ``nonzero_params``, the conv/linear weight counts (``prunable_weights``,
+    ``prunable_nonzero``) and ``measured_sparsity``: the zero share of those weights."""
     params = sum(p.numel() for p in model.parameters())
     nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())
     weights = [m.weight for m in model.modules() if isinstance(m, PRUNABLE)]
@@ -65,6 +67,8 @@ def count_params(model: nn.Module) -> dict[str, int | float]:
     return {
         "params": params,
         "nonzero_params": nonzero,
+        "prunable_weights": total,
+        "prunable_nonzero": kept,
         "measured_sparsity": 1.0 - kept / total if total else 0.0,
     }
 
@@ -125,7 +129,8 @@ def evaluate_model(cfg: dict, model_dir: Path, data: PreparedData) -> dict[str, 
 
     Returns a flat dict whose keys follow ``metrics.SUMMARY_COLUMNS`` where they overlap, plus
     ``val_top1``, ``latency_ms_b1_p90``, ``latency_batch``/``throughput_batch`` (the batch
-    sizes actually timed), ``peak_mem_method``, ``threads`` and ``device``.
+    sizes actually timed), ``peak_mem_method``, ``threads``, ``device`` and
+    ``sparse_bytes``/``sparse_gzip_bytes`` (the weights in a sparse encoding, see ``sparse``).
     """
     device = _device(cfg)
     settings = cfg["evaluate"]
@@ -147,6 +152,8 @@ def evaluate_model(cfg: dict, model_dir: Path, data: PreparedData) -> dict[str, 
     result["macs"] = count_macs(model, (1, *latency_x.shape[1:]))
     result["size_bytes"] = metrics.file_bytes(model_file)
     result["gzip_bytes"] = metrics.gzip_bytes(model_file)
+    # What the zeros buy on disk: the dense file does not shrink, a sparse encoding does.
+    result["sparse_bytes"], result["sparse_gzip_bytes"] = sparse_bytes(model.state_dict())
 
     sync: Callable[[], None] | None = torch.cuda.synchronize if device.type == "cuda" else None
 

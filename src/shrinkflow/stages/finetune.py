@@ -1,0 +1,47 @@
+"""`shrinkflow finetune`: re-train a pruned model with its masks (or smaller shape) fixed."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from shrinkflow import tracking
+from shrinkflow.backends.base import get_backend
+from shrinkflow.dag import node_label, node_tags
+from shrinkflow.data.prepared import load_prepared
+from shrinkflow.outputs import atomic_dir, write_json
+from shrinkflow.progress import say
+from shrinkflow.stages.evaluate import read_node
+
+
+def run(cfg: dict, model_dir: Path, data_dir: Path, out: Path) -> None:
+    node = {**read_node(model_dir), "stage": "finetuned"}
+    backend = get_backend(node["backend"])
+    data = load_prepared(data_dir)
+    resume_dir = out.parent / "resume"
+    resume_dir.mkdir(parents=True, exist_ok=True)  # a declared DVC output, even if never used
+    fingerprint = backend.finetune_fingerprint(cfg, model_dir, data)
+    label = node_label(node)
+    with tracking.job_run(
+        cfg,
+        "finetune",
+        tags=node_tags(node),
+        parent_run_id=tracking.read_run_ref(model_dir),
+        run_id=backend.resumable_run_id(resume_dir, fingerprint),
+        run_name=f"finetune {label}",
+    ) as job:
+        with atomic_dir(out) as staging:
+            result = backend.finetune_model(
+                cfg,
+                model_dir,
+                data,
+                staging,
+                resume_dir,
+                on_epoch=lambda epoch, metrics: job.log_metrics(metrics, step=epoch),
+                run_id=job.run_id,
+            )
+            write_json(staging / "train.json", asdict(result))
+            write_json(staging / "node.json", node)
+            tracking.write_run_ref(staging, job.run_id, "finetune")
+        job.log_metrics({"best_val_top1": result.best_val_top1, "train_seconds": result.seconds})
+        say(f"finetune {label}: best val top-1 {result.best_val_top1:.4f}")

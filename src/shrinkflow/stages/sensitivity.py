@@ -1,0 +1,38 @@
+"""`shrinkflow sensitivity`: prune each layer group alone at several ratios and record the cost."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from shrinkflow import tracking
+from shrinkflow.backends.base import get_backend
+from shrinkflow.dag import node_tags
+from shrinkflow.data.prepared import load_prepared
+from shrinkflow.outputs import atomic_dir
+from shrinkflow.progress import say
+from shrinkflow.stages.evaluate import read_node
+
+
+def run(cfg: dict, model_dir: Path, data_dir: Path, out: Path) -> None:
+    node = read_node(model_dir)
+    backend = get_backend(node["backend"])
+    data = load_prepared(data_dir)
+    with tracking.job_run(
+        cfg,
+        "sensitivity",
+        tags=node_tags(node),
+        parent_run_id=tracking.read_run_ref(model_dir),
+        run_name=f"sensitivity {node['backend']}/{node['model']}",
+    ) as job:
+        with atomic_dir(out) as staging:
+            facts = (
+                backend.analyze_sensitivity(cfg, model_dir, data, staging)
+                if cfg["sensitivity"]["ratios"]
+                else {"groups": 0}  # sensitivity.ratios: [] switches the analysis off
+            )
+            tracking.write_run_ref(staging, job.run_id, "sensitivity")
+        job.log_metrics({k: v for k, v in facts.items() if isinstance(v, int | float)})
+        for name in ("sensitivity.csv", "sensitivity.png", "ratios.json"):
+            if (out / name).is_file():
+                job.log_artifact(out / name)
+        say(f"sensitivity {node['backend']}/{node['model']}: {facts['groups']} layer group(s)")

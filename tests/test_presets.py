@@ -1,0 +1,95 @@
+"""Every reference-study preset validates, plans the DAG it promises, and smoke-runs on digits."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shrinkflow.config import load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_there_is_a_preset_per_pytorch_reference_study():
+    names = [p.name for p in PRESETS]
+    assert any(n.startswith("study2_") for n in names)
+    assert any(n.startswith("study3_") for n in names)
+    assert any(n.startswith("study4_") for n in names)
+
+
+def test_study3_sweeps_every_5_percent_and_keeps_the_output_layer():
+    cfg = load_params(
+        [ROOT / "params.yaml", ROOT / "configs/study3_unstructured_sweep_resnet50.yaml"]
+    )
+    assert cfg["prune"]["sparsities"] == [round(0.05 * i, 2) for i in range(20)]
+    assert cfg["prune"]["methods"] == ["l1_unstructured"]
+    assert "output" in cfg["prune"]["exclude"] and cfg["finetune"]["epochs"] == 0
+
+
+def test_study2_expresses_the_published_layer_ratios_and_rounds():
+    cfg = load_params(
+        [ROOT / "params.yaml", ROOT / "configs/study2_structured_resnet18_vgg16.yaml"]
+    )
+    structured = cfg["prune"]["structured"]
+    assert structured["layer_ratios"] == [0.1, 0.1, 0.2, 0.2, 0.2, 0.2, 0.3, 0.3]
+    assert structured["rounds"] > 1
+    profile_mean = sum(structured["layer_ratios"]) / len(structured["layer_ratios"])
+    assert cfg["prune"]["sparsities"] == [pytest.approx(profile_mean)]
+
+
+def smoke_overrides(preset: Path) -> dict:
+    """The preset on digits with one epoch everywhere and its first sweep point."""
+    cfg = load_params([ROOT / "params.yaml", preset])
+    return {
+        "data": {"name": "digits", "image_size": 8},
+        "train": {"epochs": 1, "warmup_epochs": 0},
+        "prune": {
+            "sparsities": cfg["prune"]["sparsities"][:1],
+            "gradual": {"epochs": 1},
+            "structured": {  # iterative, but two short rounds are enough to smoke-test it
+                "rounds": min(2, cfg["prune"]["structured"]["rounds"]),
+                "round_epochs": min(1, cfg["prune"]["structured"]["round_epochs"]),
+            },
+        },
+        "finetune": {"epochs": min(1, cfg["finetune"]["epochs"])},
+        # a one-epoch model loses more than any real budget: let every ratio pass
+        "sensitivity": {"ratios": cfg["sensitivity"]["ratios"][:2], "max_drop": 1.0},
+        "evaluate": {"batch_sizes": [1, 16], "warmup": 1, "repeats": 2},
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+def test_preset_smoke_runs_on_digits_with_one_epoch(preset, tmp_path):
+    for name in ["Snakefile", "workflow", "src", "params.yaml"]:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, tmp_path / name, symlinks=True,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))  # fmt: skip
+        else:
+            shutil.copy(source, tmp_path / name)
+    shutil.copy(preset, tmp_path / "preset.yaml")
+    (tmp_path / "smoke.yaml").write_text(yaml.safe_dump(smoke_overrides(preset)))
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    result = subprocess.run(
+        [str(BIN / "snakemake"), "--cores", "2", "--configfile", "preset.yaml", "smoke.yaml"],
+        cwd=tmp_path, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    cfg = load_params([tmp_path / "params.yaml", tmp_path / "preset.yaml", tmp_path / "smoke.yaml"])
+    with (tmp_path / "results/summary.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    points = len(cfg["prune"]["methods"]) * len(cfg["prune"]["sparsities"])
+    assert len(rows) == len(cfg["models"]) * (1 + points)
+    assert {r["model"] for r in rows} == set(cfg["models"])
+    assert all(0.0 <= float(r["top1"]) <= 1.0 for r in rows)
