@@ -23,6 +23,7 @@ from test_torch_prune_structured import (
 from shrinkflow.backends.torch import sensitivity
 from shrinkflow.backends.torch.artifact import load_model
 from shrinkflow.backends.torch.models import create_model
+from shrinkflow.backends.torch.prune_structured import fill_to_mean
 from shrinkflow.backends.torch.train import fit_in_memory
 from shrinkflow.errors import ShrinkflowError
 
@@ -115,43 +116,34 @@ def test_structured_sensitivity_prunes_with_those_ratios(analysis, tmp_path):
         assert measured == pytest.approx(ratios[name], abs=1 / channels[name] + 1e-9)
 
 
-def test_sensitivity_ratios_beyond_max_layer_ratio_are_refused(analysis, tmp_path):
+def test_sensitivity_ratios_are_capped_and_the_excess_spread(analysis, tmp_path):
     baseline, _, _ = analysis
     # A robust stem (0.8) among sensitive groups (0.2): scaled to a mean of 0.5 it would lose
-    # 0.8 * 0.5 / 0.25 = 1.6 of its filters.
+    # 0.8 * 0.5 / 0.25 = 1.6 of its filters; it is held at the cap and the rest carry the target.
     names = [g.name for g in groups_of(load_model(baseline)[0])]
-    ratios = {name: 0.8 if name == "conv1" else 0.2 for name in names}
-    assert sum(ratios.values()) / len(ratios) == pytest.approx(0.25)
-    (tmp_path / sensitivity.RATIOS_FILE).write_text(json.dumps(ratios))
-    with pytest.raises(
-        ShrinkflowError,
-        match=r"prune.sparsities: 0.5 with the ratios of .*ratios.json: "
-        r"layer 'conv1' would lose 1.60 of its filters \(prune.structured.max_layer_ratio 0.9\)",
-    ):
-        prune(
-            tmp_path,
-            make_cfg("global"),
-            0.5,
-            "structured_sensitivity",
-            baseline=baseline,
-            sensitivity_dir=tmp_path,
-        )
+    weights = {name: 0.8 if name == "conv1" else 0.2 for name in names}
+    ratios = fill_to_mean(weights, 0.5, 0.9, "key")
+    assert ratios["conv1"] == pytest.approx(0.9)
+    assert sum(ratios.values()) / len(ratios) == pytest.approx(0.5)
+    others = {r for name, r in ratios.items() if name != "conv1"}
+    assert len(others) == 1 and max(others) < 0.9  # the sensitive groups share the rest equally
+    (tmp_path / sensitivity.RATIOS_FILE).write_text(json.dumps(weights))
+    facts, _, _ = prune(
+        tmp_path,
+        make_cfg("global"),
+        0.5,
+        "structured_sensitivity",
+        baseline=baseline,
+        sensitivity_dir=tmp_path,
+    )
+    assert facts["params"] < facts["params_before"]
 
 
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        (None, "ratios.json: not found"),
-        ("{not json", "ratios.json: unreadable"),
-        ('{"conv1": 1.5}', "ratios.json: expected an object of layer group -> ratio"),
-        ("[0.5]", "ratios.json: expected an object"),
-    ],
-)
-def test_bad_ratio_files_are_named(tmp_path, content, message):
-    if content is not None:
-        (tmp_path / sensitivity.RATIOS_FILE).write_text(content)
-    with pytest.raises(ShrinkflowError, match=message):
-        sensitivity.load_ratios(tmp_path)
+def test_sensitivity_ratios_that_cannot_reach_the_target_are_refused():
+    # two of four groups may be pruned; at most 0.9 each gives a mean of at most 0.45
+    with pytest.raises(ShrinkflowError, match=r"key: only 2 of 4 layer groups may be pruned"):
+        fill_to_mean({"a": 0.5, "b": 0.25, "c": 0.0, "d": 0.0}, 0.5, 0.9, "key")
+    assert fill_to_mean({"a": 0.5, "b": 0.0}, 0.0, 0.9, "key") == {"a": 0.0, "b": 0.0}
 
 
 def test_ratio_file_of_another_model_is_refused(analysis, tmp_path):
@@ -174,3 +166,19 @@ def test_no_validation_images_is_an_error(analysis, tmp_path):
     with pytest.raises(ShrinkflowError, match="no validation images"):
         sensitivity.analyze_sensitivity(CFG, baseline, no_val, tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "ratios.json: not found"),
+        ("{not json", "ratios.json: unreadable"),
+        ('{"conv1": 1.5}', "ratios.json: expected an object of layer group -> ratio"),
+        ("[0.5]", "ratios.json: expected an object"),
+    ],
+)
+def test_bad_ratio_files_are_named(tmp_path, content, message):
+    if content is not None:
+        (tmp_path / sensitivity.RATIOS_FILE).write_text(content)
+    with pytest.raises(ShrinkflowError, match=message):
+        sensitivity.load_ratios(tmp_path)

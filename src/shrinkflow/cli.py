@@ -37,6 +37,8 @@ SetOption = Annotated[
     typer.Option("--set", help="Override one key, e.g. --set train.epochs=3 (repeatable)."),
 ]
 OutOption = Annotated[Path, typer.Option("--out", help="Output path (written atomically).")]
+DataOption = Annotated[Path, typer.Option("--data", help="The prepared data folder.")]
+BaselineOption = Annotated[Path, typer.Option("--in", help="The trained baseline's model folder.")]
 
 DEFAULT_PARAMS = [Path("params.yaml")]
 
@@ -83,8 +85,8 @@ def train(
 
 @app.command()
 def sensitivity(
-    in_: Annotated[Path, typer.Option("--in", help="The trained baseline's model folder.")],
-    data: Annotated[Path, typer.Option(help="The prepared data folder.")],
+    in_: BaselineOption,
+    data: DataOption,
     out: OutOption,
     params: ParamsOption = None,
     set_: SetOption = None,
@@ -99,8 +101,8 @@ def sensitivity(
 def prune(
     method: Annotated[str, typer.Option(help="One of prune.methods' allowed values.")],
     sparsity: Annotated[float, typer.Option(help="Target share of weights (or filters) removed.")],
-    in_: Annotated[Path, typer.Option("--in", help="The trained baseline's model folder.")],
-    data: Annotated[Path, typer.Option(help="The prepared data folder.")],
+    in_: BaselineOption,
+    data: DataOption,
     sensitivity: Annotated[Path, typer.Option(help="The sensitivity stage's folder.")],
     out: OutOption,
     params: ParamsOption = None,
@@ -115,7 +117,7 @@ def prune(
 @app.command()
 def finetune(
     in_: Annotated[Path, typer.Option("--in", help="A pruned model folder.")],
-    data: Annotated[Path, typer.Option(help="The prepared data folder.")],
+    data: DataOption,
     out: OutOption,
     params: ParamsOption = None,
     set_: SetOption = None,
@@ -129,7 +131,7 @@ def finetune(
 @app.command()
 def evaluate(
     in_: Annotated[Path, typer.Option("--in", help="A model folder written by a stage.")],
-    data: Annotated[Path, typer.Option(help="The prepared data folder.")],
+    data: DataOption,
     out: OutOption,
     params: ParamsOption = None,
     set_: SetOption = None,

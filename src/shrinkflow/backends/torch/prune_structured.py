@@ -173,8 +173,8 @@ def plan_ratios(
                 f"{source}: no ratio for layer group {missing[0]!r} "
                 "(re-run sensitivity for this model and prune.exclude)"
             )
-        profile = [measured[g.name] for g in groups]
         key = f"prune.sparsities: {sparsity} with the ratios of {source}"
+        return fill_to_mean({g.name: measured[g.name] for g in groups}, sparsity, max_ratio, key)
     elif cfg["prune"]["structured"]["layer_ratios"] is not None:
         profile = [float(r) for r in cfg["prune"]["structured"]["layer_ratios"]]
         key = f"prune.structured.layer_ratios at sparsity {sparsity}"
@@ -189,6 +189,39 @@ def plan_ratios(
                 f"{key}: layer {name!r} would lose {ratio:.2f} of its filters "
                 f"(prune.structured.max_layer_ratio {max_ratio})"
             )
+    return ratios
+
+
+def fill_to_mean(
+    weights: dict[str, float], sparsity: float, cap: float, key: str
+) -> dict[str, float]:
+    """Per-group ratios proportional to ``weights`` with mean ``sparsity``, none above ``cap``.
+
+    Sensitivity ratios are a ranking of how much each group tolerates, not a plan: scaled to a
+    target they often push the robust groups past the cap. Those groups are held at the cap and
+    the rest of the target is spread over the others in proportion (water-filling), so the
+    target is met whenever the groups the analysis allows to be pruned can carry it at all.
+    """
+    ratios = {name: 0.0 for name in weights}
+    free = {name: w for name, w in weights.items() if w > 0}
+    remaining = sparsity * len(weights)
+    while free and remaining > _TOLERANCE:
+        scale = remaining / sum(free.values())
+        over = [name for name, w in free.items() if w * scale > cap]
+        if not over:
+            ratios.update({name: w * scale for name, w in free.items()})
+            remaining = 0.0
+            break
+        for name in over:
+            ratios[name] = cap
+            remaining -= cap
+            del free[name]
+    if remaining > _TOLERANCE * len(weights):
+        allowed = sum(1 for w in weights.values() if w > 0)
+        raise ShrinkflowError(
+            f"{key}: only {allowed} of {len(weights)} layer groups may be pruned, and at "
+            f"prune.structured.max_layer_ratio {cap} they cannot reach a mean of {sparsity}"
+        )
     return ratios
 
 
