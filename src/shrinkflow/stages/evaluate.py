@@ -8,18 +8,9 @@ from shrinkflow import tracking
 from shrinkflow.backends.base import get_backend
 from shrinkflow.dag import node_label, node_tags
 from shrinkflow.data.prepared import load_prepared
-from shrinkflow.errors import ShrinkflowError
-from shrinkflow.outputs import read_json, write_json
+from shrinkflow.outputs import write_json
 from shrinkflow.progress import say
-
-
-def read_node(model_dir: Path) -> dict:
-    node_file = model_dir / "node.json"
-    if not node_file.is_file():
-        raise ShrinkflowError(
-            f"--in {model_dir}: not a model folder (no node.json); train it first"
-        )
-    return read_json(node_file)
+from shrinkflow.stages import read_node
 
 
 def run(cfg: dict, model_dir: Path, data_dir: Path, out: Path) -> None:

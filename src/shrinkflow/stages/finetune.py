@@ -11,7 +11,7 @@ from shrinkflow.dag import node_label, node_tags
 from shrinkflow.data.prepared import load_prepared
 from shrinkflow.outputs import atomic_dir, write_json
 from shrinkflow.progress import say
-from shrinkflow.stages.evaluate import read_node
+from shrinkflow.stages import read_node, write_node
 
 
 def run(cfg: dict, model_dir: Path, data_dir: Path, out: Path) -> None:
@@ -41,7 +41,6 @@ def run(cfg: dict, model_dir: Path, data_dir: Path, out: Path) -> None:
                 run_id=job.run_id,
             )
             write_json(staging / "train.json", asdict(result))
-            write_json(staging / "node.json", node)
-            tracking.write_run_ref(staging, job.run_id, "finetune")
+            write_node(staging, node, job.run_id, "finetune")
         job.log_metrics({"best_val_top1": result.best_val_top1, "train_seconds": result.seconds})
         say(f"finetune {label}: best val top-1 {result.best_val_top1:.4f}")

@@ -11,7 +11,7 @@ from shrinkflow.data.prepared import load_prepared
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.outputs import atomic_dir, write_json
 from shrinkflow.progress import say
-from shrinkflow.stages.evaluate import read_node
+from shrinkflow.stages import read_node, write_node
 
 
 def check_point(method: str, sparsity: float) -> None:
@@ -77,8 +77,7 @@ def run(
                 sensitivity_dir=sensitivity_dir,
             )
             write_json(staging / "prune.json", facts)
-            write_json(staging / "node.json", node)
-            tracking.write_run_ref(staging, job.run_id, "prune")
+            write_node(staging, node, job.run_id, "prune")
         job.log_metrics({k: v for k, v in facts.items() if isinstance(v, int | float)})
         say(
             f"prune {label}: measured sparsity {facts['measured_sparsity']:.3f}, "

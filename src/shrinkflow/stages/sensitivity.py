@@ -10,7 +10,7 @@ from shrinkflow.dag import node_tags
 from shrinkflow.data.prepared import load_prepared
 from shrinkflow.outputs import atomic_dir
 from shrinkflow.progress import say
-from shrinkflow.stages.evaluate import read_node
+from shrinkflow.stages import read_node
 
 
 def run(cfg: dict, model_dir: Path, data_dir: Path, out: Path) -> None:

@@ -11,6 +11,7 @@ from shrinkflow.dag import node_tags
 from shrinkflow.data.prepared import load_prepared
 from shrinkflow.outputs import atomic_dir, write_json
 from shrinkflow.progress import say
+from shrinkflow.stages import write_node
 
 
 def resume_dir_for(out: Path) -> Path:
@@ -46,8 +47,7 @@ def run(cfg: dict, backend_name: str, model_name: str, data_dir: Path, out: Path
             )
             summary = asdict(result)
             write_json(staging / "train.json", summary)
-            write_json(staging / "node.json", node)
-            tracking.write_run_ref(staging, job.run_id, "train")
+            write_node(staging, node, job.run_id, "train")
         job.log_metrics(
             {
                 "best_val_top1": result.best_val_top1,
