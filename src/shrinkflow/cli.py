@@ -129,17 +129,40 @@ def finetune(
 
 
 @app.command()
+def quantize(
+    method: Annotated[
+        str, typer.Option(help="static_int8, dynamic_int8, qat_int8 or fixed_w<bits>.")
+    ],
+    in_: Annotated[
+        Path, typer.Option("--in", help="A float model folder (baseline or fine-tuned).")
+    ],
+    data: DataOption,
+    out: OutOption,
+    params: ParamsOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Quantize one model: int8 (static, dynamic, QAT) or fixed-point weights of N bits."""
+    from shrinkflow.stages import quantize as stage
+
+    stage.run(_params(params, set_), method, in_, data, out)
+
+
+@app.command()
 def evaluate(
     in_: Annotated[Path, typer.Option("--in", help="A model folder written by a stage.")],
     data: DataOption,
     out: OutOption,
+    reference: Annotated[
+        Path | None,
+        typer.Option(help="The float model a quantized one came from, timed alongside it."),
+    ] = None,
     params: ParamsOption = None,
     set_: SetOption = None,
 ) -> None:
     """Measure accuracy, size, MACs, latency, throughput and memory of one model."""
     from shrinkflow.stages import evaluate as stage
 
-    stage.run(_params(params, set_), in_, data, out)
+    stage.run(_params(params, set_), in_, data, out, reference)
 
 
 @app.command()

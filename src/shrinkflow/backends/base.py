@@ -82,7 +82,31 @@ class Backend(Protocol):
         self, cfg: dict, model_dir: Path, data: PreparedData, out_dir: Path
     ) -> dict: ...
 
-    def evaluate_model(self, cfg: dict, model_dir: Path, data: PreparedData) -> dict: ...
+    def resumable_quantize_run_id(
+        self, cfg: dict, method: str, model_dir: Path, data: PreparedData, resume_dir: Path
+    ) -> str | None: ...
+
+    def quantize_model(
+        self,
+        cfg: dict,
+        method: str,
+        model_dir: Path,
+        data: PreparedData,
+        out_dir: Path,
+        resume_dir: Path,
+        on_epoch: EpochCallback,
+        run_id: str | None,
+    ) -> dict:
+        """Write the model in ``model_dir`` quantized by ``method`` (a ``quantize.methods``
+        name) into ``out_dir``; return facts for the run (see the backend's docstring)."""
+        ...
+
+    def evaluate_model(
+        self, cfg: dict, model_dir: Path, data: PreparedData, reference_dir: Path | None = None
+    ) -> dict:
+        """Measure the model in ``model_dir``; with ``reference_dir`` (the float model it was
+        quantized from) also that model's size and speed, measured in the same process."""
+        ...
 
 
 def get_backend(name: str) -> Backend:

@@ -13,8 +13,12 @@ from shrinkflow.progress import say
 from shrinkflow.stages import read_node
 
 
-def run(cfg: dict, model_dir: Path, data_dir: Path, out: Path) -> None:
+def run(
+    cfg: dict, model_dir: Path, data_dir: Path, out: Path, reference_dir: Path | None = None
+) -> None:
     node = read_node(model_dir)
+    if reference_dir is not None:
+        read_node(reference_dir)  # a model folder, checked before any measuring
     reference = node.pop("reference_prunable_weights", None)
     backend = get_backend(node["backend"])
     data = load_prepared(data_dir)
@@ -25,7 +29,7 @@ def run(cfg: dict, model_dir: Path, data_dir: Path, out: Path) -> None:
         parent_run_id=tracking.read_run_ref(model_dir),
         run_name=f"evaluate {node_label(node)}",
     ) as job:
-        metrics = backend.evaluate_model(cfg, model_dir, data)
+        metrics = backend.evaluate_model(cfg, model_dir, data, reference_dir)
         if reference:
             # zeroed or physically removed: the share of the baseline's weights that are gone
             metrics["measured_sparsity"] = 1.0 - metrics["prunable_nonzero"] / reference

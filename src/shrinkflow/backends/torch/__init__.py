@@ -96,10 +96,20 @@ class _TorchBackend:
 
         return analyze_sensitivity(cfg, model_dir, data, out_dir)
 
-    def evaluate_model(self, cfg, model_dir, data) -> dict:
+    def resumable_quantize_run_id(self, cfg, method, model_dir, data, resume_dir):
+        from shrinkflow.backends.torch.quantize import resumable_quantize_run_id
+
+        return resumable_quantize_run_id(cfg, method, model_dir, data, resume_dir)
+
+    def quantize_model(self, cfg, method, model_dir, data, out_dir, resume_dir, on_epoch, run_id):
+        from shrinkflow.backends.torch.quantize import quantize_model
+
+        return quantize_model(cfg, method, model_dir, data, out_dir, resume_dir, on_epoch, run_id)
+
+    def evaluate_model(self, cfg, model_dir, data, reference_dir=None) -> dict:
         from shrinkflow.backends.torch.evaluate import evaluate_model
 
-        return evaluate_model(cfg, model_dir, data)
+        return evaluate_model(cfg, model_dir, data, reference_dir)
 
 
 BACKEND = _TorchBackend()

@@ -20,10 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from shrinkflow.backends.torch import fixed_point
 from shrinkflow.backends.torch.models import create_model
 from shrinkflow.errors import ShrinkflowError
 
 MODEL_FILE = "model.pt"
+INT8_FILE = "model.pt2"  # an int8 torch.export program (see pt2e); its spec is inside
 FORMAT = "shrinkflow.torch/1"
 SPEC_KEYS = ("arch", "num_classes", "in_channels", "image_size", "mean", "std", "classes")
 # The layers whose width structured pruning changes (the registry's CNNs are all 2-D); any
@@ -49,8 +51,20 @@ def save_model(model: nn.Module, spec: dict[str, Any], folder: Path) -> Path:
     return path
 
 
+def save_fixed_point(model: nn.Module, spec: dict[str, Any], bits: int, folder: Path) -> Path:
+    """Write ``model`` with ``bits``-bit fixed-point weights (see ``fixed_point``) to
+    ``folder/model.pt``: the same file name and spec as a float model, another format."""
+    path = Path(folder) / MODEL_FILE
+    payload = {"format": fixed_point.PACKED_FORMAT, "spec": dict(spec)}
+    torch.save({**payload, **fixed_point.pack_state(model, bits)}, path)
+    return path
+
+
 def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild the model saved in ``folder`` (in eval mode, on ``device``) and return its spec."""
+    """Rebuild the model saved in ``folder`` (in eval mode, on ``device``) and return its spec.
+
+    A fixed-point file loads as the float model its integer weights describe.
+    """
     path = Path(folder) / MODEL_FILE
     if not path.is_file():
         raise ShrinkflowError(f"{path}: model file not found")
@@ -59,8 +73,11 @@ def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[nn.Mod
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ShrinkflowError(f"{path}: not a readable PyTorch model file ({reason})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ShrinkflowError(f"{path}: not a shrinkflow model file (expected format {FORMAT})")
+    formats = (FORMAT, fixed_point.PACKED_FORMAT)
+    if not isinstance(payload, dict) or payload.get("format") not in formats:
+        raise ShrinkflowError(
+            f"{path}: not a shrinkflow model file (expected format {' or '.join(formats)})"
+        )
     spec = payload.get("spec")
     if not isinstance(spec, dict) or any(k not in spec for k in SPEC_KEYS):
         raise ShrinkflowError(f"{path}: model spec must hold {', '.join(SPEC_KEYS)}")
@@ -70,8 +87,10 @@ def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[nn.Mod
         in_channels=spec["in_channels"],
         image_size=spec["image_size"],
     )
-    state = payload.get("state_dict")
     try:
+        state = payload["state_dict"]
+        if payload["format"] == fixed_point.PACKED_FORMAT:
+            state = fixed_point.unpack_state(payload)
         resized = _fit_shapes(model, state)
         model.load_state_dict(state)
         if resized:

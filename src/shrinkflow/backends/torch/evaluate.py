@@ -2,11 +2,18 @@
 
 Every figure is measured on the saved model file, never taken from the stage that produced it:
 sparsity is counted from the loaded weights and the sizes are the bytes on disk.
+
+Three kinds of file are measured alike: a float model (``model.pt``), a fixed-point one (the
+same file name; it runs as the float model its integer weights describe), and an int8
+``torch.export`` program (``model.pt2``), which runs on oneDNN's int8 kernels after
+``pt2e.lower`` (once per batch size timed). With a ``reference`` model (the float model a
+quantized one came from) both are timed in the same process, so their speeds compare.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +22,17 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from shrinkflow import metrics
-from shrinkflow.backends.torch.artifact import MODEL_FILE, load_model
+from shrinkflow.backends.torch.artifact import INT8_FILE, MODEL_FILE, load_model
 from shrinkflow.backends.torch.sparse import sparse_bytes
 from shrinkflow.backends.torch.tensors import normalize
 from shrinkflow.data.prepared import PreparedData
 from shrinkflow.errors import ShrinkflowError
 
-# Accuracy batch: in eval mode the logits do not depend on it (batch norm uses running
-# statistics); 256 keeps memory small for CIFAR-size inputs while amortising per-call overhead.
+Forward = Callable[[torch.Tensor], torch.Tensor]
+# Accuracy batch of float models: in eval mode the logits do not depend on it (batch norm uses
+# running statistics); 256 keeps memory small for CIFAR-size inputs while amortising per-call
+# overhead. An int8 program scores in batches of the throughput batch size, for which it is
+# lowered anyway.
 ACCURACY_BATCH = 256
 
 # The layers pruning acts on. Biases and batch-norm parameters are never pruned, so counting
@@ -41,7 +51,7 @@ def _device(cfg: dict) -> torch.device:
     return torch.device(name)
 
 
-def _check_fits(spec: dict, data: PreparedData, model_file: Path) -> None:
+def check_fits(spec: dict, data: PreparedData, model_file: Path) -> None:
     """Refuse to score a model on data with another shape or another class list."""
     wanted = (spec["in_channels"], spec["image_size"], list(spec["classes"]))
     found = (data.channels, data.image_size, list(data.classes))
@@ -73,6 +83,85 @@ def count_params(model: nn.Module) -> dict[str, int | float]:
     }
 
 
+@dataclass
+class Subject:
+    """A model file ready to measure: how to run it at a batch size, and its static figures."""
+
+    file: Path
+    spec: dict
+    forward_at: Callable[[int], Forward]  # batch size -> a callable for that size
+    fixed_batch: bool  # whether forward_at(n) takes batches of exactly n images only
+    counts: dict[str, int | float]  # count_params' keys
+    macs: int
+    extra: dict[str, int | str]  # sparse_bytes / sparse_gzip_bytes, quant_format
+
+
+def load_subject(model_dir: Path, device: torch.device) -> Subject:
+    """The model in ``model_dir``, whichever of the three file kinds it holds."""
+    if (Path(model_dir) / INT8_FILE).is_file():
+        return _int8_subject(Path(model_dir), device)
+    return _float_subject(Path(model_dir), device)
+
+
+def _float_subject(model_dir: Path, device: torch.device) -> Subject:
+    model, spec = load_model(model_dir, device)
+    model.eval()
+    # What the zeros buy on disk: the dense file does not shrink, a sparse encoding does.
+    sparse, sparse_gzip = sparse_bytes(model.state_dict())
+    return Subject(
+        file=model_dir / MODEL_FILE,
+        spec=spec,
+        forward_at=lambda batch: model,
+        fixed_batch=False,
+        counts=count_params(model),
+        macs=count_macs(model, _input_shape(spec)),
+        extra={"sparse_bytes": sparse, "sparse_gzip_bytes": sparse_gzip},
+    )
+
+
+def _int8_subject(model_dir: Path, device: torch.device) -> Subject:
+    from shrinkflow.backends.torch import pt2e  # torchao costs 2.3 s to import: only here
+
+    if device.type != "cpu":
+        raise ShrinkflowError(
+            f"evaluate.device: {device.type!r}, but {model_dir / INT8_FILE} is an int8 "
+            "program for x86 CPUs; evaluate it with evaluate.device cpu"
+        )
+    program, spec = pt2e.load(model_dir)
+    lowered: dict[int, Forward] = {}
+
+    def forward_at(batch: int) -> Forward:
+        if batch not in lowered:
+            lowered[batch] = pt2e.lower(program, spec, batch)
+        return lowered[batch]
+
+    tensors = pt2e.weight_tensors(program)
+    weights = [t for t in tensors.values() if t.ndim > 1]  # conv and linear weights
+    total = sum(w.numel() for w in weights)
+    kept = sum(int(torch.count_nonzero(w)) for w in weights)
+    counts = {
+        "params": sum(t.numel() for t in tensors.values()),
+        "nonzero_params": sum(int(torch.count_nonzero(t)) for t in tensors.values()),
+        "prunable_weights": total,
+        "prunable_nonzero": kept,
+        "measured_sparsity": 1.0 - kept / total if total else 0.0,
+    }
+    return Subject(
+        file=model_dir / INT8_FILE,
+        spec=spec,
+        forward_at=forward_at,
+        fixed_batch=True,
+        counts=counts,
+        # The saved (reference) graph runs the same convolutions and matrix products in float.
+        macs=count_macs(program.module(), _input_shape(spec)),
+        extra={},
+    )
+
+
+def _input_shape(spec: dict) -> tuple[int, int, int, int]:
+    return (1, spec["in_channels"], spec["image_size"], spec["image_size"])
+
+
 def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """Multiply-accumulates of one forward pass on an input of ``input_shape``.
 
@@ -81,25 +170,36 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     out, the usual convention of published MAC figures). Zeroed weights still count: MACs
     describe the dense computation a standard runtime performs.
     """
-    device = next(model.parameters()).device
+    device = next(iter(model.parameters()), torch.zeros(())).device
     counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
+    with torch.no_grad(), counter:
         model(torch.zeros(input_shape, device=device))
     return counter.get_total_flops() // 2
 
 
-def _logits(model: nn.Module, images: torch.Tensor) -> np.ndarray:
-    with torch.inference_mode():
-        out = [model(images[i : i + ACCURACY_BATCH]) for i in range(0, len(images), ACCURACY_BATCH)]
+def _logits(subject: Subject, images: torch.Tensor, batch: int) -> np.ndarray:
+    """Logits of ``images`` in batches of ``batch``. For a fixed-batch subject the last batch is
+    zero-padded, so that a program lowered for one batch size scores a split of any size: in
+    eval mode a model's logits for an image do not depend on the rest of its batch."""
+    forward = subject.forward_at(batch)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            chunk = images[i : i + batch]
+            pad = batch - len(chunk) if subject.fixed_batch else 0
+            if pad:
+                chunk = torch.cat([chunk, chunk.new_zeros((pad, *chunk.shape[1:]))])
+            out.append(forward(chunk)[: batch - pad])
     return torch.cat(out).float().cpu().numpy()
 
 
-def _accuracy(model: nn.Module, data: PreparedData, spec: dict, device: torch.device) -> dict:
-    scores = {}
+def _accuracy(subject: Subject, data: PreparedData, batch: int, device: torch.device) -> dict:
+    spec, scores = subject.spec, {}
     for split in ("test", "val"):
         index = getattr(data, split)
         images = normalize(data.images[index], spec["mean"], spec["std"], device)
-        scores[split] = metrics.topk_accuracy(_logits(model, images), data.labels[index])
+        logits = _logits(subject, images, batch)
+        scores[split] = metrics.topk_accuracy(logits, data.labels[index])
     return {"top1": scores["test"][1], "top5": scores["test"][5], "val_top1": scores["val"][1]}
 
 
@@ -109,75 +209,113 @@ def _timing_batch(data: PreparedData, spec: dict, batch: int, device: torch.devi
     return normalize(data.images[index], spec["mean"], spec["std"], device)
 
 
-def _peak_memory(model: nn.Module, x: torch.Tensor) -> tuple[float, str]:
+def _peak_memory(forward: Forward, x: torch.Tensor) -> tuple[float, str]:
     """Memory one forward pass adds on top of the loaded model and its input, in MiB."""
-    with torch.inference_mode():
+    with torch.no_grad():
         if x.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
-            model(x)
+            forward(x)
             torch.cuda.synchronize()
             return (torch.cuda.max_memory_allocated() - before) / 2**20, "cuda_max_allocated"
         with metrics.PeakMemory() as peak:
-            model(x)
+            forward(x)
         return peak.peak_mb, peak.method
 
 
-def evaluate_model(cfg: dict, model_dir: Path, data: PreparedData) -> dict[str, float | int | str]:
+@dataclass
+class Speed:
+    latency: metrics.LatencyStats  # at the latency batch
+    throughput_ips: float  # images per second at the throughput batch
+
+
+def measure_speed(
+    subject: Subject, data: PreparedData, settings: dict, device: torch.device
+) -> Speed:
+    """Median latency at ``batch_sizes[0]`` and throughput at the largest batch size."""
+    latency_batch = settings["batch_sizes"][0]
+    throughput_batch = max(settings["batch_sizes"])
+    sync: Callable[[], None] | None = torch.cuda.synchronize if device.type == "cuda" else None
+
+    def timings(batch: int) -> metrics.LatencyStats:
+        forward = subject.forward_at(batch)
+        x = _timing_batch(data, subject.spec, batch, device)
+        with torch.no_grad():
+            seconds = metrics.time_calls(
+                lambda: forward(x), settings["warmup"], settings["repeats"], sync
+            )
+        return metrics.LatencyStats.from_seconds(seconds)
+
+    latency = timings(latency_batch)
+    throughput = latency if throughput_batch == latency_batch else timings(throughput_batch)
+    return Speed(latency, throughput_batch / (throughput.median_ms / 1e3))
+
+
+def evaluate_model(
+    cfg: dict, model_dir: Path, data: PreparedData, reference_dir: Path | None = None
+) -> dict[str, float | int | str]:
     """Measure the model saved in ``model_dir`` on ``data`` as ``cfg['evaluate']`` says.
 
     Returns a flat dict whose keys follow ``metrics.SUMMARY_COLUMNS`` where they overlap, plus
     ``val_top1``, ``latency_ms_b1_p90``, ``latency_batch``/``throughput_batch`` (the batch
-    sizes actually timed), ``peak_mem_method``, ``threads``, ``device`` and
-    ``sparse_bytes``/``sparse_gzip_bytes`` (the weights in a sparse encoding, see ``sparse``).
+    sizes actually timed), ``peak_mem_method``, ``threads``, ``device``, for float models
+    ``sparse_bytes``/``sparse_gzip_bytes`` (the weights in a sparse encoding, see ``sparse``),
+    and with ``reference_dir`` the reference's ``reference_size_bytes``,
+    ``reference_gzip_bytes``, ``reference_latency_ms_b1`` and ``reference_throughput_ips``
+    (timed in this process, right after the model) and the ratios ``size_ratio``,
+    ``gzip_ratio``, ``latency_speedup`` and ``throughput_speedup`` against it.
     """
     device = _device(cfg)
     settings = cfg["evaluate"]
-    model_file = Path(model_dir) / MODEL_FILE
-    model, spec = load_model(model_dir, device)
-    _check_fits(spec, data, model_file)
-    model.eval()
-
-    latency_batch = settings["batch_sizes"][0]
+    subject = load_subject(Path(model_dir), device)
+    check_fits(subject.spec, data, subject.file)
     throughput_batch = max(settings["batch_sizes"])
-    latency_x = _timing_batch(data, spec, latency_batch, device)
-    throughput_x = _timing_batch(data, spec, throughput_batch, device)
 
     # Memory first: earlier passes leave freed blocks in the allocator's pools, which a later
     # pass reuses without raising the resident size, so it would seem to need nothing.
-    peak_mb, peak_method = _peak_memory(model, throughput_x)
-    result: dict[str, float | int | str] = {**_accuracy(model, data, spec, device)}
-    result.update(count_params(model))
-    result["macs"] = count_macs(model, (1, *latency_x.shape[1:]))
-    result["size_bytes"] = metrics.file_bytes(model_file)
-    result["gzip_bytes"] = metrics.gzip_bytes(model_file)
-    # What the zeros buy on disk: the dense file does not shrink, a sparse encoding does.
-    result["sparse_bytes"], result["sparse_gzip_bytes"] = sparse_bytes(model.state_dict())
-
-    sync: Callable[[], None] | None = torch.cuda.synchronize if device.type == "cuda" else None
-
-    def timings(x: torch.Tensor) -> list[float]:
-        with torch.inference_mode():
-            return metrics.time_calls(
-                lambda: model(x), settings["warmup"], settings["repeats"], sync
-            )
-
-    latency = metrics.LatencyStats.from_seconds(timings(latency_x))
-    throughput = (
-        latency
-        if throughput_batch == latency_batch
-        else metrics.LatencyStats.from_seconds(timings(throughput_x))
+    peak_mb, peak_method = _peak_memory(
+        subject.forward_at(throughput_batch),
+        _timing_batch(data, subject.spec, throughput_batch, device),
     )
+    result: dict[str, float | int | str] = {**_accuracy(subject, data, throughput_batch, device)}
+    result.update(subject.counts)
+    result["macs"] = subject.macs
+    result["size_bytes"] = metrics.file_bytes(subject.file)
+    result["gzip_bytes"] = metrics.gzip_bytes(subject.file)
+    result.update(subject.extra)
+    speed = measure_speed(subject, data, settings, device)
     result.update(
-        latency_ms_b1=latency.median_ms,
-        latency_ms_b1_p90=latency.p90_ms,
-        latency_batch=latency_batch,
-        throughput_ips=throughput_batch / (throughput.median_ms / 1e3),
+        latency_ms_b1=speed.latency.median_ms,
+        latency_ms_b1_p90=speed.latency.p90_ms,
+        latency_batch=settings["batch_sizes"][0],
+        throughput_ips=speed.throughput_ips,
         throughput_batch=throughput_batch,
         peak_mem_mb=peak_mb,
         peak_mem_method=peak_method,
         threads=torch.get_num_threads(),
         device=device.type,
     )
+    if reference_dir is not None:
+        result.update(
+            _compare(result, load_subject(Path(reference_dir), device), data, device, settings)
+        )
     return result
+
+
+def _compare(
+    result: dict, reference: Subject, data: PreparedData, device: torch.device, settings: dict
+) -> dict[str, float | int]:
+    """The reference model's size and speed, measured here, and the model's ratios to them."""
+    speed = measure_speed(reference, data, settings, device)
+    size, gzip_size = metrics.file_bytes(reference.file), metrics.gzip_bytes(reference.file)
+    return {
+        "reference_size_bytes": size,
+        "reference_gzip_bytes": gzip_size,
+        "reference_latency_ms_b1": speed.latency.median_ms,
+        "reference_throughput_ips": speed.throughput_ips,
+        "size_ratio": result["size_bytes"] / size,
+        "gzip_ratio": result["gzip_bytes"] / gzip_size,
+        "latency_speedup": speed.latency.median_ms / result["latency_ms_b1"],
+        "throughput_speedup": result["throughput_ips"] / speed.throughput_ips,
+    }

@@ -16,8 +16,10 @@ from collections.abc import Callable
 import torch
 import torchvision
 from torch import nn
+from torch.nn import functional as F
+from torchvision.models import resnet as tv_resnet
 from torchvision.models.googlenet import BasicConv2d
-from torchvision.models.resnet import BasicBlock, conv1x1, conv3x3
+from torchvision.models.resnet import conv1x1, conv3x3
 
 from shrinkflow.errors import ShrinkflowError
 
@@ -136,6 +138,33 @@ def _fit_pools(parent: nn.Module, names: list[str], side: int) -> None:
             side = out
 
 
+class BasicBlock(tv_resnet.BasicBlock):
+    """torchvision's BasicBlock, computing the same function with a ReLU module used once.
+
+    torchvision calls its block's one ``nn.ReLU`` twice. Quantizers that match patterns per
+    source module (torchao's PT2E ``X86InductorQuantizer``) then see one ReLU "partition" with
+    two outputs and refuse the model; the activation after the residual add is therefore a
+    ``F.relu`` call of its own. Parameter names and values are unchanged.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + identity)
+
+
+class Bottleneck(tv_resnet.Bottleneck):
+    """torchvision's Bottleneck with each ReLU a call of its own (see ``BasicBlock``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + identity)
+
+
 class CifarResNet(nn.Module):
     """He et al. (2016) CIFAR ResNet: a 3x3 stem, then 3 stages of 16/32/64 channels.
 
@@ -198,7 +227,7 @@ def resnet56(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
 
 
 def _small_image_resnet(
-    factory: Callable[..., torchvision.models.ResNet], num_classes: int, in_channels: int
+    block: type[BasicBlock | Bottleneck], layers: list[int], num_classes: int, in_channels: int
 ) -> nn.Module:
     """torchvision's ImageNet ResNet with the usual CIFAR stem: 3x3 stride-1 conv, no max-pool.
 
@@ -206,7 +235,7 @@ def _small_image_resnet(
     input at 1x1 by the last stage. Its four strided stages never shrink a map below 1x1 (a
     stride-2 conv with padding maps side s to ceil(s / 2)), so no pool needs fitting.
     """
-    model = factory(weights=None, num_classes=num_classes)
+    model = tv_resnet.ResNet(block, layers, num_classes=num_classes)
     model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
     return model
@@ -214,12 +243,12 @@ def _small_image_resnet(
 
 @register("resnet18")
 def resnet18(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    return _small_image_resnet(torchvision.models.resnet18, num_classes, in_channels)
+    return _small_image_resnet(BasicBlock, [2, 2, 2, 2], num_classes, in_channels)
 
 
 @register("resnet50")
 def resnet50(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    return _small_image_resnet(torchvision.models.resnet50, num_classes, in_channels)
+    return _small_image_resnet(Bottleneck, [3, 4, 6, 3], num_classes, in_channels)
 
 
 def _cifar_vgg(batch_norm: bool, num_classes: int, in_channels: int, image_size: int) -> nn.Module:

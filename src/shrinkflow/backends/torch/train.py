@@ -162,6 +162,7 @@ def fit(
     step_hook: StepHook | None = None,
     select_from_epoch: int = 1,
     device: str = "auto",
+    save: Callable[[nn.Module, Path], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``epochs`` and save its best-on-val epoch to ``out_dir``.
 
@@ -184,6 +185,9 @@ def fit(
         select_from_epoch: only epochs from this one on compete for best-on-val (gradual
             pruning: the epochs at which the target sparsity is reached); clamped to ``epochs``.
         device: "auto" (CUDA if available, else CPU), "cpu" or "cuda[:n]".
+        save: writes the best model into ``out_dir`` instead of ``artifact.save_model`` (a
+            model that is not a registry model, such as a QAT graph, has its own format);
+            ``model`` holds the best epoch's weights when it returns.
     """
     started = time.perf_counter()
     if epochs < 1:
@@ -233,7 +237,10 @@ def fit(
                 torch.save(state, tmp)
 
     model.load_state_dict(best_model)
-    save_model(model, spec, Path(out_dir))
+    if save is None:
+        save_model(model, spec, Path(out_dir))
+    else:
+        save(model, Path(out_dir))
     return TrainResult(
         epochs=epochs,
         best_epoch=best_epoch,

@@ -1,0 +1,236 @@
+"""`shrinkflow quantize` for PyTorch: one float model -> one quantized artefact.
+
+- static_int8: PT2E post-training quantization, activations calibrated on
+  ``quantize.calibration_batches`` training batches (see ``pt2e``);
+- dynamic_int8: PT2E dynamic quantization of the linear layers;
+- qat_int8: PT2E quantization-aware training, ``quantize.qat.epochs`` of fake-quantized
+  fine-tuning (``train.fit``: resumable, best-on-val epoch kept), then conversion;
+- fixed_w<bits>: fixed-point weights (see ``fixed_point``).
+
+A pruned model's zeros survive: int8 and fixed-point weights are symmetric (zero maps to code
+0), and QAT holds every zero weight at zero as fine-tuning does.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from shrinkflow.backends.torch import pt2e
+from shrinkflow.backends.torch.artifact import MODEL_FILE, load_model, save_fixed_point
+from shrinkflow.backends.torch.evaluate import check_fits
+from shrinkflow.backends.torch.tensors import normalize, to_device_tensors
+from shrinkflow.backends.torch.train import (
+    TrainResult,
+    batch_bounds,
+    fingerprint_of,
+    fit,
+    resumable_run_id,
+)
+from shrinkflow.data.prepared import PreparedData, sha256_file
+from shrinkflow.errors import ShrinkflowError
+from shrinkflow.progress import say
+from shrinkflow.quantization import QuantMethod, parse_quant_method
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+def quantize_fingerprint(cfg: dict, method: str, model_dir: Path, data: PreparedData) -> str:
+    """Hash of what decides a QAT run: its resume state is reused only on a match."""
+    return fingerprint_of(
+        {
+            "stage": "quantize",
+            "method": method,
+            "quantize": cfg["quantize"],
+            "train": cfg["train"],
+            "seed": cfg["seed"],
+            "data": data.fingerprint,
+            "model": sha256_file(Path(model_dir) / MODEL_FILE),
+        }
+    )
+
+
+def resumable_quantize_run_id(
+    cfg: dict, method: str, model_dir: Path, data: PreparedData, resume_dir: Path
+) -> str | None:
+    """Only QAT trains (and resumes); the other methods take seconds."""
+    if parse_quant_method(method).family != "qat":
+        return None
+    return resumable_run_id(resume_dir, quantize_fingerprint(cfg, method, model_dir, data))
+
+
+def calibration_batches(cfg: dict, data: PreparedData, spec: dict) -> list[torch.Tensor]:
+    """The first ``quantize.calibration_batches`` training batches, in the split's order.
+
+    Un-augmented training images: the activation ranges a deployed model meets. Fewer batches
+    exist when the split is small; all of them are then used.
+    """
+    wanted = int(cfg["quantize"]["calibration_batches"])
+    if wanted < 1:
+        raise ShrinkflowError(f"quantize.calibration_batches: {wanted} is not in [1, inf)")
+    if len(data.train) == 0:
+        raise ShrinkflowError("prepared data has no training images to calibrate with")
+    bounds = batch_bounds(len(data.train), int(cfg["train"]["batch_size"]))[:wanted]
+    index = np.asarray(data.train)
+    return [normalize(data.images[index[a:b]], spec["mean"], spec["std"]) for a, b in bounds]
+
+
+def quantize_model(
+    cfg: dict,
+    method: str,
+    model_dir: Path,
+    data: PreparedData,
+    out_dir: Path,
+    resume_dir: Path,
+    on_epoch: EpochCallback,
+    run_id: str | None,
+) -> dict[str, float | int | str]:
+    """Quantize the float model in ``model_dir`` with ``method``; write it into ``out_dir``.
+
+    Returns facts for the run: the artefact's file name, the calibration batches seen, the
+    layers quantized, the val top-1 of the quantized model (computed on the reference int8
+    graph, for the record; ``evaluate`` measures the saved artefact) and the seconds taken.
+    """
+    started = time.perf_counter()
+    q = parse_quant_method(method)
+    model, spec = load_model(model_dir)  # validates the input before anything is written
+    check_fits(spec, data, Path(model_dir) / MODEL_FILE)
+    if q.family == "fixed":
+        save_fixed_point(model, spec, q.bits, Path(out_dir))
+        facts: dict = {"artifact": MODEL_FILE, "bits": q.bits}
+        facts["quantized_layers"] = _count_layers(model, (nn.Conv2d, nn.Linear))
+        reloaded, _ = load_model(out_dir)
+        facts["val_top1"] = _val_top1(reloaded, cfg, data)
+    else:
+        facts = _quantize_pt2e(
+            cfg, q, model, spec, model_dir, data, out_dir, resume_dir, on_epoch, run_id
+        )
+    facts["seconds"] = time.perf_counter() - started
+    return facts
+
+
+def _quantize_pt2e(
+    cfg: dict,
+    q: QuantMethod,
+    model: nn.Module,
+    spec: dict,
+    model_dir: Path,
+    data: PreparedData,
+    out_dir: Path,
+    resume_dir: Path,
+    on_epoch: EpochCallback,
+    run_id: str | None,
+) -> dict:
+    linear_layers = _count_layers(model, (nn.Linear,))
+    if q.family == "dynamic" and linear_layers == 0:
+        raise ShrinkflowError(
+            f"--method {q.name}: model {spec['arch']} has no nn.Linear layer, the only layers "
+            "dynamic int8 quantizes (use static_int8)"
+        )
+    batches = calibration_batches(cfg, data, spec)
+    facts: dict = {"artifact": pt2e.PT2_FILE, "bits": 8}
+    if q.family == "qat":
+        prepared, result = _train_qat(
+            cfg, q, model, spec, model_dir, data, out_dir, resume_dir, on_epoch, run_id
+        )
+        facts.update(qat_epochs=result.epochs, qat_best_epoch=result.best_epoch)
+        facts["qat_resumed_from_epoch"] = result.resumed_from_epoch
+        facts["qat_best_val_top1"] = result.best_val_top1
+    else:
+        prepared = pt2e.prepare(model, spec, q.family)
+        pt2e.calibrate(prepared, batches)
+        facts["calibration_batches"] = len(batches)
+        facts["calibration_images"] = sum(len(b) for b in batches)
+    converted = pt2e.convert(prepared)
+    facts["quantized_layers"] = _count_int8_weights(converted)
+    if facts["quantized_layers"] == 0:
+        raise ShrinkflowError(f"--method {q.name}: no layer of {spec['arch']} was quantized")
+    pt2e.save(converted, spec, Path(out_dir))
+    facts["val_top1"] = _val_top1(converted, cfg, data)
+    return facts
+
+
+def _train_qat(
+    cfg: dict,
+    q: QuantMethod,
+    model: nn.Module,
+    spec: dict,
+    model_dir: Path,
+    data: PreparedData,
+    out_dir: Path,
+    resume_dir: Path,
+    on_epoch: EpochCallback,
+    run_id: str | None,
+) -> tuple[torch.fx.GraphModule, TrainResult]:
+    """Fake-quantized fine-tuning of ``model``: the trained prepared graph (its best-on-val
+    epoch) and the training record.
+
+    ``fit`` saves the model it trained; here that file is the converted int8 program, which
+    the caller writes, so ``fit`` gets a ``save`` that writes nothing.
+    """
+    qat = cfg["quantize"]["qat"]
+    prepared = pt2e.prepare(model, spec, "qat")
+    # Pruned weights are zero in the float model and must stay zero through QAT's updates.
+    masks = {
+        name: p != 0
+        for name, p in prepared.named_parameters()
+        if p.ndim > 1 and not bool((p != 0).all())
+    }
+
+    def keep_zeros(step: int) -> None:
+        with torch.no_grad():
+            for name, p in prepared.named_parameters():
+                if name in masks:
+                    p.mul_(masks[name])
+
+    say(f"quantize {q.name}: {qat['epochs']} epoch(s) of quantization-aware training")
+    result = fit(
+        prepared,
+        cfg,
+        data,
+        epochs=int(qat["epochs"]),
+        lr=float(qat["lr"]),
+        warmup_epochs=0,
+        out_dir=Path(out_dir),
+        resume_dir=Path(resume_dir),
+        fingerprint=quantize_fingerprint(cfg, q.name, model_dir, data),
+        on_epoch=on_epoch,
+        run_id=run_id,
+        spec=spec,
+        step_hook=keep_zeros if masks else None,
+        # Training may run on CUDA (fake quantization is ordinary tensor arithmetic); the
+        # int8 graph it converts to runs on x86 CPUs, so the result comes back to the CPU.
+        save=lambda trained, folder: None,
+    )
+    return prepared.cpu(), result
+
+
+def _count_layers(model: nn.Module, kinds: tuple[type, ...]) -> int:
+    return sum(isinstance(m, kinds) for m in model.modules())
+
+
+def _count_int8_weights(converted: torch.fx.GraphModule) -> int:
+    """How many int8 weight tensors (one per quantized conv or linear layer) the graph holds."""
+    targets = [n.target for n in converted.graph.nodes if n.op == "get_attr"]
+    tensors = [functools.reduce(getattr, t.split("."), converted) for t in targets]
+    return sum(isinstance(t, torch.Tensor) and t.dtype == torch.int8 for t in tensors)
+
+
+@torch.no_grad()
+def _val_top1(model: nn.Module, cfg: dict, data: PreparedData) -> float:
+    """Top-1 on the val split, without switching modes (an exported graph has none to switch)."""
+    x, y = to_device_tensors(data, "val", "cpu")
+    if len(y) == 0:
+        return float("nan")
+    size = int(cfg["train"]["batch_size"])
+    correct = sum(
+        int((model(x[i : i + size]).argmax(1) == y[i : i + size]).sum())
+        for i in range(0, len(y), size)
+    )
+    return correct / len(y)

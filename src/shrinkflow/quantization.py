@@ -1,0 +1,49 @@
+"""The quantization methods a DAG can name, and what each name means (no framework imports).
+
+``quantize.methods`` lists names of two kinds:
+
+- ``static_int8``, ``dynamic_int8``, ``qat_int8``: int8 artefacts with integer kernels;
+- ``fixed_w<bits>``: fixed-point weights of ``bits`` bits (2..16), the reference study's sweep
+  from 32-bit floats down, one name per bit width so that every width is a node of the DAG.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from shrinkflow.errors import ShrinkflowError
+
+INT8_METHODS = ("static_int8", "dynamic_int8", "qat_int8")
+FIXED_PREFIX = "fixed_w"
+# 1 bit leaves a symmetric code with no non-zero level; above 16 bits the weights are floats
+# in all but name (and the 32-bit end of the sweep is the float model itself).
+MIN_BITS, MAX_BITS = 2, 16
+ALLOWED = f"{', '.join(INT8_METHODS)}, {FIXED_PREFIX}<bits> with bits {MIN_BITS}..{MAX_BITS}"
+
+_FIXED = re.compile(rf"{FIXED_PREFIX}(\d+)")
+
+
+@dataclass(frozen=True)
+class QuantMethod:
+    """A parsed method name: ``family`` is static, dynamic, qat or fixed; ``bits`` its width."""
+
+    name: str
+    family: str
+    bits: int
+
+
+def parse_quant_method(name: str, key: str = "--method") -> QuantMethod:
+    """The method ``name`` stands for; a ShrinkflowError naming ``key`` if it stands for none."""
+    if name in INT8_METHODS:
+        return QuantMethod(name, name.removesuffix("_int8"), 8)
+    match = _FIXED.fullmatch(name)
+    if match is None:
+        raise ShrinkflowError(f"{key}: {name!r} is not a quantization method (allowed: {ALLOWED})")
+    bits = int(match.group(1))
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ShrinkflowError(
+            f"{key}: {name!r} asks for {bits}-bit weights; fixed-point widths are "
+            f"{MIN_BITS}..{MAX_BITS}"
+        )
+    return QuantMethod(name, "fixed", bits)
