@@ -1,5 +1,6 @@
 # shrinkflow: download -> prepare -> train -> [sensitivity] -> prune x sparsity -> finetune
-# -> evaluate -> summarize, per backend x model.
+# -> evaluate -> summarize, per backend x model; the baseline and every fine-tuned point are also
+# quantized (one node per quantize.methods entry) and evaluated against the model they came from.
 # dvc.yaml expresses the same DAG; both call the `shrinkflow` CLI with the same arguments
 # (tests/test_dag_parity.py). Run: snakemake --cores 2 [--configfile configs/<preset>.yaml]
 
@@ -10,6 +11,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/prune.smk"
+include: "workflow/rules/quantize.smk"
 include: "workflow/rules/evaluate.smk"
 
 

@@ -57,6 +57,30 @@ def test_default_params_are_valid():
         ),
         ("prune.gradual.frequency=0", "prune.gradual.frequency: 0 is not in [1, inf)"),
         ("finetune.epochs=-1", "finetune.epochs: -1 is not in [0, inf)"),
+        (
+            "quantize.calibration_batches=0",
+            "quantize.calibration_batches: 0 is not in [1, inf)",
+        ),
+        ("quantize.qat.epochs=0", "quantize.qat.epochs: 0 is not in [1, inf)"),
+        ("quantize.qat.lr=0", "quantize.qat.lr: 0 is not in (0, inf)"),
+        ("quantize.qat.warmup=1", "quantize.qat: unknown key 'warmup' (allowed: epochs, lr)"),
+        ("quantize.method=[static_int8]", "quantize: unknown key 'method' (allowed:"),
+        (
+            "quantize.methods=[static_int8, static_int8]",
+            "quantize.methods: ['static_int8', 'static_int8'] has duplicate items",
+        ),
+        ("quantize.methods=[8]", "quantize.methods[0]: 8 is not of type string"),
+        (
+            "quantize.methods=[static_int8, int4]",
+            "quantize.methods[1]: 'int4' is not a quantization method (allowed: static_int8, "
+            "dynamic_int8, qat_int8, fixed_w<bits> with bits 2..16)",
+        ),
+        (
+            "quantize.methods=[fixed_w1]",
+            "quantize.methods[0]: 'fixed_w1' asks for 1-bit weights; fixed-point widths are 2..16",
+        ),
+        ("quantize.methods=[fixed_w17]", "quantize.methods[0]: 'fixed_w17' asks for 17-bit"),
+        ("quantize.methods=[fixed_w]", "quantize.methods[0]: 'fixed_w' is not a quantization"),
     ],
 )
 def test_bad_values_name_the_key_and_the_allowed_values(override, message):
@@ -65,6 +89,13 @@ def test_bad_values_name_the_key_and_the_allowed_values(override, message):
     text = str(info.value)
     assert text.startswith(message), text
     assert "\n" not in text
+
+
+def test_every_quantize_method_family_is_accepted_and_an_empty_list_turns_it_off():
+    methods = "[static_int8, dynamic_int8, qat_int8, fixed_w2, fixed_w16]"
+    cfg = load_params([PARAMS], [f"quantize.methods={methods}"])
+    assert cfg["quantize"]["methods"][-1] == "fixed_w16"
+    assert load_params([PARAMS], ["quantize.methods=[]"])["quantize"]["methods"] == []
 
 
 def test_missing_key_is_named(tmp_path):
@@ -138,6 +169,20 @@ def test_cli_validate_ok_and_bad_input_exit_codes():
     assert bad.returncode == 2
     assert bad.stderr.strip() == "error: data.val_fraction: 2 is not in [0, 1)"
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("methods", "message"),
+    [
+        ("[static_int8, fixed_w1]", "quantize.methods[1]: 'fixed_w1' asks for 1-bit weights;"),
+        ("[int4]", "quantize.methods[0]: 'int4' is not a quantization method (allowed:"),
+    ],
+)
+def test_cli_validate_names_a_bad_quantize_method(methods, message):
+    bad = run_cli("validate", "--params", str(PARAMS), "--set", f"quantize.methods={methods}")
+    assert bad.returncode == 2
+    assert bad.stderr.startswith(f"error: {message}"), bad.stderr
+    assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
 
 
 def test_cli_models_lists_the_registry():

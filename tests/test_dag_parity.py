@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from shrinkflow.config import merge
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -37,42 +40,111 @@ def dvc_commands(cwd: Path = ROOT) -> list[str]:
         return sorted(" ".join(stage.cmd.split()) for stage in repo.index.stages)
 
 
+def stage_counts(commands: list[str]) -> dict[str, int]:
+    """Jobs per `shrinkflow` sub-command; evaluate of a quantized node counts as its own kind."""
+    kinds = ["evaluate_quantized" if " --reference " in c else c.split()[1] for c in commands]
+    return {kind: kinds.count(kind) for kind in kinds}
+
+
+def project_copy(dest: Path, **params: object) -> Path:
+    """The workflow files in ``dest``, with ``params`` merged over params.yaml (as a preset)."""
+    dest.mkdir(exist_ok=True)
+    for name in ["Snakefile", "dvc.yaml", "workflow", ".dvc", "src"]:
+        source = ROOT / name
+        target = dest / name
+        if source.is_dir():
+            shutil.copytree(source, target, symlinks=True, ignore=shutil.ignore_patterns("tmp"))
+        else:
+            shutil.copy(source, target)
+    cfg = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), params)
+    (dest / "params.yaml").write_text(yaml.safe_dump(cfg))
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    return dest
+
+
 def test_snakemake_and_dvc_run_the_same_commands():
     smk = snakemake_commands()
     dvc = dvc_commands()
     assert smk == dvc
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     points = len(params["prune"]["methods"]) * len(params["prune"]["sparsities"])
-    stages = [c.split()[1] for c in smk]
-    assert {stage: stages.count(stage) for stage in stages} == {
+    quantized = (1 + points) * len(params["quantize"]["methods"])
+    assert quantized > 0, "the default params should exercise quantization"
+    assert stage_counts(smk) == {
         "download": 1,
         "prepare": 1,
         "train": 1,
         "sensitivity": 1,
         "prune": points,
         "finetune": points,
+        "quantize": quantized,
         "evaluate": 1 + points,
+        "evaluate_quantized": quantized,
         "summarize": 1,
     }
 
 
 def test_parity_holds_for_a_sweep_over_models(tmp_path):
     """Both expand backends x models from params.yaml; a second model adds the same jobs."""
-    for name in ["Snakefile", "dvc.yaml", "workflow", ".dvc", "src"]:
-        source = ROOT / name
-        target = tmp_path / name
-        if source.is_dir():
-            shutil.copytree(source, target, symlinks=True, ignore=shutil.ignore_patterns("tmp"))
-        else:
-            shutil.copy(source, target)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["models"] = ["resnet20", "resnet56"]
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    smk = snakemake_commands(cwd=tmp_path)
-    assert smk == dvc_commands(cwd=tmp_path)
+    project = project_copy(tmp_path, models=["resnet20", "resnet56"])
+    smk = snakemake_commands(cwd=project)
+    assert smk == dvc_commands(cwd=project)
     assert sum(" train " in f" {c} " for c in smk) == 2
     assert any("--model resnet56" in c for c in smk)
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_parity_holds_for_every_preset(tmp_path, preset):
+    """DVC reads only params.yaml, so the preset is merged into it there."""
+    project = project_copy(tmp_path, **yaml.safe_load(preset.read_text()))
+    smk = snakemake_commands(cwd=project)
+    assert smk == dvc_commands(cwd=project)
+    cfg = yaml.safe_load((project / "params.yaml").read_text())
+    points = len(cfg["prune"]["methods"]) * len(cfg["prune"]["sparsities"])
+    quantized = len(cfg["models"]) * (1 + points) * len(cfg["quantize"]["methods"])
+    assert stage_counts(smk).get("quantize", 0) == quantized
+
+
+def test_quantized_nodes_have_the_same_commands_in_both(tmp_path):
+    """Every source (baseline, each fine-tuned point) x quantize method is quantized and then
+    evaluated against its source, by both tools, with the folders of shrinkflow.dag."""
+    from shrinkflow import dag
+
+    project = project_copy(
+        tmp_path,
+        prune={"methods": ["l1_unstructured"], "sparsities": [0.5]},
+        quantize={"methods": ["static_int8", "fixed_w6"]},
+    )
+    smk = snakemake_commands(cwd=project)
+    assert smk == dvc_commands(cwd=project)
+    cfg = yaml.safe_load((project / "params.yaml").read_text())
+    quantized = [n for n in dag.evaluated_nodes(cfg) if n.stage == "quantized"]
+    assert len(quantized) == 4
+    expected_quantize = sorted(
+        f"shrinkflow quantize --params params.yaml --method {n.quant_method} "
+        f"--in {n.source.model_dir} --data data/prepared/digits --out {n.model_dir}"
+        for n in quantized
+    )
+    expected_evaluate = sorted(
+        f"shrinkflow evaluate --params params.yaml --in {n.model_dir} "
+        f"--reference {n.source.model_dir} --data data/prepared/digits --out {n.metrics}"
+        for n in quantized
+    )
+    assert [c for c in smk if c.split()[1] == "quantize"] == expected_quantize
+    assert [c for c in smk if " --reference " in c] == expected_evaluate
+    # unquantized nodes keep the plain evaluate command (never a --reference)
+    plain = [c for c in smk if c.split()[1] == "evaluate" and " --reference " not in c]
+    assert len(plain) == 2 and not any("/quantized/" in c for c in plain)
+
+
+def test_an_empty_method_list_turns_quantization_off_in_both(tmp_path):
+    """`quantize.methods: []` is an empty DVC matrix, which DVC expands to no stages."""
+    project = project_copy(tmp_path, quantize={"methods": []})
+    smk = snakemake_commands(cwd=project)
+    assert smk == dvc_commands(cwd=project)
+    counts = stage_counts(smk)
+    assert "quantize" not in counts and "evaluate_quantized" not in counts
+    assert counts["finetune"] > 0
 
 
 def test_configfile_reaches_every_job(tmp_path):
@@ -102,11 +174,78 @@ def test_config_overrides_are_validated_and_forwarded():
 def test_every_command_is_a_valid_cli_invocation(tool):
     """Each command parses: `--help` appended must succeed (catches renamed options)."""
     commands = snakemake_commands() if tool == "snakemake" else dvc_commands()
+    options: dict[str, set[str]] = {}  # one `--help` per sub-command: the DAG has dozens of jobs
     for command in commands:
         words = command.split()
+        options.setdefault(words[1], set()).update(w for w in words if w.startswith("--"))
+    for stage, used in options.items():
         help_run = subprocess.run(
-            [str(BIN / "shrinkflow"), words[1], "--help"], capture_output=True, text=True
+            [str(BIN / "shrinkflow"), stage, "--help"], capture_output=True, text=True
         )
         assert help_run.returncode == 0, help_run.stderr
-        for option in [w for w in words if w.startswith("--")]:
-            assert option in help_run.stdout, f"{option} not an option of `{words[1]}`"
+        for option in sorted(used):
+            assert option in help_run.stdout, f"{option} not an option of `{stage}`"
+
+
+# Stands in for `shrinkflow` so the workflow can "run" in seconds: it creates what --out names
+# (a file for metrics and the summary, a folder otherwise), which is all Snakemake checks.
+FAKE_CLI = """#!/bin/sh
+out=""
+while [ $# -gt 0 ]; do [ "$1" = --out ] && out=$2; shift; done
+case "$out" in
+  *.json|*.csv) mkdir -p "$(dirname "$out")" && : > "$out" ;;
+  *) mkdir -p "$out" ;;
+esac
+"""
+
+
+def job_counts(dry_run_output: str) -> dict[str, int]:
+    table = dry_run_output.split("Job stats:")[1].split("total")[0]
+    return {
+        words[0]: int(words[1])
+        for words in (line.split() for line in table.splitlines())
+        if len(words) == 2 and words[1].isdigit()
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "rerun"),
+    [
+        ("quantize: {qat: {lr: 0.01}}", ["qat_int8"]),
+        # fixed-point weights calibrate nothing: fixed_w4 re-runs for neither change
+        ("quantize: {calibration_batches: 2}", ["static_int8", "qat_int8"]),
+    ],
+)
+def test_a_changed_quantize_setting_reruns_only_the_methods_that_read_it(tmp_path, change, rerun):
+    """Each quantize job's `params:` holds exactly the config its method reads."""
+    project = project_copy(
+        tmp_path / "project",
+        prune={"methods": ["l1_unstructured"], "sparsities": [0.5]},
+        quantize={"methods": ["static_int8", "qat_int8", "fixed_w4"]},
+    )
+    fake = tmp_path / "bin" / "shrinkflow"
+    fake.parent.mkdir()
+    fake.write_text(FAKE_CLI)
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}:{BIN}:{os.environ['PATH']}"}
+    snakemake = [str(BIN / "snakemake"), "--cores", "2"]
+    done = subprocess.run(snakemake, cwd=project, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (tmp_path / "change.yaml").write_text(change + "\n")
+    dry = subprocess.run(
+        [*snakemake, "-n", "--configfile", str(tmp_path / "change.yaml")],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    sources = 2  # the baseline and the one fine-tuned point
+    assert job_counts(dry.stdout) == {
+        "quantize": sources * len(rerun),
+        "evaluate_quantized": sources * len(rerun),
+        "summarize": 1,
+        "all": 1,
+    }
+    for method in rerun:
+        assert f"quantized/{method}/baseline/model" in dry.stdout

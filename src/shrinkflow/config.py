@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from shrinkflow.errors import ShrinkflowError
+from shrinkflow.quantization import parse_quant_method
 
 SCHEMA_PATH = Path(__file__).with_name("schemas") / "params.schema.yaml"
 
@@ -116,7 +117,8 @@ def validate_params(cfg: Mapping) -> None:
 
 
 def _check_cross_keys(cfg: Mapping) -> None:
-    """Rules that involve several keys, which JSON Schema would only express cryptically."""
+    """Rules that JSON Schema would only express cryptically: ones that involve several keys,
+    and quantization method names, whose grammar (``fixed_w<bits>``) lives in one module."""
     data = cfg["data"]
     if data["name"] == "imagefolder" and not data["root"]:
         raise ShrinkflowError(
@@ -128,6 +130,8 @@ def _check_cross_keys(cfg: Mapping) -> None:
             "sensitivity.ratios: empty, but prune.methods has structured_sensitivity, "
             "which takes its per-layer ratios from the sensitivity analysis"
         )
+    for i, name in enumerate(cfg["quantize"]["methods"]):
+        parse_quant_method(name, key=f"quantize.methods[{i}]")
 
 
 def _key_path(path: Iterable) -> str:

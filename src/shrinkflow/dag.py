@@ -5,12 +5,16 @@ Imports nothing heavy: the Snakefile loads this module on every start-up.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 RESULTS = Path("results")
 MODELS = RESULTS / "models"
 SUMMARY = RESULTS / "summary.csv"
+
+# The stages a quantized node can start from (the `{source}` wildcard of workflow/rules).
+QUANTIZABLE_STAGES = ("baseline", "finetuned")
 
 
 def raw_dir(dataset: str) -> Path:
@@ -23,7 +27,11 @@ def prepared_dir(dataset: str) -> Path:
 
 @dataclass(frozen=True)
 class Node:
-    """One evaluated artefact of the DAG (a row of results/summary.csv)."""
+    """One evaluated artefact of the DAG (a row of results/summary.csv).
+
+    A quantized node keeps its source's prune method and sparsity: no prune method means it was
+    quantized from the baseline, otherwise from that fine-tuned sweep point.
+    """
 
     backend: str
     model: str
@@ -32,12 +40,37 @@ class Node:
     target_sparsity: float | None = None
     quant_method: str = ""
 
+    @classmethod
+    def from_record(cls, record: Mapping) -> Node:
+        """The node a node.json / metrics.json record describes (other keys are ignored)."""
+        return cls(
+            backend=record["backend"],
+            model=record["model"],
+            stage=record["stage"],
+            prune_method=record.get("prune_method") or "",
+            target_sparsity=record.get("target_sparsity"),
+            quant_method=record.get("quant_method") or "",
+        )
+
+    @property
+    def subpath(self) -> PurePosixPath:
+        """The folder relative to results/models/<backend>/<model>: `baseline`,
+        `finetuned/l1_unstructured/0.5`, `quantized/static_int8/baseline`, ... (the `{node}` and
+        `{source}` wildcards of workflow/rules)."""
+        if self.stage == "quantized":
+            return PurePosixPath(self.stage, self.quant_method, self.source.subpath)
+        if not self.prune_method:
+            return PurePosixPath(self.stage)
+        return PurePosixPath(self.stage, self.prune_method, sparsity_label(self.target_sparsity))
+
+    @property
+    def label(self) -> str:
+        """The folder relative to results/models: `torch/resnet20/finetuned/l1_unstructured/0.5`."""
+        return f"{self.backend}/{self.model}/{self.subpath}"
+
     @property
     def folder(self) -> Path:
-        base = MODELS / self.backend / self.model / self.stage
-        if self.stage == "baseline":
-            return base
-        return base / self.prune_method / sparsity_label(self.target_sparsity)
+        return MODELS / self.backend / self.model / self.subpath
 
     @property
     def model_dir(self) -> Path:
@@ -46,6 +79,15 @@ class Node:
     @property
     def metrics(self) -> Path:
         return self.folder / "metrics.json"
+
+    @property
+    def source(self) -> Node:
+        """The node a quantized node was quantized from (evaluate's `--reference`)."""
+        if self.stage != "quantized":
+            raise ValueError(f"{self.label}: only quantized nodes have a source")
+        if not self.prune_method:
+            return baseline(self.backend, self.model)
+        return finetuned(self.backend, self.model, self.prune_method, self.target_sparsity)
 
 
 def sparsity_label(sparsity: float | None) -> str:
@@ -65,21 +107,48 @@ def finetuned(backend: str, model: str, method: str, sparsity: float) -> Node:
     return Node(backend, model, "finetuned", prune_method=method, target_sparsity=sparsity)
 
 
+def quantized(backend: str, model: str, qmethod: str, source: Node) -> Node:
+    """``source`` (the baseline or a fine-tuned point of the same backend and model) quantized
+    with ``qmethod``."""
+    if source.stage not in QUANTIZABLE_STAGES or (source.backend, source.model) != (backend, model):
+        raise ValueError(
+            f"{source.label}: not a baseline or fine-tuned node of "
+            f"{backend}/{model}, so it cannot be quantized into one"
+        )
+    return Node(
+        backend,
+        model,
+        "quantized",
+        prune_method=source.prune_method,
+        target_sparsity=source.target_sparsity,
+        quant_method=qmethod,
+    )
+
+
 def sensitivity_dir(backend: str, model: str) -> Path:
     return MODELS / backend / model / "sensitivity"
 
 
 def evaluated_nodes(cfg: dict) -> list[Node]:
-    """Every node the configured DAG evaluates, in a stable order: each baseline, then its
-    fine-tuned sweep points (method x sparsity)."""
+    """Every node the configured DAG evaluates, in a stable order. Per backend x model (in the
+    order of ``backends`` and ``models``): the baseline; its fine-tuned sweep points (method x
+    sparsity); then the quantized nodes, source by source (the baseline, then each fine-tuned
+    point in that order) and, for each source, one per ``quantize.methods`` entry in list order.
+    """
     nodes = []
     for backend in cfg["backends"]:
         for model in cfg["models"]:
-            nodes.append(baseline(backend, model))
-            nodes.extend(
+            sources = [baseline(backend, model)]
+            sources.extend(
                 finetuned(backend, model, method, sparsity)
                 for method in cfg["prune"]["methods"]
                 for sparsity in cfg["prune"]["sparsities"]
+            )
+            nodes.extend(sources)
+            nodes.extend(
+                quantized(backend, model, qmethod, source)
+                for source in sources
+                for qmethod in cfg["quantize"]["methods"]
             )
     return nodes
 
@@ -105,9 +174,8 @@ def node_tags(node: dict) -> dict[str, str]:
     }
 
 
-def node_label(node: dict) -> str:
-    """`torch/resnet20/finetuned/l1_unstructured/0.5`: how logs and run names show a node."""
-    parts = [node["backend"], node["model"], node["stage"]]
-    if node.get("prune_method"):
-        parts += [node["prune_method"], sparsity_label(node["target_sparsity"])]
-    return "/".join(parts)
+def node_label(node: Mapping) -> str:
+    """How logs and run names show a node: its folder relative to results/models, e.g.
+    `torch/resnet20/finetuned/l1_unstructured/0.5` or
+    `torch/resnet20/quantized/static_int8/finetuned/l1_unstructured/0.5`."""
+    return Node.from_record(node).label

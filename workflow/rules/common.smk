@@ -8,6 +8,7 @@ from pathlib import Path
 from shrinkflow import dag
 from shrinkflow.config import validate_params
 from shrinkflow.errors import ShrinkflowError
+from shrinkflow.quantization import parse_quant_method
 
 # Keep every job quiet and offline (DESIGN.md section 6).
 envvars_defaults = {"MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}
@@ -57,18 +58,37 @@ def prune_params(wildcards):
     return shared
 
 
+def quantize_params(wildcards):
+    """The config a quantization job reads, so that changing quantize.qat re-runs only the QAT
+    nodes: fixed-point weights need nothing but the seed, int8 methods calibrate activations on
+    training batches, and QAT also fine-tunes (with train's optimizer settings)."""
+    family = parse_quant_method(wildcards.qmethod, key="qmethod").family
+    read = {"seed": config["seed"]}
+    if family != "fixed":
+        read["calibration_batches"] = config["quantize"]["calibration_batches"]
+    if family == "qat":
+        read["qat"] = config["quantize"]["qat"]
+        read["train"] = config["train"]
+    return read
+
+
 def models_root(wildcards, input):
     """The folder that holds every node (the summarize job reads the metrics of all of them)."""
     return MODELS
 
 
 EVALUATED = [str(node.metrics) for node in dag.evaluated_nodes(config)]
+# The `{node}` of evaluate and the `{source}` of quantize: a node that is quantized and evaluated
+# as it is (the baseline or a fine-tuned sweep point), never a quantized node itself.
+QUANTIZABLE_NODE = "baseline|finetuned/[a-z0-9_]+/[0-9.e-]+"
 
 wildcard_constraints:
     backend="|".join(config["backends"]),
     model="[a-z0-9_]+",
     method="[a-z0-9_]+",
     sparsity="[0-9.e-]+",
+    qmethod="[a-z0-9_]+",
+    source=QUANTIZABLE_NODE,
 
 # `snakemake --lint` also notes that shell commands use PARAMS from outside the rule. That is on
 # purpose: as a `params:` entry it would make Snakemake re-run every job whenever the list of

@@ -1,4 +1,6 @@
 rule evaluate:
+    wildcard_constraints:
+        node=QUANTIZABLE_NODE,
     input:
         model="results/models/{backend}/{model}/{node}/model",
         data=PREPARED,
@@ -15,6 +17,27 @@ rule evaluate:
         mem_mb=4000,
     shell:
         "shrinkflow evaluate {PARAMS} --in {input.model} --data {input.data} --out {output} 2> {log}"
+
+
+rule evaluate_quantized:
+    input:
+        model="results/models/{backend}/{model}/quantized/{qmethod}/{source}/model",
+        reference="results/models/{backend}/{model}/{source}/model",
+        data=PREPARED,
+    output:
+        "results/models/{backend}/{model}/quantized/{qmethod}/{source}/metrics.json",
+    log:
+        "logs/evaluate/{backend}/{model}/quantized/{qmethod}/{source}.log",
+    benchmark:
+        "logs/benchmark/evaluate/{backend}/{model}/quantized/{qmethod}/{source}.tsv"
+    params:
+        evaluate=config["evaluate"],
+    threads: 2
+    resources:
+        mem_mb=4000,
+    shell:
+        "shrinkflow evaluate {PARAMS} --in {input.model} --reference {input.reference} "
+        "--data {input.data} --out {output} 2> {log}"
 
 
 rule summarize:
