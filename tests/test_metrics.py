@@ -92,6 +92,15 @@ def test_time_calls_counts_warmup_and_repeats():
     assert all(s >= 0 for s in seconds)
 
 
+def test_time_interleaved_takes_turns_call_by_call():
+    calls = []
+    seconds = metrics.time_interleaved(
+        [lambda: calls.append("a"), lambda: calls.append("b")], warmup=1, repeats=3
+    )
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up per function, then alternating
+    assert [len(s) for s in seconds] == [3, 3]
+
+
 def test_time_calls_measures_the_call():
     seconds = metrics.time_calls(lambda: time.sleep(0.01), warmup=0, repeats=3)
     assert all(0.009 <= s < 1.0 for s in seconds)

@@ -4,10 +4,11 @@ import copy
 
 import pytest
 import torch
-from torch_prune_fixtures import (
+from torch_prune_fixtures import (  # noqa: F401 (fixed_threads: an autouse fixture)
     PRUNE_CFG,
     THREADS,
     conv_linear_weights,
+    fixed_threads,
     saved_weights,
     train_baseline,
 )
@@ -21,14 +22,6 @@ from shrinkflow.backends.torch.prune_unstructured import (
 )
 from shrinkflow.backends.torch.tensors import to_device_tensors
 from shrinkflow.backends.torch.train import fit_in_memory
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fixed_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 from test_torch_train import digits_data
-from torch_prune_fixtures import (
+from torch_prune_fixtures import (  # noqa: F401 (fixed_threads: an autouse fixture)
     PRUNE_CFG,
     THREADS,
     conv_linear_weights,
+    fixed_threads,
     saved_weights,
     train_baseline,
     with_gradual,
@@ -27,14 +28,6 @@ from shrinkflow.backends.torch.train import fit, steps_per_epoch
 from shrinkflow.errors import ShrinkflowError
 
 GRADUAL = PRUNE_CFG["prune"]["gradual"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fixed_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch_prune_fixtures import (
+from torch_prune_fixtures import (  # noqa: F401 (fixed_threads: an autouse fixture)
     PRUNE_CFG,
     THREADS,
     conv_linear_weights,
+    fixed_threads,
     saved_weights,
     train_baseline,
     with_prune,
@@ -30,14 +31,6 @@ from shrinkflow.backends.torch.prune_unstructured import (
 from shrinkflow.backends.torch.sparse import sparse_arrays, sparse_bytes
 from shrinkflow.backends.torch.tensors import to_device_tensors
 from shrinkflow.errors import ShrinkflowError
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fixed_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

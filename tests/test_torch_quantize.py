@@ -12,7 +12,11 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch_prune_fixtures import PRUNE_CFG, THREADS, train_baseline
+from torch_prune_fixtures import (  # noqa: F401 (fixed_threads: an autouse fixture)
+    PRUNE_CFG,
+    fixed_threads,
+    train_baseline,
+)
 
 from shrinkflow.backends.torch import evaluate, fixed_point, pt2e
 from shrinkflow.backends.torch.artifact import MODEL_FILE, load_model, save_model
@@ -25,14 +29,6 @@ QCFG = {
     "evaluate": {"device": "cpu", "batch_sizes": [1, 32], "warmup": 1, "repeats": 2},
 }
 SPARSITY = 0.5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

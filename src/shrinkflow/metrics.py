@@ -118,17 +118,33 @@ def time_calls(
     ``sync`` runs after every call inside the timed interval: asynchronous devices (CUDA)
     return before the work is done, so without it only the launch would be timed.
     """
-    for _ in range(warmup):
-        fn()
-        if sync is not None:
-            sync()
-    seconds = []
+    return time_interleaved([fn], warmup, repeats, sync)[0]
+
+
+def time_interleaved(
+    fns: list[Callable[[], object]],
+    warmup: int,
+    repeats: int,
+    sync: Callable[[], None] | None = None,
+) -> list[list[float]]:
+    """``time_calls`` for several functions at once, taking turns call by call.
+
+    A burst of load from elsewhere then slows every function alike instead of one of them,
+    so their ratio (a speed-up) holds even on a busy machine.
+    """
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+            if sync is not None:
+                sync()
+    seconds: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if sync is not None:
-            sync()
-        seconds.append(time.perf_counter() - start)
+        for fn, times in zip(fns, seconds, strict=True):
+            start = time.perf_counter()
+            fn()
+            if sync is not None:
+                sync()
+            times.append(time.perf_counter() - start)
     return seconds
 
 

@@ -230,26 +230,31 @@ class Speed:
     throughput_ips: float  # images per second at the throughput batch
 
 
-def measure_speed(
-    subject: Subject, data: PreparedData, settings: dict, device: torch.device
-) -> Speed:
-    """Median latency at ``batch_sizes[0]`` and throughput at the largest batch size."""
+def measure_speeds(
+    subjects: list[Subject], data: PreparedData, settings: dict, device: torch.device
+) -> list[Speed]:
+    """Median latency at ``batch_sizes[0]`` and throughput at the largest batch size, per
+    subject; the subjects take turns call by call (``metrics.time_interleaved``)."""
     latency_batch = settings["batch_sizes"][0]
     throughput_batch = max(settings["batch_sizes"])
     sync: Callable[[], None] | None = torch.cuda.synchronize if device.type == "cuda" else None
 
-    def timings(batch: int) -> metrics.LatencyStats:
-        forward = subject.forward_at(batch)
-        x = _timing_batch(data, subject.spec, batch, device)
+    def timings(batch: int) -> list[metrics.LatencyStats]:
+        calls = []
+        for subject in subjects:
+            forward = subject.forward_at(batch)
+            x = _timing_batch(data, subject.spec, batch, device)
+            calls.append(lambda forward=forward, x=x: forward(x))
         with torch.no_grad():
-            seconds = metrics.time_calls(
-                lambda: forward(x), settings["warmup"], settings["repeats"], sync
-            )
-        return metrics.LatencyStats.from_seconds(seconds)
+            seconds = metrics.time_interleaved(calls, settings["warmup"], settings["repeats"], sync)
+        return [metrics.LatencyStats.from_seconds(s) for s in seconds]
 
-    latency = timings(latency_batch)
-    throughput = latency if throughput_batch == latency_batch else timings(throughput_batch)
-    return Speed(latency, throughput_batch / (throughput.median_ms / 1e3))
+    latencies = timings(latency_batch)
+    throughputs = latencies if throughput_batch == latency_batch else timings(throughput_batch)
+    return [
+        Speed(latency, throughput_batch / (throughput.median_ms / 1e3))
+        for latency, throughput in zip(latencies, throughputs, strict=True)
+    ]
 
 
 def evaluate_model(
@@ -263,7 +268,7 @@ def evaluate_model(
     ``sparse_bytes``/``sparse_gzip_bytes`` (the weights in a sparse encoding, see ``sparse``),
     and with ``reference_dir`` the reference's ``reference_size_bytes``,
     ``reference_gzip_bytes``, ``reference_latency_ms_b1`` and ``reference_throughput_ips``
-    (timed in this process, right after the model) and the ratios ``size_ratio``,
+    (timed in this process, taking turns with the model call by call) and the ratios ``size_ratio``,
     ``gzip_ratio``, ``latency_speedup`` and ``throughput_speedup`` against it.
     """
     device = _device(cfg)
@@ -278,13 +283,16 @@ def evaluate_model(
         subject.forward_at(throughput_batch),
         _timing_batch(data, subject.spec, throughput_batch, device),
     )
-    result: dict[str, float | int | str] = {**_accuracy(subject, data, throughput_batch, device)}
+    accuracy_batch = throughput_batch if subject.fixed_batch else ACCURACY_BATCH
+    result: dict[str, float | int | str] = {**_accuracy(subject, data, accuracy_batch, device)}
     result.update(subject.counts)
     result["macs"] = subject.macs
     result["size_bytes"] = metrics.file_bytes(subject.file)
     result["gzip_bytes"] = metrics.gzip_bytes(subject.file)
     result.update(subject.extra)
-    speed = measure_speed(subject, data, settings, device)
+    reference = None if reference_dir is None else load_subject(Path(reference_dir), device)
+    speeds = measure_speeds([subject] + ([reference] if reference else []), data, settings, device)
+    speed = speeds[0]
     result.update(
         latency_ms_b1=speed.latency.median_ms,
         latency_ms_b1_p90=speed.latency.p90_ms,
@@ -296,18 +304,14 @@ def evaluate_model(
         threads=torch.get_num_threads(),
         device=device.type,
     )
-    if reference_dir is not None:
-        result.update(
-            _compare(result, load_subject(Path(reference_dir), device), data, device, settings)
-        )
+    if reference is not None:
+        result.update(_compare(result, reference, speeds[1]))
     return result
 
 
-def _compare(
-    result: dict, reference: Subject, data: PreparedData, device: torch.device, settings: dict
-) -> dict[str, float | int]:
-    """The reference model's size and speed, measured here, and the model's ratios to them."""
-    speed = measure_speed(reference, data, settings, device)
+def _compare(result: dict, reference: Subject, speed: Speed) -> dict[str, float | int]:
+    """The reference model's size and speed (timed alongside the model) and the model's
+    ratios to them."""
     size, gzip_size = metrics.file_bytes(reference.file), metrics.gzip_bytes(reference.file)
     return {
         "reference_size_bytes": size,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,20 @@ def calibration_batches(cfg: dict, data: PreparedData, spec: dict) -> list[torch
     return [normalize(data.images[index[a:b]], spec["mean"], spec["std"]) for a, b in bounds]
 
 
+@dataclass(frozen=True)
+class _Job:
+    """One quantize job's inputs, as ``quantize_model`` received them."""
+
+    cfg: dict
+    method: QuantMethod
+    model_dir: Path
+    data: PreparedData
+    out_dir: Path
+    resume_dir: Path
+    on_epoch: EpochCallback
+    run_id: str | None
+
+
 def quantize_model(
     cfg: dict,
     method: str,
@@ -98,83 +113,60 @@ def quantize_model(
     graph, for the record; ``evaluate`` measures the saved artefact) and the seconds taken.
     """
     started = time.perf_counter()
-    q = parse_quant_method(method)
+    job = _Job(
+        cfg, parse_quant_method(method), Path(model_dir), data, Path(out_dir), Path(resume_dir),
+        on_epoch, run_id,
+    )  # fmt: skip
     model, spec = load_model(model_dir)  # validates the input before anything is written
-    check_fits(spec, data, Path(model_dir) / MODEL_FILE)
-    if q.family == "fixed":
-        save_fixed_point(model, spec, q.bits, Path(out_dir))
-        facts: dict = {"artifact": MODEL_FILE, "bits": q.bits}
+    check_fits(spec, data, job.model_dir / MODEL_FILE)
+    if job.method.family == "fixed":
+        save_fixed_point(model, spec, job.method.bits, job.out_dir)
+        facts: dict = {"artifact": MODEL_FILE, "bits": job.method.bits}
         facts["quantized_layers"] = _count_layers(model, (nn.Conv2d, nn.Linear))
-        reloaded, _ = load_model(out_dir)
+        reloaded, _ = load_model(job.out_dir)
         facts["val_top1"] = _val_top1(reloaded, cfg, data)
     else:
-        facts = _quantize_pt2e(
-            cfg, q, model, spec, model_dir, data, out_dir, resume_dir, on_epoch, run_id
-        )
+        facts = _quantize_pt2e(job, model, spec)
     facts["seconds"] = time.perf_counter() - started
     return facts
 
 
-def _quantize_pt2e(
-    cfg: dict,
-    q: QuantMethod,
-    model: nn.Module,
-    spec: dict,
-    model_dir: Path,
-    data: PreparedData,
-    out_dir: Path,
-    resume_dir: Path,
-    on_epoch: EpochCallback,
-    run_id: str | None,
-) -> dict:
-    linear_layers = _count_layers(model, (nn.Linear,))
-    if q.family == "dynamic" and linear_layers == 0:
+def _quantize_pt2e(job: _Job, model: nn.Module, spec: dict) -> dict:
+    name, family = job.method.name, job.method.family
+    if family == "dynamic" and _count_layers(model, (nn.Linear,)) == 0:
         raise ShrinkflowError(
-            f"--method {q.name}: model {spec['arch']} has no nn.Linear layer, the only layers "
+            f"--method {name}: model {spec['arch']} has no nn.Linear layer, the only layers "
             "dynamic int8 quantizes (use static_int8)"
         )
-    batches = calibration_batches(cfg, data, spec)
+    batches = calibration_batches(job.cfg, job.data, spec)
     facts: dict = {"artifact": pt2e.PT2_FILE, "bits": 8}
-    if q.family == "qat":
-        prepared, result = _train_qat(
-            cfg, q, model, spec, model_dir, data, out_dir, resume_dir, on_epoch, run_id
-        )
+    if family == "qat":
+        prepared, result = _train_qat(job, model, spec)
         facts.update(qat_epochs=result.epochs, qat_best_epoch=result.best_epoch)
         facts["qat_resumed_from_epoch"] = result.resumed_from_epoch
         facts["qat_best_val_top1"] = result.best_val_top1
     else:
-        prepared = pt2e.prepare(model, spec, q.family)
+        prepared = pt2e.prepare(model, spec, family)
         pt2e.calibrate(prepared, batches)
         facts["calibration_batches"] = len(batches)
         facts["calibration_images"] = sum(len(b) for b in batches)
     converted = pt2e.convert(prepared)
     facts["quantized_layers"] = _count_int8_weights(converted)
     if facts["quantized_layers"] == 0:
-        raise ShrinkflowError(f"--method {q.name}: no layer of {spec['arch']} was quantized")
-    pt2e.save(converted, spec, Path(out_dir))
-    facts["val_top1"] = _val_top1(converted, cfg, data)
+        raise ShrinkflowError(f"--method {name}: no layer of {spec['arch']} was quantized")
+    pt2e.save(converted, spec, job.out_dir)
+    facts["val_top1"] = _val_top1(converted, job.cfg, job.data)
     return facts
 
 
-def _train_qat(
-    cfg: dict,
-    q: QuantMethod,
-    model: nn.Module,
-    spec: dict,
-    model_dir: Path,
-    data: PreparedData,
-    out_dir: Path,
-    resume_dir: Path,
-    on_epoch: EpochCallback,
-    run_id: str | None,
-) -> tuple[torch.fx.GraphModule, TrainResult]:
+def _train_qat(job: _Job, model: nn.Module, spec: dict) -> tuple[torch.fx.GraphModule, TrainResult]:
     """Fake-quantized fine-tuning of ``model``: the trained prepared graph (its best-on-val
     epoch) and the training record.
 
     ``fit`` saves the model it trained; here that file is the converted int8 program, which
     the caller writes, so ``fit`` gets a ``save`` that writes nothing.
     """
-    qat = cfg["quantize"]["qat"]
+    qat = job.cfg["quantize"]["qat"]
     prepared = pt2e.prepare(model, spec, "qat")
     # Pruned weights are zero in the float model and must stay zero through QAT's updates.
     masks = {
@@ -189,19 +181,19 @@ def _train_qat(
                 if name in masks:
                     p.mul_(masks[name])
 
-    say(f"quantize {q.name}: {qat['epochs']} epoch(s) of quantization-aware training")
+    say(f"quantize {job.method.name}: {qat['epochs']} epoch(s) of quantization-aware training")
     result = fit(
         prepared,
-        cfg,
-        data,
+        job.cfg,
+        job.data,
         epochs=int(qat["epochs"]),
         lr=float(qat["lr"]),
         warmup_epochs=0,
-        out_dir=Path(out_dir),
-        resume_dir=Path(resume_dir),
-        fingerprint=quantize_fingerprint(cfg, q.name, model_dir, data),
-        on_epoch=on_epoch,
-        run_id=run_id,
+        out_dir=job.out_dir,
+        resume_dir=job.resume_dir,
+        fingerprint=quantize_fingerprint(job.cfg, job.method.name, job.model_dir, job.data),
+        on_epoch=job.on_epoch,
+        run_id=job.run_id,
         spec=spec,
         step_hook=keep_zeros if masks else None,
         # Training may run on CUDA (fake quantization is ordinary tensor arithmetic); the
