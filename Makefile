@@ -41,6 +41,8 @@ mlflow-ui: venv
 
 bench: venv
 	python benchmarks/pipeline.py
+	python benchmarks/int8_flows.py
+	python benchmarks/quantization.py
 
 clean:
 	rm -rf results logs .snakemake data/raw data/prepared mlflow.db mlflow.db.lock mlartifacts
