@@ -25,15 +25,25 @@ TINY = {  # the smallest DAG that still exercises every stage and every pruning 
     },
     "finetune": {"epochs": 1},
     "sensitivity": {"ratios": [0.25, 0.5], "max_drop": 1.0},  # every ratio passes: smoke only
+    # PT2E int8 and fixed-point, on the baseline and every sweep point. QAT costs ~1 minute a
+    # node (torchao's conv-bn folding), so it runs once, in the kill-and-resume test below.
+    "quantize": {
+        "methods": ["static_int8", "fixed_w4"],
+        "calibration_batches": 1,
+        "qat": {"epochs": 1, "lr": 0.001},  # complete: the sections are updated shallowly
+    },
     "evaluate": {"batch_sizes": [1, 32], "warmup": 1, "repeats": 3},
 }
 POINTS = [(m, 0.5) for m in TINY["prune"]["methods"]]
+QUANT = TINY["quantize"]["methods"]
+SOURCES = [("", ""), *[(m, str(s)) for m, s in POINTS]]  # (prune method, sparsity) per source
 
 pytestmark = pytest.mark.slow
 
 
-def make_project(dest: Path) -> Path:
-    """A fresh checkout-like copy of the project with the tiny params written into params.yaml."""
+def make_project(dest: Path, quantize_methods: list[str] | None = None) -> Path:
+    """A fresh checkout-like copy of the project with the tiny params written into params.yaml
+    (and ``quantize_methods`` instead of TINY's, if given)."""
     for name in ["Snakefile", "dvc.yaml", "workflow", ".dvc", "src", ".dvcignore"]:
         source = ROOT / name
         if source.is_dir():
@@ -49,6 +59,8 @@ def make_project(dest: Path) -> Path:
     for section, values in TINY.items():
         params[section].update(values)
     params["prune"]["gradual"]["epochs"] = 1
+    if quantize_methods is not None:
+        params["quantize"]["methods"] = quantize_methods
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (dest / ".gitignore").write_text((ROOT / ".gitignore").read_text())
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
@@ -91,9 +103,12 @@ def snakemake_project(tmp_path_factory) -> Path:
 
 def test_snakemake_runs_the_dag_and_writes_the_summary(snakemake_project):
     rows = read_summary(snakemake_project)
-    assert [(r["stage"], r["prune_method"], r["target_sparsity"]) for r in rows] == [
-        ("baseline", "", ""),
-        *[("finetuned", method, str(sparsity)) for method, sparsity in POINTS],
+    keys = [(r["stage"], r["prune_method"], r["target_sparsity"], r["quant_method"]) for r in rows]
+    assert keys == [
+        ("baseline", "", "", ""),
+        *[("finetuned", method, str(sparsity), "") for method, sparsity in POINTS],
+        # then source by source (the baseline first), one row per quantization method
+        *[("quantized", method, sparsity, q) for method, sparsity in SOURCES for q in QUANT],
     ]
     baseline = rows[0]
     assert (baseline["backend"], baseline["model"]) == ("torch", "resnet20")
@@ -103,7 +118,7 @@ def test_snakemake_runs_the_dag_and_writes_the_summary(snakemake_project):
     assert int(baseline["size_bytes"]) == model_file.stat().st_size
     assert 0 < int(baseline["gzip_bytes"]) < int(baseline["size_bytes"])
     assert float(baseline["latency_ms_b1"]) > 0 and float(baseline["throughput_ips"]) > 0
-    by_method = {r["prune_method"]: r for r in rows[1:]}
+    by_method = {r["prune_method"]: r for r in rows[1 : 1 + len(POINTS)]}
     for method in ("l1_unstructured", "gradual_polynomial"):
         # measured from the saved weights: the output layer is excluded, so a little under 0.5
         assert 0.45 < float(by_method[method]["measured_sparsity"]) <= 0.5
@@ -116,16 +131,83 @@ def test_snakemake_runs_the_dag_and_writes_the_summary(snakemake_project):
     assert (snakemake_project / "results/models/torch/resnet20/sensitivity/ratios.json").is_file()
 
 
+def source_folder(method: str, sparsity: str) -> str:
+    """The folder of a quantization source, relative to results/models/torch/resnet20."""
+    return f"finetuned/{method}/{sparsity}" if method else "baseline"
+
+
+def test_every_source_is_quantized_smaller_and_keeps_its_zeros(snakemake_project):
+    rows = read_summary(snakemake_project)
+    sources = {(r["prune_method"], r["target_sparsity"]): r for r in rows[: len(SOURCES)]}
+    quantized = rows[len(SOURCES) :]
+    assert {r["stage"] for r in quantized} == {"quantized"}
+    larger = []  # checked last, so that every other property is checked first
+    for row in quantized:
+        source_key = (row["prune_method"], row["target_sparsity"])
+        source = sources[source_key]
+        name = "model.pt2" if row["quant_method"] == "static_int8" else "model.pt"
+        artefact = snakemake_project / row["artifact"] / name
+        folder = f"quantized/{row['quant_method']}/{source_folder(*source_key)}"
+        assert row["artifact"] == f"results/models/torch/resnet20/{folder}/model"
+        assert int(row["size_bytes"]) == artefact.stat().st_size
+        if int(row["size_bytes"]) >= int(source["size_bytes"]):  # int8 or 4-bit codes
+            larger.append(f"{folder}: {row['size_bytes']} >= {source['size_bytes']} bytes")
+        assert 0.0 <= float(row["top1"]) <= 1.0
+        assert int(row["macs"]) == int(source["macs"])  # the same convolutions, in integers
+        # zero is code 0 in both formats: rounding may add zeros, never lose one
+        assert float(row["measured_sparsity"]) >= float(source["measured_sparsity"]) - 1e-9
+        if row["quant_method"] == "static_int8":
+            # 8 bits round only the smallest surviving weights to zero
+            assert float(row["measured_sparsity"]) == pytest.approx(
+                float(source["measured_sparsity"]), abs=0.02
+            )
+            assert float(row["top1"]) > float(source["top1"]) - 0.1  # int8 is near lossless
+    assert not larger, f"quantized files not smaller than their float source: {larger}"
+
+
+def test_a_quantized_node_is_measured_in_its_own_job_against_its_source(snakemake_project):
+    """Each quantized folder holds its artefact and labels; the evaluate job (a process of its
+    own) loads the saved artefact and times it against the float model it came from."""
+    models = snakemake_project / "results/models/torch/resnet20"
+    for method, sparsity in SOURCES:
+        source = models / source_folder(method, sparsity) / "model/model.pt"
+        for qmethod in QUANT:
+            folder = models / "quantized" / qmethod / source_folder(method, sparsity)
+            artefact = "model.pt2" if qmethod == "static_int8" else "model.pt"
+            files = {p.name for p in (folder / "model").iterdir()} - {".snakemake_timestamp"}
+            assert files == {artefact, "node.json", "run.json", "quantize.json"}
+            assert json.loads((folder / "model/quantize.json").read_text())["bits"] == (
+                8 if qmethod == "static_int8" else 4
+            )
+            record = json.loads((folder / "metrics.json").read_text())
+            assert (record["stage"], record["quant_method"]) == ("quantized", qmethod)
+            point = (record.get("prune_method") or "", record.get("target_sparsity"))
+            assert point == (method, float(sparsity) if sparsity else None)
+            assert isinstance(record["top1"], float) and 0.0 <= record["top1"] <= 1.0
+            assert record["reference_size_bytes"] == source.stat().st_size
+            assert record["size_bytes"] == (folder / "model" / artefact).stat().st_size
+            assert record["size_ratio"] == pytest.approx(
+                record["size_bytes"] / record["reference_size_bytes"]
+            )
+            assert record["gzip_ratio"] < 1
+            assert record["latency_speedup"] > 0 and record["throughput_speedup"] > 0
+            log = f"logs/evaluate/torch/resnet20/{folder.relative_to(models)}.log"
+            assert f"top-1 {record['top1']:.4f}" in (snakemake_project / log).read_text()
+
+
 def test_every_job_is_an_mlflow_run_with_lineage(snakemake_project):
     runs = mlflow_runs(snakemake_project)
     stages = sorted(r.data.tags["shrinkflow.stage"] for r in runs)
     assert stages == sorted(
         ["download", "prepare", "train", "sensitivity", "summarize"]
         + ["prune", "finetune"] * len(POINTS)
-        + ["evaluate"] * (1 + len(POINTS))
+        + ["quantize"] * len(QUANT) * len(SOURCES)
+        + ["evaluate"] * len(SOURCES) * (1 + len(QUANT))
     )
-    by_stage = {
-        r.data.tags["shrinkflow.stage"]: r for r in runs if "shrinkflow.method" not in r.data.tags
+    by_stage = {  # one run per stage: the baseline's chain, none of the sweep or quantized nodes
+        r.data.tags["shrinkflow.stage"]: r
+        for r in runs
+        if not {"shrinkflow.method", "shrinkflow.qmethod"} & r.data.tags.keys()
     }
     assert all(r.info.status == "FINISHED" for r in runs)
     parent = {stage: r.data.tags.get("mlflow.parentRunId") for stage, r in by_stage.items()}
@@ -153,6 +235,7 @@ def test_every_job_is_an_mlflow_run_with_lineage(snakemake_project):
             for r in runs
             if r.data.tags["shrinkflow.stage"] == "evaluate"
             and r.data.tags.get("shrinkflow.method") == method
+            and "shrinkflow.qmethod" not in r.data.tags
         )
         finetune = by_id[evaluated.data.tags["mlflow.parentRunId"]]
         prune = by_id[finetune.data.tags["mlflow.parentRunId"]]
@@ -160,6 +243,44 @@ def test_every_job_is_an_mlflow_run_with_lineage(snakemake_project):
         assert prune.data.tags["shrinkflow.stage"] == "prune"
         assert prune.data.tags["shrinkflow.sparsity"] == str(sparsity)
         assert prune.data.tags["mlflow.parentRunId"] == train.info.run_id
+
+
+def run_key(run) -> tuple[str, str, str]:
+    """(prune method, sparsity, quantization method) of a run's node, "" where it has none."""
+    tags = run.data.tags
+    return tuple(tags.get(f"shrinkflow.{k}", "") for k in ("method", "sparsity", "qmethod"))
+
+
+def test_quantized_nodes_hang_under_the_run_that_wrote_their_source(snakemake_project):
+    """train / finetune -> quantize -> evaluate: the lineage tree of every quantized node."""
+    runs = mlflow_runs(snakemake_project)
+    of_stage = {
+        stage: {run_key(r): r for r in runs if r.data.tags["shrinkflow.stage"] == stage}
+        for stage in ("train", "finetune", "quantize", "evaluate")
+    }
+    writers = {**of_stage["train"], **of_stage["finetune"]}  # the runs that wrote each source
+    expected = sorted((m, s, q) for m, s in SOURCES for q in QUANT)
+    assert sorted(of_stage["quantize"]) == expected
+    rows = {
+        (r["prune_method"], r["target_sparsity"], r["quant_method"]): r
+        for r in read_summary(snakemake_project)
+    }
+    for (method, sparsity, qmethod), quantize in of_stage["quantize"].items():
+        tags = quantize.data.tags
+        assert tags["mlflow.parentRunId"] == writers[(method, sparsity, "")].info.run_id
+        assert (tags["shrinkflow.node"], tags["shrinkflow.model"]) == ("quantized", "resnet20")
+        evaluate = of_stage["evaluate"][(method, sparsity, qmethod)]
+        assert evaluate.data.tags["mlflow.parentRunId"] == quantize.info.run_id
+        assert rows[(method, sparsity, qmethod)]["run_id"] == evaluate.info.run_id
+        folder = f"quantized/{qmethod}/{source_folder(method, sparsity)}/model"
+        run_ref = snakemake_project / "results/models/torch/resnet20" / folder / "run.json"
+        assert json.loads(run_ref.read_text())["run_id"] == quantize.info.run_id
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{snakemake_project / 'mlflow.db'}")
+    static = of_stage["quantize"][("", "", "static_int8")]
+    artifacts = {a.path for a in client.list_artifacts(static.info.run_id, "model")}
+    assert "model/model.pt2" in artifacts
 
 
 def job_counts(dry_run_output: str) -> dict[str, int]:
@@ -178,7 +299,12 @@ def test_rerun_is_a_no_op_and_a_param_change_reruns_only_its_branch(snakemake_pr
     preset = tmp_path / "more-repeats.yaml"
     preset.write_text("evaluate: {repeats: 4}\n")
     changed = run([snakemake, "-n", "--cores", "2", "--configfile", str(preset)], snakemake_project)
-    assert job_counts(changed.stdout) == {"evaluate": 1 + len(POINTS), "summarize": 1, "all": 1}
+    assert job_counts(changed.stdout) == {
+        "evaluate": len(SOURCES),
+        "evaluate_quantized": len(SOURCES) * len(QUANT),
+        "summarize": 1,
+        "all": 1,
+    }
     # one more sparsity: only the new branch of each method (and the summary) runs
     more = tmp_path / "more-sparsities.yaml"
     more.write_text("prune: {sparsities: [0.5, 0.8]}\n")
@@ -188,10 +314,37 @@ def test_rerun_is_a_no_op_and_a_param_change_reruns_only_its_branch(snakemake_pr
         "prune": n,
         "finetune": n,
         "evaluate": n,
+        "quantize": n * len(QUANT),
+        "evaluate_quantized": n * len(QUANT),
         "summarize": 1,
         "all": 1,
     }
     assert "pruned/l1_unstructured/0.8/model" in grown.stdout
+    assert "quantized/static_int8/finetuned/l1_unstructured/0.8/model" in grown.stdout
+    # calibration is read by the int8 methods only: the fixed-point nodes stay as they are
+    calibration = tmp_path / "calibration.yaml"
+    calibration.write_text("quantize: {calibration_batches: 2}\n")
+    recalibrated = run(
+        [snakemake, "-n", "--cores", "2", "--configfile", str(calibration)], snakemake_project
+    )
+    assert job_counts(recalibrated.stdout) == {
+        "quantize": len(SOURCES),
+        "evaluate_quantized": len(SOURCES),
+        "summarize": 1,
+        "all": 1,
+    }
+    assert "qmethod=fixed_w4" not in recalibrated.stdout
+    # a new method adds its nodes and leaves the others alone
+    one_more = tmp_path / "one-more-method.yaml"
+    one_more.write_text(yaml.safe_dump({"quantize": {"methods": [*QUANT, "qat_int8"]}}))
+    added = run([snakemake, "-n", "--cores", "2", "--configfile", str(one_more)], snakemake_project)
+    assert job_counts(added.stdout) == {
+        "quantize": len(SOURCES),
+        "evaluate_quantized": len(SOURCES),
+        "summarize": 1,
+        "all": 1,
+    }
+    assert "quantized/qat_int8/baseline/model" in added.stdout
     # a change to one method family's section re-runs only that family
     gradual = tmp_path / "gradual.yaml"
     gradual.write_text("prune: {gradual: {frequency: 5}}\n")
@@ -202,6 +355,8 @@ def test_rerun_is_a_no_op_and_a_param_change_reruns_only_its_branch(snakemake_pr
         "prune": 1,
         "finetune": 1,
         "evaluate": 1,
+        "quantize": len(QUANT),
+        "evaluate_quantized": len(QUANT),
         "summarize": 1,
         "all": 1,
     }
@@ -230,15 +385,23 @@ def test_dvc_push_and_pull_round_trip_the_checkpoint(snakemake_project):
 
 
 def test_dvc_repro_runs_the_same_dag_from_scratch(tmp_path):
-    project = make_project(tmp_path)
+    # One quantization method: the DVC stages are the same for every method, and each costs
+    # one quantize and one evaluate job per source.
+    quant = ["fixed_w4"]
+    project = make_project(tmp_path, quantize_methods=quant)
     result = run([str(BIN / "dvc"), "repro"], project)
     for stage in ["download", "prepare", "train", "sensitivity", "evaluate", "summarize"]:
         assert f"Running stage '{stage}" in result.stdout
     assert result.stdout.count("Running stage 'prune@") == len(POINTS)
     assert result.stdout.count("Running stage 'finetune@") == len(POINTS)
-    assert len(read_summary(project)) == 1 + len(POINTS)
+    for stage in ["quantize", "evaluate_quantized"]:  # the baseline's, then the sweep's
+        assert result.stdout.count(f"Running stage '{stage}@") == len(quant)
+        assert result.stdout.count(f"Running stage '{stage}_finetuned@") == len(quant) * len(POINTS)
+    rows = read_summary(project)
+    assert len(rows) == len(SOURCES) * (1 + len(quant))
+    assert [r["quant_method"] for r in rows[len(SOURCES) :]] == quant * len(SOURCES)
     assert (project / "dvc.lock").is_file()
-    assert len(mlflow_runs(project)) == 6 + 3 * len(POINTS)
+    assert len(mlflow_runs(project)) == 6 + 3 * len(POINTS) + 2 * len(quant) * len(SOURCES)
     again = run([str(BIN / "dvc"), "repro"], project)
     assert "Running stage" not in again.stdout
 
@@ -284,3 +447,86 @@ def test_a_killed_train_job_resumes_in_the_same_mlflow_run(tmp_path):
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_top1")]
     assert sorted(steps) == list(range(1, epochs + 1))
     assert json.loads((out / "run.json").read_text())["run_id"] == runs[0].info.run_id
+
+
+def test_a_bad_quantize_method_stops_the_dag_and_the_cli_with_one_line(snakemake_project):
+    """Refused before any job starts: no quantized folder and no MLflow run appear."""
+    runs_before = len(mlflow_runs(snakemake_project))
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    models = "results/models/torch/resnet20"
+    commands = [
+        [str(BIN / "snakemake"), "--cores", "2", "--config", 'quantize={"methods": ["fixed_w1"]}'],
+        [str(BIN / "shrinkflow"), "quantize", "--params", "params.yaml",
+         "--set", "quantize.methods=[fixed_w1]", "--method", "fixed_w4",
+         "--in", f"{models}/baseline/model", "--data", "data/prepared/digits",
+         "--out", f"{models}/quantized/fixed_w1/baseline/model"],
+    ]  # fmt: skip
+    for cmd in commands:
+        result = subprocess.run(cmd, cwd=snakemake_project, env=env, capture_output=True, text=True)
+        assert result.returncode != 0, cmd
+        # Snakemake also notes on stderr that --config extends params.yaml
+        errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+        assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+        assert errors[0].startswith("error: quantize.methods[0]: 'fixed_w1'")
+        assert "2..16" in errors[0]  # what is allowed
+        assert not (snakemake_project / models / "quantized/fixed_w1").exists()
+    assert len(mlflow_runs(snakemake_project)) == runs_before
+
+
+def test_a_killed_qat_job_resumes_in_the_same_mlflow_run(snakemake_project, tmp_path):
+    """SIGKILL the `shrinkflow quantize` process of a QAT node while Snakemake runs it; the next
+    `snakemake` resumes its fake-quantized training and continues the same MLflow run."""
+    import signal
+    import time
+
+    import psutil  # a dependency of snakemake and dvc
+    import torch
+
+    project = tmp_path / "project"  # a copy: the runs added here stay out of the other tests
+    shutil.copytree(snakemake_project, project, symlinks=True)
+    epochs = 2
+    qat = tmp_path / "qat.yaml"
+    qat.write_text(
+        yaml.safe_dump({"quantize": {"methods": ["qat_int8"], "qat": {"epochs": epochs}}})
+    )
+    folder = project / "results/models/torch/resnet20/quantized/qat_int8/baseline"
+    target = str((folder / "model").relative_to(project))
+    snakemake = [str(BIN / "snakemake"), target, "--cores", "2", "--configfile", str(qat)]
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    state = folder / "resume/state.pt"
+    job = subprocess.Popen(
+        snakemake, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 300
+    while not state.exists() and time.monotonic() < deadline and job.poll() is None:
+        time.sleep(0.05)
+    assert job.poll() is None, "quantization ended before it could be killed"
+    quantize = [  # the job's own process, not the shell Snakemake started it from
+        p for p in psutil.Process(job.pid).children(recursive=True) if "quantize" in p.cmdline()
+    ]
+    assert len(quantize) == 1
+    quantize[0].send_signal(signal.SIGKILL)
+    assert job.wait(timeout=120) != 0
+    done = torch.load(state, weights_only=True)["epoch"]
+    assert 1 <= done < epochs and not (folder / "model").exists()
+
+    resumed = run(snakemake, project)
+    assert job_counts(resumed.stdout + resumed.stderr) == {"quantize": 1}  # nothing upstream
+    log = project / "logs/quantize/torch/resnet20/qat_int8/baseline.log"
+    assert f"resuming from epoch {done + 1}/{epochs}" in log.read_text()
+    runs = mlflow_runs(project)
+    qat_runs = [r for r in runs if r.data.tags.get("shrinkflow.qmethod") == "qat_int8"]
+    assert len(qat_runs) == 1 and qat_runs[0].info.status == "FINISHED"
+    train = next(r for r in runs if r.data.tags["shrinkflow.stage"] == "train")
+    assert qat_runs[0].data.tags["mlflow.parentRunId"] == train.info.run_id
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    steps = [m.step for m in client.get_metric_history(qat_runs[0].info.run_id, "train_loss")]
+    assert sorted(steps) == list(range(1, epochs + 1))  # each epoch once, across both processes
+    assert json.loads((folder / "model/run.json").read_text())["run_id"] == qat_runs[0].info.run_id
+    facts = json.loads((folder / "model/quantize.json").read_text())
+    assert (facts["qat_epochs"], facts["qat_resumed_from_epoch"]) == (epochs, done)
+    assert (folder / "model/model.pt2").is_file() and facts["quantized_layers"] > 0

@@ -13,6 +13,8 @@ import pytest
 import yaml
 
 from shrinkflow.config import load_params
+from shrinkflow.dag import evaluated_nodes
+from shrinkflow.quantization import parse_quant_method
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -46,6 +48,29 @@ def test_study2_expresses_the_published_layer_ratios_and_rounds():
     assert cfg["prune"]["sparsities"] == [pytest.approx(profile_mean)]
 
 
+def test_study2_quantizes_every_model_with_int8_qat_and_fixed_point_from_16_to_2_bits():
+    cfg = load_params(
+        [ROOT / "params.yaml", ROOT / "configs/study2_structured_resnet18_vgg16.yaml"]
+    )
+    methods = cfg["quantize"]["methods"]
+    assert methods[:2] == ["static_int8", "qat_int8"]
+    assert [parse_quant_method(m).bits for m in methods[2:]] == [16, 8, 6, 4, 2]
+    # the baseline and the three structured points of both models, each in seven formats
+    quantized = [n for n in evaluated_nodes(cfg) if n.stage == "quantized"]
+    assert len(quantized) == 2 * (1 + 3) * 7
+    assert {n.source.stage for n in quantized} == {"baseline", "finetuned"}
+
+
+def test_study4_compares_pruning_with_static_int8_and_study3_does_not_quantize():
+    study4 = load_params([ROOT / "params.yaml", ROOT / "configs/study4_googlenet_cifar100.yaml"])
+    assert study4["quantize"]["methods"] == ["static_int8"]
+    study3 = load_params(
+        [ROOT / "params.yaml", ROOT / "configs/study3_unstructured_sweep_resnet50.yaml"]
+    )
+    assert study3["quantize"]["methods"] == []
+    assert all(n.stage != "quantized" for n in evaluated_nodes(study3))
+
+
 def smoke_overrides(preset: Path) -> dict:
     """The preset on digits with one epoch everywhere and its first sweep point."""
     cfg = load_params([ROOT / "params.yaml", preset])
@@ -63,6 +88,15 @@ def smoke_overrides(preset: Path) -> dict:
         "finetune": {"epochs": min(1, cfg["finetune"]["epochs"])},
         # a one-epoch model loses more than any real budget: let every ratio pass
         "sensitivity": {"ratios": cfg["sensitivity"]["ratios"][:2], "max_drop": 1.0},
+        # The preset's first method only (study2 lists seven, 7 x 8 = 56 quantize and 56 evaluate
+        # jobs): every preset that quantizes starts with static_int8, whose torch.export capture
+        # is what differs between architectures; each other family is covered end to end in
+        # tests/test_pipeline_e2e.py.
+        "quantize": {
+            "methods": cfg["quantize"]["methods"][:1],
+            "calibration_batches": 1,
+            "qat": {"epochs": 1},
+        },
         "evaluate": {"batch_sizes": [1, 16], "warmup": 1, "repeats": 2},
     }
 
@@ -90,6 +124,19 @@ def test_preset_smoke_runs_on_digits_with_one_epoch(preset, tmp_path):
     with (tmp_path / "results/summary.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     points = len(cfg["prune"]["methods"]) * len(cfg["prune"]["sparsities"])
-    assert len(rows) == len(cfg["models"]) * (1 + points)
+    quant = cfg["quantize"]["methods"]
+    assert len(rows) == len(cfg["models"]) * (1 + points) * (1 + len(quant))
     assert {r["model"] for r in rows} == set(cfg["models"])
     assert all(0.0 <= float(r["top1"]) <= 1.0 for r in rows)
+    quantized = [r for r in rows if r["stage"] == "quantized"]
+    assert [r["quant_method"] for r in quantized] == quant * len(cfg["models"]) * (1 + points)
+    float_size = {
+        (r["model"], r["prune_method"], r["target_sparsity"]): int(r["size_bytes"])
+        for r in rows
+        if r["stage"] != "quantized"
+    }
+    for row in quantized:  # each architecture's int8 file is smaller than its source's
+        assert (
+            int(row["size_bytes"])
+            < float_size[(row["model"], row["prune_method"], row["target_sparsity"])]
+        )
