@@ -33,6 +33,7 @@ import torch
 from shrinkflow.backends.torch import pt2e
 from shrinkflow.backends.torch.artifact import save_model
 from shrinkflow.backends.torch.models import create_model
+from shrinkflow.metrics import time_interleaved
 
 SPEC = {
     "in_channels": 3,
@@ -45,16 +46,12 @@ SPEC = {
 CALIBRATION = [torch.randn(32, 3, 32, 32) for _ in range(4)]
 
 
-def median_ms(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repeats: int):
+def medians_ms(forwards: list, x: torch.Tensor, repeats: int) -> list[float]:
+    """Median ms per forward, the forwards taking turns call by call (a busy machine slows
+    them alike, so their ratios hold)."""
     with torch.no_grad():
-        for _ in range(3):
-            forward(x)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            forward(x)
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1e3
+        seconds = time_interleaved([lambda f=f: f(x) for f in forwards], 3, repeats)
+    return [sorted(s)[len(s) // 2] * 1e3 for s in seconds]
 
 
 def timed(make: Callable[[], object]) -> tuple[object, float]:
@@ -129,19 +126,22 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     x1, x64 = torch.randn(1, 3, 32, 32), torch.randn(64, 3, 32, 32)
     print(f"torch {torch.__version__}, {args.threads} thread(s); times are medians")
-    header = f"{'flow':<26}{'set-up s':>10}{'b1 ms':>9}{'b64 ms':>9}{'file KB':>10}{'x float':>9}"
+    header = (
+        f"{'flow':<26}{'set-up s':>10}{'b1 ms':>9}{'x float':>9}{'b64 ms':>9}{'x float':>9}"
+        f"{'file KB':>10}{'x float':>9}"
+    )
     for name in args.models:
         with tempfile.TemporaryDirectory() as tmp:
             rows = flows(name, Path(tmp), x1, x64)
-        float_bytes = rows[0][4]
+        b1 = medians_ms([row[2] for row in rows], x1, args.repeats)
+        b64 = medians_ms([row[3] for row in rows], x64, max(3, args.repeats // 2))
         params = sum(p.numel() for p in rows[0][2].parameters())
         print(f"\n{name} ({params / 1e6:.2f} M params)")
         print(header)
-        for flow, setup, f1, f64, size in rows:
-            b1, b64 = median_ms(f1, x1, args.repeats), median_ms(f64, x64, args.repeats // 2)
+        for (flow, setup, _, _, size), t1, t64 in zip(rows, b1, b64, strict=True):
             print(
-                f"{flow:<26}{setup:>10.1f}{b1:>9.2f}{b64:>9.1f}{size / 1e3:>10.0f}"
-                f"{size / float_bytes:>9.2f}"
+                f"{flow:<26}{setup:>10.1f}{t1:>9.2f}{t1 / b1[0]:>9.2f}{t64:>9.1f}"
+                f"{t64 / b64[0]:>9.2f}{size / 1e3:>10.0f}{size / rows[0][4]:>9.2f}"
             )
 
 
