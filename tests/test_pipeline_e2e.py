@@ -150,8 +150,10 @@ def test_every_source_is_quantized_smaller_and_keeps_its_zeros(snakemake_project
         folder = f"quantized/{row['quant_method']}/{source_folder(*source_key)}"
         assert row["artifact"] == f"results/models/torch/resnet20/{folder}/model"
         assert int(row["size_bytes"]) == artefact.stat().st_size
-        if int(row["size_bytes"]) >= int(source["size_bytes"]):  # int8 or 4-bit codes
-            larger.append(f"{folder}: {row['size_bytes']} >= {source['size_bytes']} bytes")
+        # int8 or 4-bit codes. Compared gzipped: a .pt2 also holds its graph as ~300 KB of JSON
+        # (it gzips to a tenth), more than a structured-pruned tiny ResNet-20's whole float file.
+        if int(row["gzip_bytes"]) >= int(source["gzip_bytes"]):
+            larger.append(f"{folder}: {row['gzip_bytes']} >= {source['gzip_bytes']} gzip bytes")
         assert 0.0 <= float(row["top1"]) <= 1.0
         assert int(row["macs"]) == int(source["macs"])  # the same convolutions, in integers
         # zero is code 0 in both formats: rounding may add zeros, never lose one
