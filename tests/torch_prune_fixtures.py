@@ -5,9 +5,8 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import pytest
 import torch
-from test_torch_train import CFG, digits_data
+from test_torch_train import CFG, digits_data, fixed_threads  # noqa: F401 (re-exported)
 
 from shrinkflow.backends.torch.artifact import MODEL_FILE
 from shrinkflow.backends.torch.train import train_model
@@ -36,15 +35,6 @@ PRUNE_CFG = {
 # Other jobs may share the 2 CI cores; more threads than free cores makes torch's CPU kernels
 # spin and run many times slower, and one thread keeps runs bit-exact.
 THREADS = 1
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fixed_threads():
-    """THREADS torch threads for a whole test module (import it there to apply it)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(previous)
 
 
 def with_prune(**changes) -> dict:
