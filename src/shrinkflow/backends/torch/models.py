@@ -148,9 +148,10 @@ class BasicBlock(tv_resnet.BasicBlock):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
+        # torchvision's order (main path, then shortcut): Torch-Pruning names groups by it
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
         return F.relu(out + identity)
 
 
@@ -158,10 +159,10 @@ class Bottleneck(tv_resnet.Bottleneck):
     """torchvision's Bottleneck with each ReLU a call of its own (see ``BasicBlock``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else self.downsample(x)
         return F.relu(out + identity)
 
 
