@@ -102,6 +102,9 @@ def smoke_overrides(preset: Path) -> dict:
 
 
 @pytest.mark.slow
+# Study 2 builds, quantizes and evaluates two 11-15 M-parameter models at 4 nodes each: about
+# 10 minutes on 2 cores, over the suite's 15-minute default once the machine is busy.
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
 def test_preset_smoke_runs_on_digits_with_one_epoch(preset, tmp_path):
     for name in ["Snakefile", "workflow", "src", "params.yaml"]:
