@@ -185,3 +185,22 @@ def load_prepared(folder: Path) -> PreparedData:
         manifest=manifest,
         **splits,
     )
+
+
+def check_fits(spec: dict, data: PreparedData, model_file: Path) -> None:
+    """Refuse to score a model on data with another shape or another class list.
+
+    ``spec`` is a model file's spec (every backend stores ``in_channels``, ``image_size`` and
+    ``classes``); ``model_file`` names the file in the message.
+    """
+    wanted = (spec["in_channels"], spec["image_size"], list(spec["classes"]))
+    found = (data.channels, data.image_size, list(data.classes))
+    if wanted != found:
+        raise ShrinkflowError(
+            f"{model_file}: model expects {wanted[0]}-channel {wanted[1]}px images of "
+            f"{len(wanted[2])} classes, prepared data has {found[0]}-channel {found[1]}px "
+            f"images of {len(found[2])} classes (or other class names)"
+        )
+    for split in ("val", "test"):
+        if len(getattr(data, split)) == 0:
+            raise ShrinkflowError(f"prepared data: the {split} split is empty")

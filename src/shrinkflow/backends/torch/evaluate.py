@@ -25,7 +25,7 @@ from shrinkflow import metrics
 from shrinkflow.backends.torch.artifact import INT8_FILE, MODEL_FILE, load_model
 from shrinkflow.backends.torch.sparse import sparse_bytes
 from shrinkflow.backends.torch.tensors import normalize
-from shrinkflow.data.prepared import PreparedData
+from shrinkflow.data.prepared import PreparedData, check_fits
 from shrinkflow.errors import ShrinkflowError
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -49,21 +49,6 @@ def _device(cfg: dict) -> torch.device:
             "evaluate.device: 'cuda' requested but no CUDA device is available; use cpu"
         )
     return torch.device(name)
-
-
-def check_fits(spec: dict, data: PreparedData, model_file: Path) -> None:
-    """Refuse to score a model on data with another shape or another class list."""
-    wanted = (spec["in_channels"], spec["image_size"], list(spec["classes"]))
-    found = (data.channels, data.image_size, list(data.classes))
-    if wanted != found:
-        raise ShrinkflowError(
-            f"{model_file}: model expects {wanted[0]}-channel {wanted[1]}px images of "
-            f"{len(wanted[2])} classes, prepared data has {found[0]}-channel {found[1]}px "
-            f"images of {len(found[2])} classes (or other class names)"
-        )
-    for split in ("val", "test"):
-        if len(getattr(data, split)) == 0:
-            raise ShrinkflowError(f"prepared data: the {split} split is empty")
 
 
 def count_params(model: nn.Module) -> dict[str, int | float]:

@@ -1,24 +1,18 @@
-"""Fixed-point weights: every conv and linear weight stored as ``bits``-bit integers.
+"""Fixed-point weights for PyTorch: every conv and linear weight stored as ``bits``-bit integers.
 
-Symmetric and per output channel, with the restricted range ``[-(2^(b-1) - 1), 2^(b-1) - 1]``:
-zero stays exactly zero (a pruned weight stays pruned), the largest magnitude of each channel
-is represented exactly, and 2 bits gives the ternary {-s, 0, +s}. The codes are bit-packed,
-so a 4-bit file holds half a byte per weight; biases and batch-norm tensors stay float32 (a
-few hundred values per layer).
-
-No x86 kernel computes with 2..7-bit or 9..16-bit weights, so this is a storage format, as in
-the reference study's fixed-point sweep: the loader expands the codes to float weights
-(``code * scale``, exact in float32) and the model runs float kernels. Its accuracy is the
-accuracy of those weights; its latency is the float model's.
+A torch wrapper over ``shrinkflow.bitpack`` (the quantization rule, the bit packing and why
+this is a storage format): output channels are dim 0 of a conv or linear weight. Biases and
+batch-norm tensors stay float32 (a few hundred values per layer).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
+
+from shrinkflow import bitpack
 
 PACKED_FORMAT = "shrinkflow.torch.fixed/1"
 QUANTIZED_LAYERS = (nn.Conv2d, nn.Linear)
@@ -26,36 +20,24 @@ QUANTIZED_LAYERS = (nn.Conv2d, nn.Linear)
 
 def quantize_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes, scale)``: int32 codes of ``weight`` and its float32 per-channel (dim 0) scale."""
-    limit = 2 ** (bits - 1) - 1
-    w = weight.detach().float()
-    peak = w.abs().reshape(len(w), -1).amax(dim=1)
-    # An all-zero channel (pruned away) keeps scale 1: its codes are 0 whatever the scale.
-    scale = torch.where(peak > 0, peak / limit, torch.ones_like(peak))
-    shape = (-1,) + (1,) * (w.ndim - 1)
-    codes = torch.round(w / scale.view(shape)).clamp_(-limit, limit).to(torch.int32)
-    return codes, scale
+    codes, scale = bitpack.quantize_channels(weight.detach().float().cpu().numpy(), bits, axis=0)
+    return torch.from_numpy(codes), torch.from_numpy(scale)
 
 
 def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    shape = (-1,) + (1,) * (codes.ndim - 1)
-    return codes.float() * scale.view(shape)
+    return torch.from_numpy(
+        bitpack.dequantize_channels(codes.cpu().numpy(), scale.cpu().numpy(), axis=0)
+    )
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes in ``[-(2^(b-1)-1), 2^(b-1)-1]`` as a uint8 bit stream, ``bits`` bits per code."""
-    offset = 2 ** (bits - 1) - 1
-    unsigned = (codes.reshape(-1).numpy().astype(np.int64) + offset).astype(np.uint32)
-    planes = (unsigned[:, None] >> np.arange(bits, dtype=np.uint32)) & 1
-    return torch.from_numpy(np.packbits(planes.astype(np.uint8).reshape(-1)))
+    """``bitpack.pack`` of a code tensor, as a uint8 tensor."""
+    return torch.from_numpy(bitpack.pack(codes.cpu().numpy(), bits))
 
 
 def unpack(stream: torch.Tensor, bits: int, shape: tuple[int, ...]) -> torch.Tensor:
     """Inverse of ``pack``: int32 codes of ``shape``."""
-    count = int(np.prod(shape))
-    planes = np.unpackbits(stream.numpy())[: count * bits].reshape(count, bits)
-    unsigned = planes.astype(np.int64) @ (1 << np.arange(bits, dtype=np.int64))
-    offset = 2 ** (bits - 1) - 1
-    return torch.from_numpy((unsigned - offset).astype(np.int32)).reshape(shape)
+    return torch.from_numpy(bitpack.unpack(stream.cpu().numpy(), bits, shape))
 
 
 def quantized_weight_names(model: nn.Module) -> list[str]:

@@ -25,7 +25,6 @@ from torch import nn
 
 from shrinkflow.backends.torch import pt2e
 from shrinkflow.backends.torch.artifact import MODEL_FILE, load_model, save_fixed_point
-from shrinkflow.backends.torch.evaluate import check_fits
 from shrinkflow.backends.torch.tensors import normalize, to_device_tensors
 from shrinkflow.backends.torch.train import (
     TrainResult,
@@ -34,7 +33,7 @@ from shrinkflow.backends.torch.train import (
     fit,
     resumable_run_id,
 )
-from shrinkflow.data.prepared import PreparedData, sha256_file
+from shrinkflow.data.prepared import PreparedData, check_fits, sha256_file
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.progress import say
 from shrinkflow.quantization import QuantMethod, parse_quant_method

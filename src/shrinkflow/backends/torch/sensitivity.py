@@ -6,31 +6,23 @@ remove them) and every ratio of ``sensitivity.ratios``, a fresh copy of the base
 share of the group's filters by L1 norm, with no fine-tuning, and its val top-1 is compared
 with the unpruned model's.
 
-The caller's empty folder receives:
-- ``sensitivity.csv``: group, members, ratio, val_top1, drop, params_removed;
-- ``sensitivity.png``: val top-1 against ratio, one line per group;
-- ``ratios.json``: ``{group: ratio}`` for ``structured_sensitivity``. A group's ratio is the
-  largest tested one up to which every tested ratio keeps the drop within
-  ``sensitivity.max_drop`` (0.0 if even the smallest does not): robust layers are pruned
-  more, sensitive ones less, and one lucky large ratio after a failed smaller one cannot
-  make a sensitive layer look robust.
+The caller's empty folder receives ``sensitivity.csv`` and ``sensitivity.png`` (see
+``shrinkflow.sensitivity_report``) and ``ratios.json``: ``{group: ratio}`` for
+``structured_sensitivity``. A group's ratio is the largest tested one up to which every tested
+ratio keeps the drop within ``sensitivity.max_drop`` (0.0 if even the smallest does not):
+robust layers are pruned more, sensitive ones less, and one lucky large ratio after a failed
+smaller one cannot make a sensitive layer look robust.
 """
 
 from __future__ import annotations
 
 import copy
-import csv
 import json
-import math
-from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
 
-from matplotlib.figure import Figure
-
 from shrinkflow.backends.torch.artifact import load_model
 from shrinkflow.backends.torch.prune_structured import (
-    LayerGroup,
     build_pruner,
     example_input,
     ignored_layers,
@@ -46,19 +38,9 @@ from shrinkflow.data.prepared import PreparedData
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.outputs import write_json
 from shrinkflow.progress import track
+from shrinkflow.sensitivity_report import CSV_FILE, PLOT_FILE, SensitivityRecord, plot, write_csv
 
-CSV_FILE, PLOT_FILE, RATIOS_FILE = "sensitivity.csv", "sensitivity.png", "ratios.json"
-_LEGEND_ROWS = 24  # legend entries per column before the legend wraps into another column
-_LINE_STYLES = ("-", "--", ":", "-.")
-
-
-@dataclass(frozen=True)
-class _Result:
-    group: LayerGroup
-    ratio: float
-    val_top1: float
-    drop: float  # baseline val top-1 minus val_top1: positive is worse
-    params_removed: int
+RATIOS_FILE = "ratios.json"
 
 
 def analyze_sensitivity(
@@ -102,14 +84,23 @@ def analyze_sensitivity(
         )
         prune_step(pruner, max_ratio=1.0)
         top1 = val_top1(model, x_val, y_val)
+        removed = baseline_params - param_count(model)
+        members = " ".join(group.members)
         results.append(
-            _Result(group, ratio, top1, baseline_top1 - top1, baseline_params - param_count(model))
+            SensitivityRecord(group.name, members, ratio, top1, baseline_top1 - top1, removed)
         )
 
     out_dir = Path(out_dir)
-    _write_csv(results, out_dir / CSV_FILE)
+    write_csv(results, out_dir / CSV_FILE)
     max_drop = float(cfg["sensitivity"]["max_drop"])
-    _plot(results, baseline_top1, max_drop, out_dir / PLOT_FILE)
+    plot(
+        results,
+        baseline_top1,
+        max_drop,
+        out_dir / PLOT_FILE,
+        xlabel="share of the group's filters removed",
+        title="Sensitivity of each layer group to filter pruning",
+    )
     write_json(out_dir / RATIOS_FILE, _robust_ratios(results, max_drop))
     return {"groups": len(groups), "baseline_val_top1": baseline_top1}
 
@@ -131,11 +122,11 @@ def load_ratios(sensitivity_dir: Path) -> dict[str, float]:
     return {str(name): float(r) for name, r in ratios.items()}
 
 
-def _robust_ratios(results: list[_Result], max_drop: float) -> dict[str, float]:
+def _robust_ratios(results: list[SensitivityRecord], max_drop: float) -> dict[str, float]:
     chosen: dict[str, float] = {}
     failed: set[str] = set()
     for r in sorted(results, key=lambda r: r.ratio):
-        name = r.group.name
+        name = r.group
         chosen.setdefault(name, 0.0)
         # The tolerance keeps a drop of exactly max_drop (say 100 of 5000 images at 0.02) from
         # failing by float round-off; NaN never passes.
@@ -144,46 +135,3 @@ def _robust_ratios(results: list[_Result], max_drop: float) -> dict[str, float]:
         else:
             chosen[name] = r.ratio
     return chosen
-
-
-def _write_csv(results: list[_Result], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["group", "members", "ratio", "val_top1", "drop", "params_removed"])
-        for r in results:
-            members = " ".join(r.group.members)
-            writer.writerow([r.group.name, members, r.ratio, r.val_top1, r.drop, r.params_removed])
-
-
-def _plot(results: list[_Result], baseline_top1: float, max_drop: float, path: Path) -> None:
-    by_group: dict[LayerGroup, list[_Result]] = {}
-    for r in results:
-        by_group.setdefault(r.group, []).append(r)
-    columns = math.ceil((len(by_group) + 1) / _LEGEND_ROWS)
-    # A bare Figure (no pyplot) renders PNG with Agg: no display needed, no global figure state.
-    fig = Figure(figsize=(7 + 2.5 * columns, 5))
-    ax = fig.subplots()
-    for i, (group, rows) in enumerate(by_group.items()):
-        coupled = f" (+{len(group.members) - 1} coupled)" if len(group.members) > 1 else ""
-        ax.plot(
-            [0.0] + [r.ratio for r in rows],
-            [baseline_top1] + [r.val_top1 for r in rows],
-            marker="o",
-            markersize=3,
-            # The colour cycle has 10 colours; the line style tells groups 10 apart.
-            linestyle=_LINE_STYLES[i // 10 % len(_LINE_STYLES)],
-            label=f"{group.name}{coupled}",
-        )
-    ax.axhline(
-        baseline_top1 - max_drop,
-        color="grey",
-        linewidth=0.8,
-        linestyle="--",
-        label=f"baseline - max_drop ({max_drop:g})",
-    )
-    ax.set_xlabel("share of the group's filters removed")
-    ax.set_ylabel("val top-1 (no fine-tuning)")
-    ax.set_title("Sensitivity of each layer group to filter pruning")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=columns, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.savefig(path, dpi=120, bbox_inches="tight")
