@@ -1,0 +1,294 @@
+"""`shrinkflow evaluate` for TensorFlow: accuracy, size, MACs, latency, throughput and memory.
+
+Every figure is measured on the saved model file, as the torch backend does, and the returned
+keys are torch's, so both backends share one summary table. Two kinds of node are measured:
+
+- a Keras model (``model.keras``, or ``model.fixed.npz``, fixed-point weights that load as a
+  float model), run as one ``tf.function`` graph per batch size with a fixed input signature,
+  so timing measures the graph rather than Python's layer dispatch;
+- a TFLite file (``model.tflite``), run by one interpreter per batch size (resized and
+  allocated once), with as many threads as TensorFlow computes with (``default_threads``).
+
+Both take raw 0..255 pixels (the models normalise their input) and are scored in batches of
+the throughput batch size, the last one zero-padded: in inference mode an image's logits do
+not depend on the rest of its batch. With a ``reference`` model (the Keras model a TFLite file
+came from) both are timed in the same process, taking turns call by call.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # before tensorflow: tfmot needs Keras 2
+
+import functools  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Protocol  # noqa: E402
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import tf_keras as keras  # noqa: E402
+
+from shrinkflow import metrics  # noqa: E402
+from shrinkflow.backends.tensorflow import tflite  # noqa: E402
+from shrinkflow.backends.tensorflow.artifact import (  # noqa: E402
+    TFLITE_FILE,
+    load_model,
+    model_file,
+    read_spec,
+)
+from shrinkflow.backends.tensorflow.weights import count_params, unwrap  # noqa: E402
+from shrinkflow.data.prepared import PreparedData, check_fits  # noqa: E402
+from shrinkflow.errors import ShrinkflowError  # noqa: E402
+
+# The layers whose multiply-accumulates are counted (torch counts convolutions and matrix
+# products; biases, norms and activations are left out, the usual convention).
+MAC_LAYERS = (keras.layers.Conv2D, keras.layers.Dense)
+
+
+class Runner(Protocol):
+    """A model prepared for batches of exactly ``batch`` images."""
+
+    batch: int
+
+    def feed(self, images: np.ndarray) -> Any:
+        """uint8 ``(batch, H, W, C)`` pixels as the model's input, placed where it runs."""
+        ...
+
+    def __call__(self, x: Any) -> np.ndarray:
+        """Float32 logits of ``x``; returns once they are computed (on a GPU too)."""
+        ...
+
+
+def _device(cfg: dict) -> str:
+    name = cfg["evaluate"]["device"]
+    if name not in ("cpu", "cuda"):
+        raise ShrinkflowError(f"evaluate.device: {name!r} is not one of cpu, cuda")
+    if name == "cuda" and not tf.config.list_physical_devices("GPU"):
+        raise ShrinkflowError("evaluate.device: 'cuda' but no GPU is visible; use cpu")
+    return name
+
+
+def count_macs(model: keras.Model) -> int:
+    """Multiply-accumulates of one image through ``model``'s Conv2D and Dense layers.
+
+    A layer's MACs are its kernel size times its output positions (kernel_h * kernel_w * cin *
+    cout * out_h * out_w for a convolution, in * out for a dense layer on a vector). Zeroed
+    weights still count: MACs describe the dense computation a standard runtime performs.
+    """
+    total = 0
+    for layer in model.layers:
+        inner = unwrap(layer)
+        if isinstance(inner, MAC_LAYERS):
+            positions = int(np.prod(layer.output_shape[1:-1]))
+            total += int(np.prod(inner.kernel.shape)) * positions
+    return total
+
+
+class KerasRunner:
+    """A Keras model as one traced graph for batches of ``batch`` images on ``device``."""
+
+    def __init__(self, model: keras.Model, batch: int, device: str) -> None:
+        self.batch = batch
+        self._device = "/GPU:0" if device == "cuda" else "/CPU:0"
+        signature = tf.TensorSpec((batch, *model.input_shape[1:]), tf.float32)
+        # Ops take the device scope they are traced in, so the graph runs on ``device`` even
+        # where TensorFlow would otherwise place it on a visible GPU.
+        with tf.device(self._device):
+            self._function = tf.function(
+                lambda pixels: model(pixels, training=False), input_signature=[signature]
+            )
+            self._graph = self._function.get_concrete_function()
+
+    def feed(self, images: np.ndarray) -> tf.Tensor:
+        with tf.device(self._device):
+            return tf.constant(images.astype(np.float32))
+
+    def __call__(self, x: tf.Tensor) -> np.ndarray:
+        return self._graph(x).numpy()
+
+
+@dataclass
+class Subject:
+    """A model file ready to measure: runners per batch size, and its static figures."""
+
+    file: Path
+    spec: dict
+    runner_at: Callable[[int], Runner]  # batch size -> a runner for that size (cached)
+    counts: dict[str, int | float]  # weights.count_params' keys
+    macs: int
+
+
+def load_subject(model_dir: Path, device: str, threads: int) -> Subject:
+    """The model in ``model_dir``: its ``.tflite`` if it has one, else its Keras model (a
+    fixed-point node's expanded to float; its file is the fixed-point one)."""
+    model_dir = Path(model_dir)
+    file = model_file(model_dir)
+    if file.name != TFLITE_FILE:
+        model, spec = load_model(model_dir)
+        return Subject(
+            file=file,
+            spec=spec,
+            runner_at=functools.cache(lambda batch: KerasRunner(model, batch, device)),
+            counts=count_params(model),
+            macs=count_macs(model),
+        )
+    if device != "cpu":
+        raise ShrinkflowError(
+            f"evaluate.device: {device!r}, but {file} is a TFLite model, which runs on the CPU; "
+            "evaluate it with evaluate.device cpu"
+        )
+    spec = read_spec(model_dir)
+    layers = tflite.weight_layers(file)
+    return Subject(
+        file=file,
+        spec=spec,
+        runner_at=functools.cache(lambda batch: tflite.Runner(file, batch, threads)),
+        counts=tflite.count_params(layers),
+        # Counted from the file's own conv and dense ops, as count_macs counts the Keras
+        # layers: the same figure as the architecture it was converted from.
+        macs=sum(layer.macs for layer in layers),
+    )
+
+
+def logits(runner: Runner, images: np.ndarray) -> np.ndarray:
+    """Float32 logits of uint8 ``images`` in batches of ``runner.batch``, the last one
+    zero-padded to that size."""
+    out = []
+    for i in range(0, len(images), runner.batch):
+        chunk = images[i : i + runner.batch]
+        pad = runner.batch - len(chunk)
+        if pad:
+            chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+        out.append(runner(runner.feed(chunk))[: runner.batch - pad])
+    return np.concatenate(out).astype(np.float32)
+
+
+def _accuracy(runner: Runner, data: PreparedData) -> dict[str, float]:
+    scores = {}
+    for split in ("test", "val"):
+        index = getattr(data, split)
+        scores[split] = metrics.topk_accuracy(
+            logits(runner, data.images[index]), data.labels[index]
+        )
+    return {"top1": scores["test"][1], "top5": scores["test"][5], "val_top1": scores["val"][1]}
+
+
+def _timing_images(data: PreparedData, batch: int) -> np.ndarray:
+    """The first ``batch`` test images (cycled when the split is smaller)."""
+    return data.images[np.resize(data.test, batch)]
+
+
+def _peak_memory(runner: Runner, x: Any, device: str) -> tuple[float, str]:
+    """Memory the first inference at ``x``'s batch size adds on top of the loaded model and its
+    input, in MiB: activations and workspace, which for a TFLite file is its tensor arena (see
+    ``tflite.Runner``) and for a Keras graph includes TensorFlow instantiating it, as torch's
+    first pass includes its lazy initialisation."""
+    if device == "cuda":
+        tf.config.experimental.reset_memory_stats("GPU:0")
+        before = tf.config.experimental.get_memory_info("GPU:0")["current"]
+        runner(x)
+        peak = tf.config.experimental.get_memory_info("GPU:0")["peak"]
+        return (peak - before) / 2**20, "tf_gpu_peak"
+    with metrics.PeakMemory() as peak_memory:
+        runner(x)
+    return peak_memory.peak_mb, peak_memory.method
+
+
+@dataclass
+class Speed:
+    latency: metrics.LatencyStats  # at the latency batch
+    throughput_ips: float  # images per second at the throughput batch
+
+
+def measure_speeds(subjects: list[Subject], data: PreparedData, settings: dict) -> list[Speed]:
+    """Median latency at ``batch_sizes[0]`` and throughput at the largest batch size, per
+    subject; the subjects take turns call by call (``metrics.time_interleaved``)."""
+    latency_batch = settings["batch_sizes"][0]
+    throughput_batch = max(settings["batch_sizes"])
+
+    def timings(batch: int) -> list[metrics.LatencyStats]:
+        calls = []
+        for subject in subjects:
+            runner = subject.runner_at(batch)
+            x = runner.feed(_timing_images(data, batch))
+            calls.append(lambda runner=runner, x=x: runner(x))
+        seconds = metrics.time_interleaved(calls, settings["warmup"], settings["repeats"])
+        return [metrics.LatencyStats.from_seconds(s) for s in seconds]
+
+    latencies = timings(latency_batch)
+    throughputs = latencies if throughput_batch == latency_batch else timings(throughput_batch)
+    return [
+        Speed(latency, throughput_batch / (throughput.median_ms / 1e3))
+        for latency, throughput in zip(latencies, throughputs, strict=True)
+    ]
+
+
+def evaluate_model(
+    cfg: dict, model_dir: Path, data: PreparedData, reference_dir: Path | None = None
+) -> dict[str, float | int | str]:
+    """Measure the model saved in ``model_dir`` on ``data`` as ``cfg['evaluate']`` says.
+
+    Returns the keys of the torch backend's ``evaluate_model``: those of
+    ``metrics.SUMMARY_COLUMNS`` it measures, plus ``val_top1``, ``prunable_weights``,
+    ``prunable_nonzero``, ``latency_ms_b1_p90``, ``latency_batch``/``throughput_batch``,
+    ``peak_mem_method``, ``threads`` and ``device``; with ``reference_dir`` also
+    ``reference_size_bytes``, ``reference_gzip_bytes``, ``reference_latency_ms_b1``,
+    ``reference_throughput_ips`` and the ratios ``size_ratio``, ``gzip_ratio``,
+    ``latency_speedup`` and ``throughput_speedup``.
+    """
+    device = _device(cfg)
+    settings = cfg["evaluate"]
+    threads = tflite.default_threads()
+    subject = load_subject(Path(model_dir), device, threads)
+    check_fits(subject.spec, data, subject.file)
+    throughput_batch = max(settings["batch_sizes"])
+    runner = subject.runner_at(throughput_batch)
+
+    # Memory first: earlier passes leave freed blocks in the allocators' pools, which a later
+    # pass reuses without raising the resident size, so it would seem to need nothing.
+    peak_mb, peak_method = _peak_memory(
+        runner, runner.feed(_timing_images(data, throughput_batch)), device
+    )
+    result: dict[str, float | int | str] = {**_accuracy(runner, data)}
+    result.update(subject.counts)
+    result["macs"] = subject.macs
+    result["size_bytes"] = metrics.file_bytes(subject.file)
+    result["gzip_bytes"] = metrics.gzip_bytes(subject.file)
+    reference = None
+    if reference_dir is not None:
+        reference = load_subject(Path(reference_dir), device, threads)
+    speeds = measure_speeds([subject] + ([reference] if reference else []), data, settings)
+    speed = speeds[0]
+    result.update(
+        latency_ms_b1=speed.latency.median_ms,
+        latency_ms_b1_p90=speed.latency.p90_ms,
+        latency_batch=settings["batch_sizes"][0],
+        throughput_ips=speed.throughput_ips,
+        throughput_batch=throughput_batch,
+        peak_mem_mb=peak_mb,
+        peak_mem_method=peak_method,
+        threads=threads,
+        device=device,
+    )
+    if reference is not None:
+        result.update(_compare(result, reference, speeds[1]))
+    return result
+
+
+def _compare(result: dict, reference: Subject, speed: Speed) -> dict[str, float | int]:
+    """The reference model's size and speed (timed alongside the model) and the model's
+    ratios to them."""
+    size, gzip_size = metrics.file_bytes(reference.file), metrics.gzip_bytes(reference.file)
+    return {
+        "reference_size_bytes": size,
+        "reference_gzip_bytes": gzip_size,
+        "reference_latency_ms_b1": speed.latency.median_ms,
+        "reference_throughput_ips": speed.throughput_ips,
+        "size_ratio": result["size_bytes"] / size,
+        "gzip_ratio": result["gzip_bytes"] / gzip_size,
+        "latency_speedup": speed.latency.median_ms / result["latency_ms_b1"],
+        "throughput_speedup": result["throughput_ips"] / speed.throughput_ips,
+    }

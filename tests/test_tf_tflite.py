@@ -1,0 +1,278 @@
+"""TensorFlow quantization: TFLite conversion by every method, calibration, the stored weights."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras as keras
+from ai_edge_litert.interpreter import Interpreter
+from sklearn.datasets import load_digits
+
+from shrinkflow.backends.tensorflow import tflite
+from shrinkflow.backends.tensorflow.artifact import (
+    KERAS_FILE,
+    SPEC_FILE,
+    TFLITE_FILE,
+    data_spec,
+    load_model,
+    read_spec,
+    save_model,
+)
+from shrinkflow.backends.tensorflow.evaluate import count_macs
+from shrinkflow.backends.tensorflow.models import create_model
+from shrinkflow.backends.tensorflow.quantize import (
+    METHODS,
+    calibration_batches,
+    quantize_model,
+    resumable_quantize_run_id,
+)
+from shrinkflow.data.prepared import PreparedData
+from shrinkflow.errors import ShrinkflowError
+
+CFG = {
+    "seed": 0,
+    "train": {"batch_size": 32},
+    "quantize": {"methods": list(METHODS), "calibration_batches": 4},
+    "evaluate": {"device": "cpu", "batch_sizes": [1, 16], "warmup": 1, "repeats": 3},
+}
+# resnet20: the stem, 9 blocks of two convs, two projection shortcuts and the output layer.
+WEIGHT_LAYERS = 1 + 9 * 2 + 2 + 1
+
+
+def one_thread() -> None:
+    """Compute with one thread, as every test here does (TensorFlow fixes its thread pools
+    when it first runs an op; an earlier test module of the session may have done so)."""
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        pass
+
+
+def tiny_digits() -> PreparedData:
+    """scikit-learn's 8x8 digits as prepared data: 1 channel, 600 train, 100 val, 200 test."""
+    digits = load_digits()
+    images = np.round(digits.images * (255 / 16)).astype(np.uint8)[..., None]
+    order = np.random.default_rng(0).permutation(len(images))[:900]
+    train = order[300:]
+    pixels = images[train] / 255.0
+    return PreparedData(
+        images=images,
+        labels=digits.target.astype(np.int64),
+        train=train,
+        val=order[200:300],
+        test=order[:200],
+        classes=[str(c) for c in range(10)],
+        mean=(float(pixels.mean()),),
+        std=(float(pixels.std()),),
+        manifest={"fingerprint": "digits-8x8-tflite-test"},
+    )
+
+
+def train_baseline(folder: Path, data: PreparedData) -> None:
+    """A resnet20 fitted for two epochs (about 93 % test top-1), saved as a float node."""
+    keras.utils.set_random_seed(0)
+    model = create_model("resnet20", 10, 1, 8, data.mean, data.std)
+    model.compile(
+        keras.optimizers.Adam(3e-3),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    model.fit(
+        data.images[data.train].astype(np.float32),
+        data.labels[data.train],
+        batch_size=32,
+        epochs=2,
+        verbose=0,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    save_model(model, data_spec("resnet20", data), folder)
+
+
+def shared_baseline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, PreparedData]:
+    """``train_baseline``'s node and its data, trained once per session for every TensorFlow
+    test module that asks (training is most of a module's time)."""
+    one_thread()
+    data = tiny_digits()
+    folder = tmp_path_factory.getbasetemp() / "tf-digits-resnet20"
+    if not (folder / SPEC_FILE).is_file():  # save_model writes the spec last
+        train_baseline(folder, data)
+    return folder, data
+
+
+def keras_top1(model: keras.Model, data: PreparedData, split: str = "test") -> float:
+    index = getattr(data, split)
+    predicted = model.predict(data.images[index].astype(np.float32), verbose=0).argmax(axis=1)
+    return float(np.mean(predicted == data.labels[index]))
+
+
+def interpreter_top1(path, data: PreparedData, split: str = "test") -> float:
+    """Top-1 of a .tflite file computed without shrinkflow's runner: the split in one batch,
+    pixels fed as they are (uint8 for a uint8 input, float32 otherwise)."""
+    index = getattr(data, split)
+    interpreter = Interpreter(model_path=str(path), num_threads=1)
+    source = interpreter.get_input_details()[0]
+    interpreter.resize_tensor_input(source["index"], [len(index), 8, 8, 1])
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(source["index"], data.images[index].astype(source["dtype"]))
+    interpreter.invoke()
+    scores = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    return float(np.mean(scores.argmax(axis=1) == data.labels[index]))
+
+
+def quantize(method: str, source, data: PreparedData, root, cfg: dict = CFG):
+    out = root / method
+    out.mkdir(parents=True)
+    facts = quantize_model(
+        cfg, method, source, data, out, root / "resume", lambda epoch, m: None, run_id=None
+    )
+    return out, facts
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    folder, data = shared_baseline(tmp_path_factory)
+    return folder, data, load_model(folder)[0]
+
+
+@pytest.fixture(scope="module")
+def converted(baseline, tmp_path_factory):
+    folder, data, _ = baseline
+    root = tmp_path_factory.mktemp("converted")
+    return {method: quantize(method, folder, data, root) for method in METHODS}
+
+
+def test_every_method_writes_a_tflite_node_with_the_source_spec(baseline, converted):
+    folder = baseline[0]
+    bits = {"static_int8": 8, "dynamic_int8": 8, "float16": 16, "float32": 32}
+    for method, (out, facts) in converted.items():
+        assert sorted(p.name for p in out.iterdir()) == ["model.tflite", "spec.json"], method
+        assert read_spec(out) == read_spec(folder)
+        assert facts["artifact"] == TFLITE_FILE and facts["bits"] == bits[method]
+        assert facts["seconds"] > 0
+        assert len(tflite.weight_layers(out / TFLITE_FILE)) == WEIGHT_LAYERS
+
+
+def test_quantized_layers_are_counted_from_the_stored_weights(converted):
+    counts = {method: facts["quantized_layers"] for method, (_, facts) in converted.items()}
+    assert counts["float32"] == 0
+    assert counts["static_int8"] == counts["float16"] == WEIGHT_LAYERS
+    # Dynamic range leaves tensors under 1024 values in float: the 1-channel stem conv (144),
+    # the first projection shortcut (512) and the output layer (640).
+    assert counts["dynamic_int8"] == WEIGHT_LAYERS - 3
+    dtypes = {
+        method: {layer.filter.dtype for layer in tflite.weight_layers(out / TFLITE_FILE)}
+        for method, (out, _) in converted.items()
+    }
+    assert dtypes == {
+        "static_int8": {np.dtype(np.int8)},
+        "dynamic_int8": {np.dtype(np.int8), np.dtype(np.float32)},
+        "float16": {np.dtype(np.float16)},
+        "float32": {np.dtype(np.float32)},
+    }
+
+
+def test_static_int8_is_small_takes_uint8_pixels_and_reports_calibration(converted):
+    out, facts = converted["static_int8"]
+    float_bytes = (converted["float32"][0] / TFLITE_FILE).stat().st_size
+    assert (out / TFLITE_FILE).stat().st_size <= 0.3 * float_bytes
+    source = Interpreter(model_path=str(out / TFLITE_FILE)).get_input_details()[0]
+    assert source["dtype"] == np.uint8
+    # The calibration pixels span 0..255, so a uint8 code is the pixel itself.
+    assert source["quantization"] == (1.0, 0)
+    assert (facts["input_scale"], facts["input_zero_point"]) == (1.0, 0)
+    assert facts["calibration_batches"] == 4 and facts["calibration_images"] == 4 * 32
+    for method in ("dynamic_int8", "float16", "float32"):
+        assert "calibration_batches" not in converted[method][1]
+
+
+def test_converted_models_keep_the_keras_accuracy(baseline, converted):
+    _, data, model = baseline
+    reference = keras_top1(model, data)
+    assert reference > 0.8  # the fixture's model learned something to keep
+    allowed = {"float32": 0.01, "float16": 0.01, "dynamic_int8": 0.03, "static_int8": 0.1}
+    for method, (out, facts) in converted.items():
+        top1 = interpreter_top1(out / TFLITE_FILE, data)
+        assert abs(top1 - reference) <= allowed[method], (method, top1, reference)
+        assert facts["val_top1"] == pytest.approx(interpreter_top1(out / TFLITE_FILE, data, "val"))
+    assert interpreter_top1(converted["static_int8"][0] / TFLITE_FILE, data) > 0.5
+
+
+def test_tflite_macs_match_the_keras_architecture(baseline, converted):
+    model = baseline[2]
+    expected = count_macs(model)
+    for method, (out, _) in converted.items():
+        layers = tflite.weight_layers(out / TFLITE_FILE)
+        assert sum(layer.macs for layer in layers) == expected, method
+
+
+def test_calibration_uses_the_first_batches_of_a_seeded_permutation(baseline):
+    data = baseline[1]
+    batches = calibration_batches(CFG, data)
+    order = np.random.default_rng(CFG["seed"]).permutation(data.train)
+    assert [b.shape for b in batches] == [(32, 8, 8, 1)] * 4
+    assert all(b.dtype == np.float32 for b in batches)
+    np.testing.assert_array_equal(np.concatenate(batches), data.images[order[:128]])
+    other = calibration_batches({**CFG, "seed": 1}, data)
+    assert not np.array_equal(np.concatenate(other), np.concatenate(batches))
+
+
+def test_calibration_takes_every_batch_a_small_split_has(baseline):
+    data = baseline[1]
+    cfg = {**CFG, "quantize": {**CFG["quantize"], "calibration_batches": 100}}
+    batches = calibration_batches(cfg, data)
+    assert len(batches) == 19 and sum(len(b) for b in batches) == len(data.train) == 600
+
+
+def test_empty_calibration_is_refused(baseline, tmp_path):
+    folder, data, _ = baseline
+    cfg = copy.deepcopy(CFG)
+    cfg["quantize"]["calibration_batches"] = 0
+    with pytest.raises(ShrinkflowError, match=r"quantize\.calibration_batches: 0"):
+        quantize("static_int8", folder, data, tmp_path, cfg)
+    assert not (tmp_path / "static_int8" / TFLITE_FILE).exists()
+
+
+@pytest.mark.parametrize("method", ["qat_int8", "fixed_w4", "int4"])
+def test_other_methods_are_refused_by_name(baseline, tmp_path, method):
+    folder, data, _ = baseline
+    with pytest.raises(ShrinkflowError) as raised:
+        quantize(method, folder, data, tmp_path)
+    message = str(raised.value)
+    assert message == (
+        f"--method: {method!r} is not available for backend tensorflow "
+        "(available: static_int8, dynamic_int8, float16, float32)"
+    )
+    assert list((tmp_path / method).iterdir()) == []
+
+
+def test_conversion_never_resumes(baseline, tmp_path):
+    folder, data, _ = baseline
+    assert resumable_quantize_run_id(CFG, "static_int8", folder, data, tmp_path) is None
+
+
+def test_a_tflite_node_is_not_a_conversion_input(baseline, converted, tmp_path):
+    data = baseline[1]
+    with pytest.raises(ShrinkflowError, match=KERAS_FILE):
+        quantize("float32", converted["float32"][0], data, tmp_path)
+
+
+def test_a_narrower_calibration_range_quantizes_the_fed_pixels(baseline, tmp_path):
+    folder, data, model = baseline
+    dim = dataclasses.replace(data, images=data.images // 2)  # pixels 0..127: scale 127/255
+    out, facts = quantize("static_int8", folder, dim, tmp_path)
+    assert facts["input_scale"] == pytest.approx(127 / 255, rel=1e-3)
+    assert facts["input_zero_point"] == 0
+    runner = tflite.Runner(out / TFLITE_FILE, 16, threads=1)
+    images = dim.images[dim.test[:16]]
+    fed = runner.feed(images)
+    assert fed.dtype == np.uint8
+    np.testing.assert_array_equal(fed, np.round(images / facts["input_scale"]).astype(np.uint8))
+    agree = runner(fed).argmax(axis=1) == model.predict(
+        images.astype(np.float32), verbose=0
+    ).argmax(axis=1)
+    assert agree.mean() >= 0.8
