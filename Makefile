@@ -43,6 +43,7 @@ bench: venv
 	python benchmarks/pipeline.py
 	python benchmarks/int8_flows.py
 	python benchmarks/quantization.py
+	python benchmarks/tensorflow.py
 
 clean:
 	rm -rf results logs .snakemake data/raw data/prepared mlflow.db mlflow.db.lock mlartifacts

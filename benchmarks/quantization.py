@@ -27,14 +27,13 @@ workspace.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import time
 import zipfile
 from pathlib import Path
 
 import yaml
-from workspace import BIN, ROOT, fresh_workspace
+from workspace import BIN, ROOT, failure, fresh_workspace, read_metrics, train_seconds
 
 from shrinkflow import dag
 
@@ -107,7 +106,7 @@ def main() -> None:
     }
     for model, rows in results.items():
         print()
-        print_model(model, rows, workspace, train_seconds(workspace, model), args.epochs)
+        print_model(model, rows, workspace, train_seconds(workspace, BACKEND, model), args.epochs)
     print()
     print_sparse(results, args.prune_method)
     print()
@@ -129,35 +128,6 @@ def nodes(model: str, args: argparse.Namespace, fixed: list[str]) -> dict[str, d
         "sparse": sparse,
         "sparse+int8": dag.quantized(BACKEND, model, SPARSE_QMETHOD, sparse),
     }
-
-
-def read_metrics(workspace: Path, node: dag.Node) -> dict | None:
-    path = workspace / node.metrics
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def failure(workspace: Path, node: dag.Node) -> str:
-    """The error line of the job that should have made ``node``, if its log has one."""
-    logs = [Path("logs/evaluate") / f"{node.label}.log"]
-    if node.stage == "quantized":
-        source = node.source.subpath
-        logs.append(Path("logs/quantize", BACKEND, node.model, node.quant_method, f"{source}.log"))
-    for log in logs:
-        path = workspace / log
-        lines = path.read_text().splitlines() if path.is_file() else []
-        errors = [line for line in lines if line.startswith("error:")]
-        if errors:
-            return f"{errors[-1]} ({log})"
-    return f"not produced (an upstream job failed? see {workspace / 'snakemake.log'})"
-
-
-def train_seconds(workspace: Path, model: str) -> float | None:
-    """Wall seconds of the model's train job, from its Snakemake benchmark file."""
-    tsv = workspace / "logs/benchmark/train" / BACKEND / f"{model}.tsv"
-    if not tsv.is_file():
-        return None
-    header, values = tsv.read_text().splitlines()[:2]
-    return float(dict(zip(header.split("\t"), values.split("\t"), strict=True))["s"])
 
 
 def model_file(workspace: Path, row: dict) -> Path:

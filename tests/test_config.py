@@ -19,7 +19,7 @@ PARAMS = ROOT / "params.yaml"
 def test_default_params_are_valid():
     cfg = load_params([PARAMS])
     assert cfg["data"]["name"] == "digits"
-    assert cfg["backends"] == ["torch"]
+    assert cfg["backends"] == ["torch", "tensorflow"]
 
 
 @pytest.mark.parametrize(
@@ -73,7 +73,7 @@ def test_default_params_are_valid():
         (
             "quantize.methods=[static_int8, int4]",
             "quantize.methods[1]: 'int4' is not a quantization method (allowed: static_int8, "
-            "dynamic_int8, qat_int8, fixed_w<bits> with bits 2..16)",
+            "dynamic_int8, qat_int8, float32, float16, fixed_w<bits> with bits 2..16)",
         ),
         (
             "quantize.methods=[fixed_w1]",
@@ -93,9 +93,39 @@ def test_bad_values_name_the_key_and_the_allowed_values(override, message):
 
 def test_every_quantize_method_family_is_accepted_and_an_empty_list_turns_it_off():
     methods = "[static_int8, dynamic_int8, qat_int8, fixed_w2, fixed_w16]"
-    cfg = load_params([PARAMS], [f"quantize.methods={methods}"])
+    cfg = load_params([PARAMS], ["backends=[torch]", f"quantize.methods={methods}"])
     assert cfg["quantize"]["methods"][-1] == "fixed_w16"
+    tflite = "[static_int8, dynamic_int8, float16, float32, fixed_w8]"
+    cfg = load_params([PARAMS], ["backends=[tensorflow]", f"quantize.methods={tflite}"])
+    assert cfg["quantize"]["methods"][2:4] == ["float16", "float32"]
     assert load_params([PARAMS], ["quantize.methods=[]"])["quantize"]["methods"] == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["prune.methods=[l1_unstructured, structured_l1]"],
+            "prune.methods[1]: 'structured_l1' is not available for backend tensorflow (it has: "
+            "l1_unstructured, gradual_polynomial, gradual_constant)",
+        ),
+        (
+            ["quantize.methods=[qat_int8]"],
+            "quantize.methods[0]: 'qat_int8' is not available for backend tensorflow (it has: "
+            "static_int8, dynamic_int8, float32, float16, fixed_w<bits>)",
+        ),
+        (
+            ["backends=[torch]", "quantize.methods=[static_int8, float16]"],
+            "quantize.methods[1]: 'float16' is not available for backend torch (it has: "
+            "static_int8, dynamic_int8, qat_int8, fixed_w<bits>)",
+        ),
+    ],
+)
+def test_every_method_must_exist_on_every_listed_backend(overrides, message):
+    """DVC's matrix runs every method on every backend, so a gap is an error up front."""
+    with pytest.raises(ShrinkflowError) as info:
+        load_params([PARAMS], overrides)
+    assert str(info.value) == message
 
 
 def test_missing_key_is_named(tmp_path):
@@ -197,4 +227,4 @@ def test_cli_models_lists_the_registry():
 def test_cli_unknown_backend_is_one_line():
     result = run_cli("models", "--backend", "jax")
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: backend: 'jax' is not one of torch"
+    assert result.stderr.strip() == "error: backend: 'jax' is not one of torch, tensorflow"

@@ -67,21 +67,25 @@ def test_snakemake_and_dvc_run_the_same_commands():
     dvc = dvc_commands()
     assert smk == dvc
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert params["backends"] == ["torch", "tensorflow"], "the default DAG runs both backends"
     points = len(params["prune"]["methods"]) * len(params["prune"]["sparsities"])
     quantized = (1 + points) * len(params["quantize"]["methods"])
     assert quantized > 0, "the default params should exercise quantization"
     assert stage_counts(smk) == {
         "download": 1,
         "prepare": 1,
-        "train": 1,
-        "sensitivity": 1,
-        "prune": points,
-        "finetune": points,
-        "quantize": quantized,
-        "evaluate": 1 + points,
-        "evaluate_quantized": quantized,
+        "train": 2,
+        "sensitivity": 2,
+        "prune": 2 * points,
+        "finetune": 2 * points,
+        "quantize": 2 * quantized,
+        "evaluate": 2 * (1 + points),
+        "evaluate_quantized": 2 * quantized,
         "summarize": 1,
     }
+    for backend in ("torch", "tensorflow"):
+        assert any(f"--backend {backend} " in c for c in smk)
+        assert sum(f"results/models/{backend}/" in c for c in smk) > 1 + points
 
 
 def test_parity_holds_for_a_sweep_over_models(tmp_path):
@@ -89,8 +93,8 @@ def test_parity_holds_for_a_sweep_over_models(tmp_path):
     project = project_copy(tmp_path, models=["resnet20", "resnet56"])
     smk = snakemake_commands(cwd=project)
     assert smk == dvc_commands(cwd=project)
-    assert sum(" train " in f" {c} " for c in smk) == 2
-    assert any("--model resnet56" in c for c in smk)
+    assert sum(" train " in f" {c} " for c in smk) == 2 * 2  # both backends
+    assert any("--backend tensorflow --model resnet56" in c for c in smk)
 
 
 @pytest.mark.parametrize("preset", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.stem)
@@ -102,7 +106,7 @@ def test_parity_holds_for_every_preset(tmp_path, preset):
     cfg = yaml.safe_load((project / "params.yaml").read_text())
     points = len(cfg["prune"]["methods"]) * len(cfg["prune"]["sparsities"])
     quantized = len(cfg["models"]) * (1 + points) * len(cfg["quantize"]["methods"])
-    assert stage_counts(smk).get("quantize", 0) == quantized
+    assert stage_counts(smk).get("quantize", 0) == len(cfg["backends"]) * quantized
 
 
 def test_quantized_nodes_have_the_same_commands_in_both(tmp_path):
@@ -119,7 +123,7 @@ def test_quantized_nodes_have_the_same_commands_in_both(tmp_path):
     assert smk == dvc_commands(cwd=project)
     cfg = yaml.safe_load((project / "params.yaml").read_text())
     quantized = [n for n in dag.evaluated_nodes(cfg) if n.stage == "quantized"]
-    assert len(quantized) == 4
+    assert len(quantized) == 2 * 4  # both backends
     expected_quantize = sorted(
         f"shrinkflow quantize --params params.yaml --method {n.quant_method} "
         f"--in {n.source.model_dir} --data data/prepared/digits --out {n.model_dir}"
@@ -134,7 +138,7 @@ def test_quantized_nodes_have_the_same_commands_in_both(tmp_path):
     assert [c for c in smk if " --reference " in c] == expected_evaluate
     # unquantized nodes keep the plain evaluate command (never a --reference)
     plain = [c for c in smk if c.split()[1] == "evaluate" and " --reference " not in c]
-    assert len(plain) == 2 and not any("/quantized/" in c for c in plain)
+    assert len(plain) == 2 * 2 and not any("/quantized/" in c for c in plain)
 
 
 def test_an_empty_method_list_turns_quantization_off_in_both(tmp_path):
@@ -220,6 +224,7 @@ def test_a_changed_quantize_setting_reruns_only_the_methods_that_read_it(tmp_pat
     """Each quantize job's `params:` holds exactly the config its method reads."""
     project = project_copy(
         tmp_path / "project",
+        backends=["torch"],  # qat_int8 is torch's
         prune={"methods": ["l1_unstructured"], "sparsities": [0.5]},
         quantize={"methods": ["static_int8", "qat_int8", "fixed_w4"]},
     )

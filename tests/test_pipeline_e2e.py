@@ -59,6 +59,8 @@ def make_project(dest: Path, quantize_methods: list[str] | None = None) -> Path:
     for section, values in TINY.items():
         params[section].update(values)
     params["prune"]["gradual"]["epochs"] = 1
+    # The structured methods are torch's; tests/test_pipeline_tf_e2e.py runs TensorFlow's DAG.
+    params["backends"] = ["torch"]
     if quantize_methods is not None:
         params["quantize"]["methods"] = quantize_methods
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -132,6 +132,15 @@ def _check_cross_keys(cfg: Mapping) -> None:
         )
     for i, name in enumerate(cfg["quantize"]["methods"]):
         parse_quant_method(name, key=f"quantize.methods[{i}]")
+    # Every sweep point runs on every backend (DVC's matrix is a full product), so each method
+    # must exist on each listed backend.
+    from shrinkflow.backends.base import check_prune_method, check_quant_method
+
+    for backend in cfg["backends"]:
+        for i, name in enumerate(cfg["prune"]["methods"]):
+            check_prune_method(backend, name, key=f"prune.methods[{i}]")
+        for i, name in enumerate(cfg["quantize"]["methods"]):
+            check_quant_method(backend, name, key=f"quantize.methods[{i}]")
 
 
 def _key_path(path: Iterable) -> str:

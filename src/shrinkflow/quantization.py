@@ -1,10 +1,16 @@
 """The quantization methods a DAG can name, and what each name means (no framework imports).
 
-``quantize.methods`` lists names of two kinds:
+``quantize.methods`` lists names of three kinds:
 
 - ``static_int8``, ``dynamic_int8``, ``qat_int8``: int8 artefacts with integer kernels;
 - ``fixed_w<bits>``: fixed-point weights of ``bits`` bits (2..16), the reference study's sweep
-  from 32-bit floats down, one name per bit width so that every width is a node of the DAG.
+  from 32-bit floats down, one name per bit width so that every width is a node of the DAG;
+- ``float32``, ``float16``: the model converted to its backend's deployment format (TFLite)
+  with float32 weights, or with float16 weights.
+
+A name means the same idea on every backend that offers it (``backends.base.QUANT_FAMILIES``
+says which backend offers which family): torch's static_int8 is PT2E with oneDNN kernels,
+TensorFlow's is TFLite full-integer quantization.
 """
 
 from __future__ import annotations
@@ -15,18 +21,23 @@ from dataclasses import dataclass
 from shrinkflow.errors import ShrinkflowError
 
 INT8_METHODS = ("static_int8", "dynamic_int8", "qat_int8")
+FLOAT_METHODS = {"float32": 32, "float16": 16}
 FIXED_PREFIX = "fixed_w"
 # 1 bit leaves a symmetric code with no non-zero level; above 16 bits the weights are floats
 # in all but name (and the 32-bit end of the sweep is the float model itself).
 MIN_BITS, MAX_BITS = 2, 16
-ALLOWED = f"{', '.join(INT8_METHODS)}, {FIXED_PREFIX}<bits> with bits {MIN_BITS}..{MAX_BITS}"
+ALLOWED = (
+    f"{', '.join(INT8_METHODS)}, {', '.join(FLOAT_METHODS)}, "
+    f"{FIXED_PREFIX}<bits> with bits {MIN_BITS}..{MAX_BITS}"
+)
 
 _FIXED = re.compile(rf"{FIXED_PREFIX}(\d+)")
 
 
 @dataclass(frozen=True)
 class QuantMethod:
-    """A parsed method name: ``family`` is static, dynamic, qat or fixed; ``bits`` its width."""
+    """A parsed method name: ``family`` is static, dynamic, qat, fixed or float; ``bits`` the
+    weights' width."""
 
     name: str
     family: str
@@ -37,6 +48,8 @@ def parse_quant_method(name: str, key: str = "--method") -> QuantMethod:
     """The method ``name`` stands for; a ShrinkflowError naming ``key`` if it stands for none."""
     if name in INT8_METHODS:
         return QuantMethod(name, name.removesuffix("_int8"), 8)
+    if name in FLOAT_METHODS:
+        return QuantMethod(name, "float", FLOAT_METHODS[name])
     match = _FIXED.fullmatch(name)
     if match is None:
         raise ShrinkflowError(f"{key}: {name!r} is not a quantization method (allowed: {ALLOWED})")

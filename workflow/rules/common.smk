@@ -60,11 +60,12 @@ def prune_params(wildcards):
 
 def quantize_params(wildcards):
     """The config a quantization job reads, so that changing quantize.qat re-runs only the QAT
-    nodes: fixed-point weights need nothing but the seed, int8 methods calibrate activations on
-    training batches, and QAT also fine-tunes (with train's optimizer settings)."""
+    nodes: fixed-point weights and float conversions need nothing but the seed, int8 methods
+    calibrate activations on training batches, and QAT also fine-tunes (with train's optimizer
+    settings)."""
     family = parse_quant_method(wildcards.qmethod, key="qmethod").family
     read = {"seed": config["seed"]}
-    if family != "fixed":
+    if family not in ("fixed", "float"):
         read["calibration_batches"] = config["quantize"]["calibration_batches"]
     if family == "qat":
         read["qat"] = config["quantize"]["qat"]

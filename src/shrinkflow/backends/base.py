@@ -9,8 +9,30 @@ from typing import Any, Protocol
 
 from shrinkflow.data.prepared import PreparedData
 from shrinkflow.errors import ShrinkflowError
+from shrinkflow.quantization import FIXED_PREFIX, FLOAT_METHODS, INT8_METHODS, parse_quant_method
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "tensorflow")
+
+# What each backend implements, declared here so that a config is checked before any job runs
+# (and without importing a framework). A method name means the same idea on every backend that
+# has it; the structured (filter-removing) methods and QAT are torch's, TFLite's float
+# conversions TensorFlow's.
+PRUNE_METHODS: dict[str, tuple[str, ...]] = {
+    "torch": (
+        "l1_unstructured",
+        "gradual_polynomial",
+        "gradual_constant",
+        "structured_l1",
+        "structured_random",
+        "structured_sensitivity",
+    ),
+    "tensorflow": ("l1_unstructured", "gradual_polynomial", "gradual_constant"),
+}
+# Families of shrinkflow.quantization method names.
+QUANT_FAMILIES: dict[str, tuple[str, ...]] = {
+    "torch": ("static", "dynamic", "qat", "fixed"),
+    "tensorflow": ("static", "dynamic", "float", "fixed"),
+}
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -114,6 +136,32 @@ def get_backend(name: str) -> Backend:
     if name not in BACKENDS:
         raise ShrinkflowError(f"backend: {name!r} is not one of {', '.join(BACKENDS)}")
     return importlib.import_module(f"shrinkflow.backends.{name}").BACKEND
+
+
+def check_prune_method(backend: str, method: str, key: str) -> None:
+    """A ShrinkflowError naming ``key`` if ``backend`` has no prune method ``method``."""
+    if method not in PRUNE_METHODS[backend]:
+        raise ShrinkflowError(
+            f"{key}: {method!r} is not available for backend {backend} "
+            f"(it has: {', '.join(PRUNE_METHODS[backend])})"
+        )
+
+
+def check_quant_method(backend: str, method: str, key: str) -> None:
+    """A ShrinkflowError naming ``key`` if ``backend`` cannot quantize with ``method``."""
+    family = parse_quant_method(method, key).family
+    if family not in QUANT_FAMILIES[backend]:
+        offered = [
+            m
+            for m in (*INT8_METHODS, *FLOAT_METHODS)
+            if parse_quant_method(m).family in QUANT_FAMILIES[backend]
+        ]
+        if "fixed" in QUANT_FAMILIES[backend]:
+            offered.append(f"{FIXED_PREFIX}<bits>")
+        raise ShrinkflowError(
+            f"{key}: {method!r} is not available for backend {backend} "
+            f"(it has: {', '.join(offered)})"
+        )
 
 
 def check_model(backend: Backend, model_name: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from shrinkflow import tracking
-from shrinkflow.backends.base import get_backend
+from shrinkflow.backends.base import check_prune_method, get_backend
 from shrinkflow.dag import node_label, node_tags
 from shrinkflow.data.prepared import load_prepared
 from shrinkflow.errors import ShrinkflowError
@@ -36,6 +36,7 @@ def run(
 ) -> None:
     check_point(method, sparsity)
     parent = read_node(model_dir)
+    check_prune_method(parent["backend"], method, "--method")
     backend = get_backend(parent["backend"])
     data = load_prepared(data_dir)
     if method == "structured_sensitivity" and not (sensitivity_dir / "ratios.json").is_file():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from shrinkflow import tracking
-from shrinkflow.backends.base import get_backend
+from shrinkflow.backends.base import check_quant_method, get_backend
 from shrinkflow.dag import QUANTIZABLE_STAGES, node_label, node_tags
 from shrinkflow.data.prepared import load_prepared
 from shrinkflow.errors import ShrinkflowError
@@ -23,6 +23,7 @@ def run(cfg: dict, method: str, model_dir: Path, data_dir: Path, out: Path) -> N
             f"--in {model_dir}: a {source['stage']} model; quantize a baseline or a "
             "fine-tuned sweep point (the float models the DAG evaluates)"
         )
+    check_quant_method(source["backend"], method, "--method")
     backend = get_backend(source["backend"])
     data = load_prepared(data_dir)
     node = {**source, "stage": "quantized", "quant_method": method}

@@ -1,0 +1,187 @@
+"""The TensorFlow DAG run for real through Snakemake and tracked in MLflow: the same stages,
+files and lineage as the torch DAG (tests/test_pipeline_e2e.py), with tfmot and TFLite inside."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from test_pipeline_e2e import BIN, make_project, mlflow_runs, read_summary, run
+
+TINY_TF = {
+    "backends": ["tensorflow"],
+    "prune": {"methods": ["l1_unstructured", "gradual_polynomial"], "sparsities": [0.5]},
+    "quantize": {"methods": ["static_int8", "fixed_w4"]},
+    "sensitivity": {"ratios": [0.5]},
+}
+POINTS = [(m, "0.5") for m in TINY_TF["prune"]["methods"]]
+QUANT = TINY_TF["quantize"]["methods"]
+SOURCES = [("", ""), *POINTS]
+MODELS = "results/models/tensorflow/resnet20"
+
+pytestmark = pytest.mark.slow
+
+
+def make_tf_project(dest: Path) -> Path:
+    """tests/test_pipeline_e2e.py's tiny project, switched to TensorFlow's methods."""
+    project = make_project(dest)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["backends"] = TINY_TF["backends"]
+    for section in ("prune", "quantize", "sensitivity"):
+        params[section].update(TINY_TF[section])
+    # one epoch of 8x8 digits at batch 128 is ~10 steps: tfmot's default 100 would never fire
+    params["prune"]["gradual"]["frequency"] = 1
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return project
+
+
+@pytest.fixture(scope="module")
+def tf_project(tmp_path_factory) -> Path:
+    project = make_tf_project(tmp_path_factory.mktemp("tf"))
+    run([str(BIN / "snakemake"), "--profile", "workflow/profiles/local", "--cores", "2"], project)
+    return project
+
+
+def test_the_tensorflow_dag_writes_every_node_to_the_summary(tf_project):
+    rows = read_summary(tf_project)
+    keys = [(r["stage"], r["prune_method"], r["target_sparsity"], r["quant_method"]) for r in rows]
+    assert keys == [
+        ("baseline", "", "", ""),
+        *[("finetuned", method, sparsity, "") for method, sparsity in POINTS],
+        *[("quantized", method, sparsity, q) for method, sparsity in SOURCES for q in QUANT],
+    ]
+    assert {r["backend"] for r in rows} == {"tensorflow"}
+    baseline = rows[0]
+    assert float(baseline["top1"]) > 0.3  # two epochs on 8x8 digits; chance is 0.1
+    keras_file = tf_project / baseline["artifact"] / "model.keras"
+    assert int(baseline["size_bytes"]) == keras_file.stat().st_size
+    assert int(baseline["params"]) == int(baseline["nonzero_params"]) > 0
+    assert float(baseline["latency_ms_b1"]) > 0 and float(baseline["throughput_ips"]) > 0
+    for row in rows[1 : 1 + len(POINTS)]:
+        # counted in the saved file; the output layer stays dense, so a little under 0.5
+        assert 0.45 < float(row["measured_sparsity"]) <= 0.5, row["prune_method"]
+        assert int(row["params"]) == int(baseline["params"])
+    float_rows = {
+        (r["prune_method"], r["target_sparsity"]): r for r in rows if not r["quant_method"]
+    }
+    for row in rows[1 + len(POINTS) :]:
+        source = float_rows[(row["prune_method"], row["target_sparsity"])]
+        assert int(row["gzip_bytes"]) < int(source["gzip_bytes"])
+        # both int8 TFLite and 4-bit weights keep a pruned model's zeros (and round some
+        # small weights to zero: 4 bits leave a fifth of a dense ResNet-20's at zero)
+        measured, kept = float(row["measured_sparsity"]), float(source["measured_sparsity"])
+        assert measured >= kept - 1e-3
+        if row["quant_method"] == "static_int8":
+            assert measured == pytest.approx(kept, abs=0.03)
+        assert float(row["top1"]) > 0.2
+    static = next(r for r in rows if (r["quant_method"], r["prune_method"]) == ("static_int8", ""))
+    assert (tf_project / static["artifact"] / "model.tflite").is_file()
+    metrics = json.loads(
+        (tf_project / MODELS / "quantized/static_int8/baseline/metrics.json").read_text()
+    )
+    assert metrics["reference_size_bytes"] == keras_file.stat().st_size
+    assert (tf_project / MODELS / "sensitivity/sensitivity.csv").is_file()
+    assert not list(tf_project.rglob(".tmp-*")), "a temporary output was left behind"
+
+
+def test_every_tensorflow_job_is_an_mlflow_run_tagged_with_its_backend(tf_project):
+    runs = mlflow_runs(tf_project)
+    model_runs = [r for r in runs if r.data.tags["shrinkflow.stage"] not in
+                  ("download", "prepare", "summarize")]  # fmt: skip
+    assert len(model_runs) == 2 + 2 * len(POINTS) + len(QUANT) * len(SOURCES) * 2 + len(SOURCES)
+    assert {r.data.tags["shrinkflow.backend"] for r in model_runs} == {"tensorflow"}
+    assert all(r.info.status == "FINISHED" for r in runs)
+    by_id = {r.info.run_id: r for r in runs}
+    # evaluate -> quantize -> finetune -> prune -> train: the lineage of a quantized sweep point
+    evaluate = next(
+        r
+        for r in runs
+        if r.data.tags["shrinkflow.stage"] == "evaluate"
+        and r.data.tags.get("shrinkflow.qmethod") == "static_int8"
+        and r.data.tags.get("shrinkflow.method") == "gradual_polynomial"
+    )
+    chain = [evaluate]
+    while "mlflow.parentRunId" in chain[-1].data.tags:
+        chain.append(by_id[chain[-1].data.tags["mlflow.parentRunId"]])
+    assert [r.data.tags["shrinkflow.stage"] for r in chain] == [
+        "evaluate", "quantize", "finetune", "prune", "train", "prepare", "download",
+    ]  # fmt: skip
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tf_project / 'mlflow.db'}")
+    prune = chain[3]
+    sparsity = [m.value for m in client.get_metric_history(prune.info.run_id, "sparsity")]
+    assert sparsity and sparsity[-1] == pytest.approx(0.5, abs=0.01)  # tfmot's schedule, logged
+    train = chain[4]
+    assert [m.step for m in client.get_metric_history(train.info.run_id, "val_top1")] == [1, 2]
+    assert "model/model.keras" in {
+        a.path for a in client.list_artifacts(train.info.run_id, "model")
+    }
+
+
+def test_a_killed_tensorflow_train_job_resumes_in_the_same_mlflow_run(tmp_path):
+    project = make_tf_project(tmp_path)
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    shrinkflow = str(BIN / "shrinkflow")
+    epochs = 8
+    run([shrinkflow, "download", "--out", "data/raw/digits"], project)
+    run(
+        [shrinkflow, "prepare", "--in", "data/raw/digits", "--out", "data/prepared/digits"], project
+    )
+    out = project / MODELS / "baseline/model"
+    train = [shrinkflow, "train", "--set", f"train.epochs={epochs}", "--set", "train.batch_size=32",
+             "--backend", "tensorflow", "--model", "resnet20",
+             "--in", "data/prepared/digits", "--out", str(out)]  # fmt: skip
+    state = out.parent / "resume/state.json"
+    job = subprocess.Popen(train, cwd=project, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not state.exists() and time.monotonic() < deadline and job.poll() is None:
+        time.sleep(0.05)
+    assert job.poll() is None, "training ended before it could be killed"
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    done = json.loads(state.read_text())["epoch"]
+    assert 1 <= done < epochs and not out.exists()
+
+    resumed = run(train, project)
+    assert f"resuming from epoch {done + 1}/{epochs}" in resumed.stderr
+    runs = [r for r in mlflow_runs(project) if r.data.tags["shrinkflow.stage"] == "train"]
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_top1")]
+    assert sorted(steps) == list(range(1, epochs + 1))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["prune", "--method", "structured_l1", "--sparsity", "0.5",
+          "--sensitivity", f"{MODELS}/sensitivity"],
+         "error: --method: 'structured_l1' is not available for backend tensorflow"),
+        (["quantize", "--method", "qat_int8"],
+         "error: --method: 'qat_int8' is not available for backend tensorflow"),
+    ],
+)  # fmt: skip
+def test_a_method_tensorflow_lacks_is_refused_with_one_line(tf_project, args, message):
+    runs_before = len(mlflow_runs(tf_project))
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    out = tf_project / "results/refused/model"
+    result = subprocess.run(
+        [str(BIN / "shrinkflow"), *args, "--in", f"{MODELS}/baseline/model",
+         "--data", "data/prepared/digits", "--out", str(out)],
+        cwd=tf_project, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr
+    assert not out.parent.exists()
+    assert len(mlflow_runs(tf_project)) == runs_before
