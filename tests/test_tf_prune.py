@@ -14,7 +14,6 @@ from sklearn.datasets import load_digits  # noqa: E402
 
 from shrinkflow.backends.tensorflow.artifact import (  # noqa: E402
     KERAS_FILE,
-    data_spec,
     load_model,
     save_model,
 )
@@ -35,6 +34,7 @@ from shrinkflow.backends.tensorflow.weights import (  # noqa: E402
 )
 from shrinkflow.data.prepared import PreparedData  # noqa: E402
 from shrinkflow.errors import ShrinkflowError  # noqa: E402
+from shrinkflow.training import model_spec
 
 # Other jobs share the 2 CI cores; one thread each keeps TensorFlow from oversubscribing them.
 # Setting it fails once TensorFlow has run an op, i.e. when another test module of this
@@ -124,7 +124,7 @@ def baseline(tmp_path_factory):
     model.fit(x, data.labels[data.train], batch_size=BATCH, epochs=1, verbose=0)
     folder = tmp_path_factory.mktemp("tf-prune") / "baseline"
     folder.mkdir()
-    save_model(model, data_spec("resnet20", data), folder)
+    save_model(model, model_spec("resnet20", data), folder)
     return folder, data
 
 

@@ -14,10 +14,11 @@ import tf_keras as keras
 from sklearn.datasets import load_digits
 
 from shrinkflow.backends.tensorflow import sensitivity
-from shrinkflow.backends.tensorflow.artifact import KERAS_FILE, data_spec, save_model
+from shrinkflow.backends.tensorflow.artifact import KERAS_FILE, save_model
 from shrinkflow.backends.tensorflow.models import create_model
 from shrinkflow.data.prepared import PreparedData
 from shrinkflow.errors import ShrinkflowError
+from shrinkflow.training import model_spec
 
 RATIOS = [0.1, 0.5, 0.9]
 CFG = {
@@ -92,7 +93,7 @@ def trained_baseline(folder: Path) -> Path:
     model = create_model("resnet20", 10, 1, 8, DATA.mean, DATA.std)
     model.set_weights(list(_trained_weights()))
     folder.mkdir(parents=True)
-    save_model(model, data_spec("resnet20", DATA), folder)
+    save_model(model, model_spec("resnet20", DATA), folder)
     return folder
 
 

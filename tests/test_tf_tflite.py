@@ -18,7 +18,6 @@ from shrinkflow.backends.tensorflow.artifact import (
     KERAS_FILE,
     SPEC_FILE,
     TFLITE_FILE,
-    data_spec,
     load_model,
     read_spec,
     save_model,
@@ -33,6 +32,7 @@ from shrinkflow.backends.tensorflow.quantize import (
 )
 from shrinkflow.data.prepared import PreparedData
 from shrinkflow.errors import ShrinkflowError
+from shrinkflow.training import model_spec
 
 CFG = {
     "seed": 0,
@@ -90,7 +90,7 @@ def train_baseline(folder: Path, data: PreparedData) -> None:
         verbose=0,
     )
     folder.mkdir(parents=True, exist_ok=True)
-    save_model(model, data_spec("resnet20", data), folder)
+    save_model(model, model_spec("resnet20", data), folder)
 
 
 def shared_baseline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, PreparedData]:

@@ -24,7 +24,6 @@ from shrinkflow.backends.tensorflow import train  # noqa: E402
 from shrinkflow.backends.tensorflow.artifact import (  # noqa: E402
     KERAS_FILE,
     SPEC_FILE,
-    data_spec,
     load_model,
     save_model,
 )
@@ -50,6 +49,7 @@ from shrinkflow.backends.tensorflow.train import (  # noqa: E402
 )
 from shrinkflow.data.prepared import PreparedData  # noqa: E402
 from shrinkflow.errors import ShrinkflowError  # noqa: E402
+from shrinkflow.training import model_spec
 
 # CPU kernels are bit-exact only for a fixed thread count. Set at import, before any test
 # initialises TensorFlow; if another module initialised it first, its counts hold, and the
@@ -475,7 +475,7 @@ def test_tfmot_wrapped_model_resumes_its_masks_and_steps(tmp_path):
             fingerprint="wrapped",
             on_epoch=on_epoch,
             run_id=None,
-            spec=data_spec("resnet20", small),
+            spec=model_spec("resnet20", small),
             callbacks=[tfmot.sparsity.keras.UpdatePruningStep()],
             save=lambda m, folder: None,
         )
@@ -515,7 +515,7 @@ def test_mixed_precision_trains_a_float16_twin_and_saves_float32(data, tmp_path,
         fingerprint="amp",
         on_epoch=no_epochs,
         run_id=None,
-        spec=data_spec("resnet20", small),
+        spec=model_spec("resnet20", small),
         callbacks=[Policies()],
     )
     policies, optimizer = seen[0], seen[1]

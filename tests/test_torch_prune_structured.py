@@ -14,9 +14,9 @@ from torch import nn
 from shrinkflow.backends.torch import prune_structured as ps
 from shrinkflow.backends.torch.artifact import MODEL_FILE, load_model, save_model
 from shrinkflow.backends.torch.models import create_model
-from shrinkflow.backends.torch.train import data_spec
 from shrinkflow.data.prepared import PreparedData
 from shrinkflow.errors import ShrinkflowError
+from shrinkflow.training import model_spec
 
 CLASSES = 4
 STUDY2_PROFILE = [0.1, 0.1, 0.2, 0.2, 0.2, 0.2, 0.3, 0.3]
@@ -109,7 +109,7 @@ def save_baseline(folder: Path, arch: str = "resnet20", model: nn.Module | None 
         torch.manual_seed(0)
         model = create_model(arch, CLASSES, in_channels=1, image_size=8)
     folder.mkdir(parents=True, exist_ok=True)
-    save_model(model, data_spec(arch, DATA), folder)
+    save_model(model, model_spec(arch, DATA), folder)
     return folder
 
 
@@ -215,7 +215,7 @@ def test_pruned_model_file_round_trips_and_is_smaller(tmp_path):
     ps.prune_step(pruner, 0.9)
     pruned_dir = tmp_path / "pruned"
     pruned_dir.mkdir()
-    save_model(model, data_spec("resnet20", DATA), pruned_dir)
+    save_model(model, model_spec("resnet20", DATA), pruned_dir)
 
     loaded, spec = load_model(pruned_dir)
     x = torch.randn(5, 1, 8, 8)

@@ -172,6 +172,31 @@ _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
 
 
+@dataclass(frozen=True)
+class Speed:
+    """How fast one model ran: latency at the latency batch, throughput at the largest one."""
+
+    latency: LatencyStats
+    throughput_ips: float  # images per second at the throughput batch
+
+
+def reference_comparison(result: dict, reference_file: Path, speed: Speed) -> dict[str, float]:
+    """The reference model's size and speed (``speed`` timed alongside the model's, see
+    ``time_interleaved``) and ``result``'s ratios to them: the keys evaluate adds with
+    ``--reference``."""
+    size, gzip_size = file_bytes(reference_file), gzip_bytes(reference_file)
+    return {
+        "reference_size_bytes": size,
+        "reference_gzip_bytes": gzip_size,
+        "reference_latency_ms_b1": speed.latency.median_ms,
+        "reference_throughput_ips": speed.throughput_ips,
+        "size_ratio": result["size_bytes"] / size,
+        "gzip_ratio": result["gzip_bytes"] / gzip_size,
+        "latency_speedup": speed.latency.median_ms / result["latency_ms_b1"],
+        "throughput_speedup": result["throughput_ips"] / speed.throughput_ips,
+    }
+
+
 def _status_kib(field: str) -> int:
     """A ``VmXXX:  1234 kB`` line of /proc/self/status, in KiB."""
     for line in _STATUS.read_text().splitlines():

@@ -31,19 +31,6 @@ FORMAT = "shrinkflow.tensorflow/1"
 SPEC_KEYS = ("arch", "num_classes", "in_channels", "image_size", "mean", "std", "classes")
 
 
-def data_spec(model_name: str, data: Any) -> dict[str, Any]:
-    """The spec of a ``model_name`` built for ``data`` (a ``PreparedData``)."""
-    return {
-        "arch": model_name,
-        "num_classes": data.num_classes,
-        "in_channels": data.channels,
-        "image_size": data.image_size,
-        "mean": [float(m) for m in data.mean],
-        "std": [float(s) for s in data.std],
-        "classes": [str(c) for c in data.classes],
-    }
-
-
 def write_spec(spec: dict[str, Any], folder: Path) -> None:
     missing = [k for k in SPEC_KEYS if k not in spec]
     if missing:

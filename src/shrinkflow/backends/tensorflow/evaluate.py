@@ -197,13 +197,9 @@ def _peak_memory(runner: Runner, x: Any, device: str) -> tuple[float, str]:
     return peak_memory.peak_mb, peak_memory.method
 
 
-@dataclass
-class Speed:
-    latency: metrics.LatencyStats  # at the latency batch
-    throughput_ips: float  # images per second at the throughput batch
-
-
-def measure_speeds(subjects: list[Subject], data: PreparedData, settings: dict) -> list[Speed]:
+def measure_speeds(
+    subjects: list[Subject], data: PreparedData, settings: dict
+) -> list[metrics.Speed]:
     """Median latency at ``batch_sizes[0]`` and throughput at the largest batch size, per
     subject; the subjects take turns call by call (``metrics.time_interleaved``)."""
     latency_batch = settings["batch_sizes"][0]
@@ -221,7 +217,7 @@ def measure_speeds(subjects: list[Subject], data: PreparedData, settings: dict) 
     latencies = timings(latency_batch)
     throughputs = latencies if throughput_batch == latency_batch else timings(throughput_batch)
     return [
-        Speed(latency, throughput_batch / (throughput.median_ms / 1e3))
+        metrics.Speed(latency, throughput_batch / (throughput.median_ms / 1e3))
         for latency, throughput in zip(latencies, throughputs, strict=True)
     ]
 
@@ -274,21 +270,5 @@ def evaluate_model(
         device=device,
     )
     if reference is not None:
-        result.update(_compare(result, reference, speeds[1]))
+        result.update(metrics.reference_comparison(result, reference.file, speeds[1]))
     return result
-
-
-def _compare(result: dict, reference: Subject, speed: Speed) -> dict[str, float | int]:
-    """The reference model's size and speed (timed alongside the model) and the model's
-    ratios to them."""
-    size, gzip_size = metrics.file_bytes(reference.file), metrics.gzip_bytes(reference.file)
-    return {
-        "reference_size_bytes": size,
-        "reference_gzip_bytes": gzip_size,
-        "reference_latency_ms_b1": speed.latency.median_ms,
-        "reference_throughput_ips": speed.throughput_ips,
-        "size_ratio": result["size_bytes"] / size,
-        "gzip_ratio": result["gzip_bytes"] / gzip_size,
-        "latency_speedup": speed.latency.median_ms / result["latency_ms_b1"],
-        "throughput_speedup": result["throughput_ips"] / speed.throughput_ips,
-    }

@@ -34,7 +34,6 @@ import math  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -42,12 +41,13 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
-from shrinkflow.backends.tensorflow.artifact import data_spec, save_model  # noqa: E402
+from shrinkflow.backends.tensorflow.artifact import save_model  # noqa: E402
 from shrinkflow.backends.tensorflow.models import OUTPUT_LAYER, create_model  # noqa: E402
 from shrinkflow.data.prepared import PreparedData  # noqa: E402
 from shrinkflow.errors import ShrinkflowError  # noqa: E402
 from shrinkflow.outputs import atomic_dir, read_json, write_json  # noqa: E402
 from shrinkflow.progress import say, track  # noqa: E402
+from shrinkflow.training import TrainResult, batch_bounds, model_spec  # noqa: E402
 
 STATE_FILE = "state.json"
 # Bumped whenever the resume state's layout or the training procedure changes, so that an old
@@ -59,16 +59,6 @@ CHECKPOINT_PREFIX = "epoch-"  # resume_dir/epoch-0003/ckpt.*: the checkpoint aft
 # the two backends train the same way on the same data.
 WARMUP_START = 0.1  # the LR factor at step 0 of the warm-up (lr/10), rising linearly to 1
 CROP_PAD_DIVISOR = 8  # crop padding = image_size // 8: CIFAR's 4 pixels at 32x32, scaled
-
-
-@dataclass
-class TrainResult:
-    epochs: int
-    best_epoch: int
-    best_val_top1: float
-    resumed_from_epoch: int  # the last epoch restored from the resume state; 0 for a fresh start
-    history: list[dict]
-    seconds: float  # wall time of this call (a resumed run counts only its own epochs)
 
 
 def train_fingerprint(cfg: dict, model_name: str, data: PreparedData) -> str:
@@ -95,16 +85,6 @@ def resumable_run_id(resume_dir: Path, fingerprint: str) -> str | None:
 def steps_per_epoch(cfg: dict, data: PreparedData) -> int:
     """Optimizer steps in one epoch over the training split with ``cfg["train"]["batch_size"]``."""
     return len(batch_bounds(len(data.train), int(cfg["train"]["batch_size"])))
-
-
-def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
-    """(start, stop) of each batch over n samples. The last partial batch is kept, except that a
-    final batch of ONE sample joins the batch before it: BatchNorm cannot train on one sample
-    whose feature maps are 1x1 (VGG and the big ResNets at small image sizes)."""
-    starts = list(range(0, n, batch_size))
-    if len(starts) > 1 and n - starts[-1] == 1:
-        starts.pop()
-    return [(s, min(s + batch_size, n)) for s in starts[:-1]] + [(starts[-1], n)] if starts else []
 
 
 @functools.cache
@@ -156,7 +136,7 @@ def train_model(
         fingerprint=train_fingerprint(cfg, model_name, data),
         on_epoch=on_epoch,
         run_id=run_id,
-        spec=data_spec(model_name, data),
+        spec=model_spec(model_name, data),
     )
 
 

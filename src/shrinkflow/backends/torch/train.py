@@ -36,6 +36,7 @@ from shrinkflow.data.prepared import PreparedData
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.outputs import atomic_file
 from shrinkflow.progress import say, track
+from shrinkflow.training import TrainResult, batch_bounds, model_spec
 
 STATE_FILE = "state.pt"
 # Bumped whenever the resume state's layout or the training procedure changes, so that an old
@@ -55,16 +56,6 @@ class StatefulStepHook(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-@dataclass
-class TrainResult:
-    epochs: int
-    best_epoch: int
-    best_val_top1: float
-    resumed_from_epoch: int  # the last epoch restored from the resume state; 0 for a fresh start
-    history: list[dict]
-    seconds: float  # wall time of this call (a resumed run counts only its own epochs)
 
 
 def train_fingerprint(cfg: dict, model_name: str, data: PreparedData) -> str:
@@ -91,19 +82,6 @@ def resumable_run_id(resume_dir: Path, fingerprint: str) -> str | None:
 def steps_per_epoch(cfg: dict, data: PreparedData) -> int:
     """Optimizer steps in one epoch over the training split with ``cfg["train"]["batch_size"]``."""
     return len(batch_bounds(len(data.train), int(cfg["train"]["batch_size"])))
-
-
-def data_spec(model_name: str, data: PreparedData) -> dict[str, Any]:
-    """The model-file spec of a ``model_name`` built for ``data`` (see artifact.save_model)."""
-    return {
-        "arch": model_name,
-        "num_classes": data.num_classes,
-        "in_channels": data.channels,
-        "image_size": data.image_size,
-        "mean": [float(m) for m in data.mean],
-        "std": [float(s) for s in data.std],
-        "classes": [str(c) for c in data.classes],
-    }
 
 
 def train_model(
@@ -140,7 +118,7 @@ def train_model(
         fingerprint=train_fingerprint(cfg, model_name, data),
         on_epoch=on_epoch,
         run_id=run_id,
-        spec=data_spec(model_name, data),
+        spec=model_spec(model_name, data),
         device=device,
     )
 
@@ -296,16 +274,6 @@ class _Augment:
         if self.hflip:
             x = torch.where(flips.view(-1, 1, 1, 1), x.flip(3), x)
         return x
-
-
-def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
-    """(start, stop) of each batch over n samples. The last partial batch is kept, except that a
-    final batch of ONE sample joins the batch before it: BatchNorm cannot train on one sample
-    whose feature maps are 1x1 (VGG and the big ResNets at small image sizes)."""
-    starts = list(range(0, n, batch_size))
-    if len(starts) > 1 and n - starts[-1] == 1:
-        starts.pop()
-    return [(s, min(s + batch_size, n)) for s in starts[:-1]] + [(starts[-1], n)] if starts else []
 
 
 @dataclass

@@ -1,0 +1,44 @@
+"""What both backends' training loops share, so that they train the same way on the same data.
+
+No framework imports: ``backends/torch/train.py`` and ``backends/tensorflow/train.py`` both build
+on these definitions, and a change here changes both backends at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class TrainResult:
+    epochs: int
+    best_epoch: int
+    best_val_top1: float
+    resumed_from_epoch: int  # the last epoch restored from the resume state; 0 for a fresh start
+    history: list[dict]
+    seconds: float  # wall time of this call (a resumed run counts only its own epochs)
+
+
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, stop) of each batch over n samples. The last partial batch is kept, except that a
+    final batch of ONE sample joins the batch before it: BatchNorm cannot train on one sample
+    whose feature maps are 1x1 (VGG and the big ResNets at small image sizes)."""
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    return [(s, min(s + batch_size, n)) for s in starts[:-1]] + [(starts[-1], n)] if starts else []
+
+
+def model_spec(model_name: str, data: Any) -> dict[str, Any]:
+    """The spec a model file stores beside its weights: what ``model_name`` was built for
+    (``data`` is a ``PreparedData``). Every backend's model files carry these keys."""
+    return {
+        "arch": model_name,
+        "num_classes": data.num_classes,
+        "in_channels": data.channels,
+        "image_size": data.image_size,
+        "mean": [float(m) for m in data.mean],
+        "std": [float(s) for s in data.std],
+        "classes": [str(c) for c in data.classes],
+    }
