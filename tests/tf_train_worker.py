@@ -19,11 +19,10 @@ from pathlib import Path
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from data_fixtures import load_data_file  # noqa: E402
 
 from shrinkflow.backends.tensorflow.train import train_model  # noqa: E402
-from shrinkflow.data.prepared import PreparedData  # noqa: E402
 
 
 def main() -> None:
@@ -31,18 +30,7 @@ def main() -> None:
     pause_epoch = int(sys.argv[8]) if len(sys.argv) > 8 else 0
     tf.config.threading.set_intra_op_parallelism_threads(int(intra))
     tf.config.threading.set_inter_op_parallelism_threads(int(inter))
-    with np.load(data_file, allow_pickle=False) as a:
-        data = PreparedData(
-            images=a["images"],
-            labels=a["labels"],
-            train=a["train"],
-            val=a["val"],
-            test=a["test"],
-            classes=[str(c) for c in a["classes"]],
-            mean=tuple(float(m) for m in a["mean"]),
-            std=tuple(float(s) for s in a["std"]),
-            manifest={"fingerprint": str(a["fingerprint"])},
-        )
+    data = load_data_file(Path(data_file))
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         if epoch == pause_epoch:

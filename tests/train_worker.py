@@ -12,29 +12,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from data_fixtures import load_data_file
 
 from shrinkflow.backends.torch.train import train_model
-from shrinkflow.data.prepared import PreparedData
 
 
 def main() -> None:
     data_file, cfg_file, out_dir, resume_dir, run_id, threads = sys.argv[1:7]
     pause_epoch = int(sys.argv[7]) if len(sys.argv) > 7 else 0
     torch.set_num_threads(int(threads))
-    with np.load(data_file, allow_pickle=False) as a:
-        data = PreparedData(
-            images=a["images"],
-            labels=a["labels"],
-            train=a["train"],
-            val=a["val"],
-            test=a["test"],
-            classes=[str(c) for c in a["classes"]],
-            mean=tuple(float(m) for m in a["mean"]),
-            std=tuple(float(s) for s in a["std"]),
-            manifest={"fingerprint": str(a["fingerprint"])},
-        )
+    data = load_data_file(Path(data_file))
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         if epoch == pause_epoch:
