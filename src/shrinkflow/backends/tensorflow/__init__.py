@@ -19,9 +19,12 @@ class _TensorFlowBackend:
         return list_models()
 
     def count_params(self, model_name: str) -> int:
+        """Trainable parameters, as torch counts them (no batch-norm statistics)."""
         from shrinkflow.backends.tensorflow.models import create_model
+        from shrinkflow.backends.tensorflow.weights import count_params
 
-        return int(create_model(model_name, num_classes=10, in_channels=3).count_params())
+        model = create_model(model_name, num_classes=10, in_channels=3)
+        return int(count_params(model)["params"])
 
     def train_fingerprint(self, cfg, model_name, data) -> str:
         from shrinkflow.backends.tensorflow.train import train_fingerprint
