@@ -185,3 +185,36 @@ def test_a_method_tensorflow_lacks_is_refused_with_one_line(tf_project, args, me
     assert result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr
     assert not out.parent.exists()
     assert len(mlflow_runs(tf_project)) == runs_before
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["prune", "--method", "gradual_polynomial", "--sparsity", "0.5",
+          "--sensitivity", f"{MODELS}/sensitivity", "--set", "prune.gradual.frequency=1000"],
+         "error: prune.gradual.frequency: 1000 steps never reaches the target"),
+        (["quantize", "--method", "static_int8", "--set", "quantize.calibration_batches=0"],
+         "error: quantize.calibration_batches: 0 is not in [1, inf)"),
+        (["quantize", "--method", "float8"],
+         "error: --method: 'float8' is not a quantization method (allowed: "),
+    ],
+)  # fmt: skip
+def test_bad_tensorflow_input_is_one_line_and_writes_nothing(tf_project, args, message):
+    """An unreachable tfmot schedule (found in the job, so its MLflow run ends FAILED), an empty
+    representative data set and an unknown TFLite mode (refused before any run starts)."""
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    out = tf_project / "results/refused/model"
+    result = subprocess.run(
+        [str(BIN / "shrinkflow"), *args, "--in", f"{MODELS}/baseline/model",
+         "--data", "data/prepared/digits", "--out", str(out)],
+        cwd=tf_project, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert errors[0].startswith(message), errors[0]
+    # no model folder and no temporary one (the empty resume folder beside it is a declared,
+    # persisted DVC output that a prune job creates before it starts)
+    assert not out.exists() and not list(out.parent.glob(".tmp-*"))
+    assert all(r.info.status in ("FINISHED", "FAILED") for r in mlflow_runs(tf_project))
