@@ -10,7 +10,8 @@ store), runs `snakemake` there, then measures in the same run, side by side:
   wall time from Snakemake's own `benchmark:` files;
 - a no-op `snakemake` re-run and a no-op `dvc repro` (after `dvc commit` records the outputs);
 - the fixed cost every job pays before doing work: interpreter + CLI import, torch import,
-  mlflow import, and opening + closing one MLflow run on an existing SQLite store.
+  TensorFlow import, mlflow import, and opening + closing one MLflow run on an existing SQLite
+  store.
 Figures are medians of --repeats runs; nothing here is asserted.
 """
 
@@ -30,20 +31,27 @@ def median_of(repeats: int, cmd: list[str], cwd: Path) -> float:
 
 
 def job_times(workspace: Path) -> dict[str, list[float]]:
-    """Per-rule wall seconds of every job, from the rules' `benchmark:` TSV files."""
+    """Wall seconds of every job by rule and backend ("train torch"; "summarize" for the jobs
+    of no backend), from the rules' `benchmark:` TSV files."""
     times: dict[str, list[float]] = {}
     root = workspace / "logs/benchmark"
     for tsv in sorted(root.rglob("*.tsv")):
         with tsv.open() as handle:
             record = next(csv.DictReader(handle, delimiter="\t"))
-        rule = tsv.relative_to(root).parts[0].removesuffix(".tsv")
-        times.setdefault(rule, []).append(float(record["s"]))
+        parts = tsv.relative_to(root).parts
+        key = parts[0].removesuffix(".tsv")
+        if len(parts) > 2:  # logs/benchmark/<rule>/<backend>/...
+            key = f"{key} {parts[1]}"
+        times.setdefault(key, []).append(float(record["s"]))
     return times
 
 
 OVERHEAD_SNIPPETS = {
     "python + shrinkflow CLI import": "import shrinkflow.cli",
     "import torch + torchvision": "import torch, torchvision",
+    "import tensorflow + tf_keras + tfmot": (
+        "import tensorflow, tf_keras, tensorflow_model_optimization"
+    ),
     "import mlflow": "import mlflow",
     "tracking: import, open + close one run": (
         "from shrinkflow.config import load_params; from shrinkflow import tracking; "
