@@ -138,6 +138,27 @@ def get_backend(name: str) -> Backend:
     return importlib.import_module(f"shrinkflow.backends.{name}").BACKEND
 
 
+# The smallest input side every registered model is tested with: the 8x8 scikit-learn digits.
+MIN_IMAGE_SIZE = 8
+
+
+def check_model_args(
+    backend: str, name: str, known: list[str], num_classes: int, in_channels: int, image_size: int
+) -> None:
+    """What every backend's ``create_model`` checks before building ``name``."""
+    if name not in known:
+        raise ShrinkflowError(
+            f"unknown model {name!r} for backend {backend} (known: {', '.join(known)})"
+        )
+    for arg, value, minimum in (
+        ("num_classes", num_classes, 1),
+        ("in_channels", in_channels, 1),
+        ("image_size", image_size, MIN_IMAGE_SIZE),
+    ):
+        if value < minimum:
+            raise ShrinkflowError(f"model {name!r}: {arg} {value} is not >= {minimum}")
+
+
 def check_prune_method(backend: str, method: str, key: str) -> None:
     """A ShrinkflowError naming ``key`` if ``backend`` has no prune method ``method``."""
     if method not in PRUNE_METHODS[backend]:

@@ -25,10 +25,8 @@ from typing import Any  # noqa: E402
 import tf_keras as keras  # noqa: E402
 from tf_keras import layers  # noqa: E402
 
-from shrinkflow.errors import ShrinkflowError  # noqa: E402
+from shrinkflow.backends.base import check_model_args  # noqa: E402
 
-# The smallest input side every registered model is tested with: the 8x8 scikit-learn digits.
-MIN_IMAGE_SIZE = 8
 OUTPUT_LAYER = "fc"  # every model's logits layer (``prune.exclude``'s ``output``)
 
 # (symbolic input, num_classes, image_size) -> symbolic logits
@@ -83,17 +81,7 @@ def create_model(
     The initial weights depend only on TensorFlow's global seed, so
     ``keras.utils.set_random_seed`` before this call makes them reproducible.
     """
-    if name not in _REGISTRY:
-        raise ShrinkflowError(
-            f"unknown model {name!r} for backend tensorflow (known: {', '.join(list_models())})"
-        )
-    for arg, value, minimum in (
-        ("num_classes", num_classes, 1),
-        ("in_channels", in_channels, 1),
-        ("image_size", image_size, MIN_IMAGE_SIZE),
-    ):
-        if value < minimum:
-            raise ShrinkflowError(f"model {name!r}: {arg} {value} is not >= {minimum}")
+    check_model_args("tensorflow", name, list_models(), num_classes, in_channels, image_size)
     mean = [0.5] * in_channels if mean is None else [float(m) for m in mean]
     std = [0.25] * in_channels if std is None else [float(s) for s in std]
     if len(mean) != in_channels or len(std) != in_channels:

@@ -21,10 +21,8 @@ from torchvision.models import resnet as tv_resnet
 from torchvision.models.googlenet import BasicConv2d
 from torchvision.models.resnet import conv1x1, conv3x3
 
+from shrinkflow.backends.base import check_model_args
 from shrinkflow.errors import ShrinkflowError
-
-# The smallest input side every registered model is tested with: the 8x8 scikit-learn digits.
-MIN_IMAGE_SIZE = 8
 
 ModelFactory = Callable[[int, int, int], nn.Module]
 _REGISTRY: dict[str, ModelFactory] = {}
@@ -60,17 +58,7 @@ def create_model(
     The initial weights depend only on torch's global RNG, so ``torch.manual_seed`` before this
     call makes them reproducible.
     """
-    if name not in _REGISTRY:
-        raise ShrinkflowError(
-            f"unknown model {name!r} for backend torch (known: {', '.join(list_models())})"
-        )
-    for arg, value, minimum in (
-        ("num_classes", num_classes, 1),
-        ("in_channels", in_channels, 1),
-        ("image_size", image_size, MIN_IMAGE_SIZE),
-    ):
-        if value < minimum:
-            raise ShrinkflowError(f"model {name!r}: {arg} {value} is not >= {minimum}")
+    check_model_args("torch", name, list_models(), num_classes, in_channels, image_size)
     model = _REGISTRY[name](num_classes, in_channels, image_size)
     _init_weights(model)
     return model
