@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras as keras
-from test_tf_tflite import CFG, interpreter_top1, keras_top1, quantize, shared_baseline
+from test_tf_tflite import (
+    CFG,
+    check_layer_sparsity,
+    interpreter_top1,
+    keras_top1,
+    quantize,
+    shared_baseline,
+)
 
 from shrinkflow import metrics
 from shrinkflow.backends.tensorflow import evaluate, tflite
@@ -23,7 +30,7 @@ from shrinkflow.backends.tensorflow.artifact import (
     save_model,
 )
 from shrinkflow.backends.tensorflow.fixed_point import quantize_fixed
-from shrinkflow.backends.tensorflow.weights import count_params
+from shrinkflow.backends.tensorflow.weights import count_params, prunable_layers, unwrap
 from shrinkflow.data.prepared import PreparedData
 from shrinkflow.errors import ShrinkflowError
 
@@ -35,6 +42,7 @@ KEYS = {
     "nonzero_params",
     "prunable_weights",
     "prunable_nonzero",
+    "layer_sparsity",
     "measured_sparsity",
     "macs",
     "size_bytes",
@@ -172,6 +180,18 @@ def test_counts_and_macs_of_both_formats(nodes, keras_result, tflite_result):
     assert tflite_result["params"] == keras_result["params"] - channels
 
 
+def test_layer_sparsity_of_both_formats(nodes, keras_result, tflite_result):
+    model = nodes[3]
+    check_layer_sparsity(keras_result, model)
+    check_layer_sparsity(tflite_result, model)
+    assert keras_result["layer_sparsity"][0]["layer"] == "conv1"
+    assert keras_result["layer_sparsity"][-1]["layer"] == "fc"
+    kernels = [unwrap(layer).kernel.numpy() for layer in prunable_layers(model)]
+    assert [e["nonzero"] for e in keras_result["layer_sparsity"]] == [
+        int(np.count_nonzero(k)) for k in kernels
+    ]
+
+
 def test_zeroed_kernels_are_counted_from_the_tflite_file(nodes, tmp_path):
     folder, _, data, _ = nodes
     model, spec = load_model(folder)
@@ -188,6 +208,7 @@ def test_zeroed_kernels_are_counted_from_the_tflite_file(nodes, tmp_path):
     float32, _ = quantize("float32", tmp_path / "pruned", data, tmp_path)
     counted = evaluate.evaluate_model(QUICK, float32, data)
     assert counted["prunable_nonzero"] == expected["prunable_nonzero"]
+    assert counted["layer_sparsity"] == expected["layer_sparsity"]
     assert counted["measured_sparsity"] == pytest.approx(expected["measured_sparsity"])
 
     # int8 keeps every zero (symmetric weights) and rounds a few tiny weights to zero too.
@@ -199,6 +220,9 @@ def test_zeroed_kernels_are_counted_from_the_tflite_file(nodes, tmp_path):
         <= counted["measured_sparsity"]
         <= expected["measured_sparsity"] + 0.02
     )
+    check_layer_sparsity(counted, model)
+    for got, kept in zip(counted["layer_sparsity"], expected["layer_sparsity"], strict=True):
+        assert got["nonzero"] <= kept["nonzero"], got["layer"]
 
 
 def test_one_interpreter_per_batch_size(nodes, monkeypatch):
@@ -295,3 +319,4 @@ def test_a_fixed_point_node_is_measured_on_its_own_file(nodes, keras_result, tmp
     assert result["size_bytes"] < 0.5 * keras_result["size_bytes"]
     assert result["params"] == keras_result["params"]
     assert result["top1"] == pytest.approx(keras_result["top1"], abs=0.03)
+    check_layer_sparsity(result, nodes[3])

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import tf_keras as keras
 from test_tf_sensitivity import DATA, trained_baseline
+from test_tf_tflite import check_layer_sparsity
 
 from shrinkflow import bitpack
-from shrinkflow.backends.tensorflow import BACKEND
+from shrinkflow.backends.tensorflow import BACKEND, evaluate
 from shrinkflow.backends.tensorflow.artifact import KERAS_FILE, SPEC_FILE, load_model, save_model
 from shrinkflow.backends.tensorflow.fixed_point import (
     FIXED_FILE,
@@ -122,6 +123,21 @@ def test_quantize_reports_the_torch_facts_and_16_bits_keep_the_accuracy(source, 
     assert float_top1 > 0.5  # trained: the comparison is meaningful
     assert quantized[16][1]["val_top1"] == float_top1
     assert quantized[2][1]["val_top1"] < float_top1  # 2 bits cost accuracy: the score is real
+
+
+def test_evaluate_counts_zero_codes_per_layer(source, quantized):
+    original, _ = load_model(source)
+    for bits in (2, 8):
+        counts = evaluate.load_subject(quantized[bits][0], "cpu", 1).counts
+        check_layer_sparsity(counts, original)
+        codes = [
+            bitpack.quantize_channels(k.numpy(), bits, -1)[0] for k in quantized_kernels(original)
+        ]
+        assert [e["nonzero"] for e in counts["layer_sparsity"]] == [
+            int(np.count_nonzero(c)) for c in codes
+        ], bits
+        conv1 = counts["layer_sparsity"][0]
+        assert conv1["layer"] == "conv1" and conv1["nonzero"] <= conv1["weights"] * 15 // 16
 
 
 @pytest.mark.parametrize("method", ["fixed_w1", "fixed_w17"])

@@ -30,6 +30,7 @@ from shrinkflow.backends.tensorflow.quantize import (
     quantize_model,
     resumable_quantize_run_id,
 )
+from shrinkflow.backends.tensorflow.weights import prunable_layers, unwrap
 from shrinkflow.data.prepared import PreparedData
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.training import model_spec
@@ -124,6 +125,21 @@ def interpreter_top1(path, data: PreparedData, split: str = "test") -> float:
     return float(np.mean(scores.argmax(axis=1) == data.labels[index]))
 
 
+def check_layer_sparsity(counts: dict, model: keras.Model) -> None:
+    """``layer_sparsity`` names ``model``'s conv and dense layers in order, with their kernel
+    sizes, and sums to the prunable totals."""
+    layers = counts["layer_sparsity"]
+    kernels = {unwrap(layer).name: unwrap(layer).kernel for layer in prunable_layers(model)}
+    assert all(set(entry) == {"layer", "weights", "nonzero"} for entry in layers)
+    assert [entry["layer"] for entry in layers] == list(kernels)
+    assert [entry["weights"] for entry in layers] == [
+        int(np.prod(k.shape)) for k in kernels.values()
+    ]
+    assert all(0 <= entry["nonzero"] <= entry["weights"] for entry in layers)
+    assert sum(entry["weights"] for entry in layers) == counts["prunable_weights"]
+    assert sum(entry["nonzero"] for entry in layers) == counts["prunable_nonzero"]
+
+
 def quantize(method: str, source, data: PreparedData, root, cfg: dict = CFG):
     out = root / method
     out.mkdir(parents=True)
@@ -208,6 +224,26 @@ def test_tflite_macs_match_the_keras_architecture(baseline, converted):
     for method, (out, _) in converted.items():
         layers = tflite.weight_layers(out / TFLITE_FILE)
         assert sum(layer.macs for layer in layers) == expected, method
+
+
+def test_layer_sparsity_names_the_keras_layers_for_every_method(baseline, converted):
+    model = baseline[2]
+    for method, (out, _) in converted.items():
+        layers = tflite.weight_layers(out / TFLITE_FILE)
+        counts = tflite.count_params(layers)
+        check_layer_sparsity(counts, model)
+        assert [e["nonzero"] for e in counts["layer_sparsity"]] == [
+            int(np.count_nonzero(layer.filter)) for layer in layers
+        ], method
+
+
+def test_layer_name_is_the_scope_of_the_conv_or_matmul_op():
+    assert tflite.layer_name("resnet20/relu/Relu;resnet20/conv1/Conv2D") == "conv1"
+    assert tflite.layer_name("resnet20/fc/MatMul1", "StatefulPartitionedCall:0") == "fc"
+    assert tflite.layer_name("net/block/dw/depthwise") == "dw"
+    # A folded constant names no layer: the op's output may, else the name stays as it is.
+    assert tflite.layer_name("arith.constant3", "net/layer1_0_conv1/Conv2D1") == "layer1_0_conv1"
+    assert tflite.layer_name("arith.constant3", "StatefulPartitionedCall:0") == "arith.constant3"
 
 
 def test_calibration_uses_the_first_batches_of_a_seeded_permutation(baseline):

@@ -8,8 +8,14 @@ import torch
 from torch import nn
 
 from shrinkflow import metrics
-from shrinkflow.backends.torch import evaluate
-from shrinkflow.backends.torch.artifact import MODEL_FILE, load_model, save_model
+from shrinkflow.backends.torch import evaluate, fixed_point
+from shrinkflow.backends.torch.artifact import (
+    FORMAT,
+    MODEL_FILE,
+    load_model,
+    save_fixed_point,
+    save_model,
+)
 from shrinkflow.backends.torch.models import create_model
 from shrinkflow.data.prepared import PreparedData
 from shrinkflow.errors import ShrinkflowError
@@ -104,6 +110,7 @@ def test_returns_every_measurement_with_summary_names(result):
         "sparse_gzip_bytes",
         "prunable_weights",
         "prunable_nonzero",
+        "layer_sparsity",
         "latency_ms_b1",
         "latency_ms_b1_p90",
         "latency_batch",
@@ -181,6 +188,10 @@ def test_zeroed_weights_are_counted_from_the_saved_file(setup, result, tmp_path)
     assert after["nonzero_params"] == result["nonzero_params"] - zeroed
     assert after["measured_sparsity"] == pytest.approx(zeroed / prunable)
     assert after["macs"] == result["macs"]  # dense MACs: zeros are still multiplied
+    before = {e["layer"]: e for e in result["layer_sparsity"]}
+    for entry in after["layer_sparsity"]:
+        lost = zeroed if entry["layer"] == "layer1.0.conv1" else 0
+        assert entry["nonzero"] == before[entry["layer"]]["nonzero"] - lost, entry["layer"]
 
 
 def test_count_macs_matches_the_hand_formula():
@@ -254,3 +265,110 @@ def test_data_of_another_shape_is_refused(setup):
     )
     with pytest.raises(ShrinkflowError, match=MODEL_FILE):
         evaluate.evaluate_model(_cfg(), folder, other)
+
+
+# --- per-layer sparsity -------------------------------------------------------------------
+
+
+def _conv_linear(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: m.weight for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+def _check_layer_sparsity(counts: dict, weights: dict[str, torch.Tensor]) -> None:
+    """``layer_sparsity`` names the conv/linear layers of the float model in order, with their
+    element counts, and sums to the prunable totals."""
+    layers = counts["layer_sparsity"]
+    assert all(set(entry) == {"layer", "weights", "nonzero"} for entry in layers)
+    assert [entry["layer"] for entry in layers] == list(weights)
+    assert [entry["weights"] for entry in layers] == [w.numel() for w in weights.values()]
+    assert all(0 <= entry["nonzero"] <= entry["weights"] for entry in layers)
+    assert sum(entry["weights"] for entry in layers) == counts["prunable_weights"]
+    assert sum(entry["nonzero"] for entry in layers) == counts["prunable_nonzero"]
+
+
+def _half_zeroed(model: nn.Module, layer: str) -> nn.Module:
+    """A copy of ``model`` with the first half of ``layer``'s weight zeroed."""
+    pruned = create_model("resnet20", 10, in_channels=1, image_size=8)
+    pruned.load_state_dict(model.state_dict())
+    weight = pruned.get_submodule(layer).weight
+    with torch.no_grad():
+        weight.view(-1)[: weight.numel() // 2] = 0
+    return pruned.eval()
+
+
+def test_layer_sparsity_of_a_float_model(setup, result):
+    model = setup[0]
+    weights = _conv_linear(model)
+    _check_layer_sparsity(result, weights)
+    assert result["layer_sparsity"][0]["layer"] == "conv1"
+    assert result["layer_sparsity"][-1]["layer"] == "fc"
+    assert [e["nonzero"] for e in result["layer_sparsity"]] == [
+        int(torch.count_nonzero(w)) for w in weights.values()
+    ]
+
+
+def test_layer_sparsity_of_a_filter_pruned_model(setup, tmp_path):
+    """Half the filters of layer1.0.conv1 removed, as structured pruning saves them."""
+    model = setup[0]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for key in ("conv1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var"):
+        state[f"layer1.0.{key}"] = state[f"layer1.0.{key}"][:8].clone()
+    state["layer1.0.conv2.weight"] = state["layer1.0.conv2.weight"][:, :8].clone()
+    torch.save({"format": FORMAT, "spec": _spec(), "state_dict": state}, tmp_path / MODEL_FILE)
+
+    counts = evaluate.load_subject(tmp_path, torch.device("cpu")).counts
+    smaller, _ = load_model(tmp_path)
+    _check_layer_sparsity(counts, _conv_linear(smaller))
+    by_name = {e["layer"]: e["weights"] for e in counts["layer_sparsity"]}
+    assert by_name["layer1.0.conv1"] == by_name["layer1.0.conv2"] == 8 * 16 * 3 * 3
+
+
+def test_layer_sparsity_of_a_fixed_point_model(setup, tmp_path):
+    model = _half_zeroed(setup[0], "layer2.0.conv1")
+    save_fixed_point(model, _spec(), 4, tmp_path)
+
+    counts = evaluate.load_subject(tmp_path, torch.device("cpu")).counts
+    weights = _conv_linear(model)
+    _check_layer_sparsity(counts, weights)
+    # A zero is a zero code: 4-bit codes round the smallest weights to zero as well.
+    codes = {n: fixed_point.quantize_weight(w, 4)[0] for n, w in weights.items()}
+    assert [e["nonzero"] for e in counts["layer_sparsity"]] == [
+        int(torch.count_nonzero(c)) for c in codes.values()
+    ]
+    conv = next(e for e in counts["layer_sparsity"] if e["layer"] == "layer2.0.conv1")
+    assert conv["nonzero"] <= conv["weights"] // 2
+
+
+class _Tiny(nn.Module):
+    """A conv inside a Sequential and a linear layer: dotted and plain module names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).flatten(1))
+
+
+def test_layer_sparsity_of_an_int8_program(tmp_path):
+    from shrinkflow.backends.torch import pt2e
+
+    torch.manual_seed(0)
+    model = _Tiny().eval()
+    with torch.no_grad():
+        model.features[0].weight.view(-1)[:18] = 0  # half of the conv's 36 weights
+    spec = {**_spec(), "arch": "tiny"}
+    prepared = pt2e.prepare(model, spec, "static")
+    pt2e.calibrate(prepared, [torch.randn(4, 1, 8, 8)])
+    pt2e.save(pt2e.convert(prepared), spec, tmp_path)
+
+    counts = evaluate.load_subject(tmp_path, torch.device("cpu")).counts
+    _check_layer_sparsity(counts, _conv_linear(model))
+    assert [e["layer"] for e in counts["layer_sparsity"]] == ["features.0", "fc"]
+    program, _ = pt2e.load(tmp_path)
+    stored = [t for t in pt2e.weight_tensors(program).values() if t.ndim > 1]
+    assert all(t.dtype == torch.int8 for t in stored)
+    assert counts["prunable_weights"] == sum(t.numel() for t in stored)
+    assert counts["prunable_nonzero"] == sum(int(torch.count_nonzero(t)) for t in stored)
+    assert counts["layer_sparsity"][0]["nonzero"] <= 18  # int8 keeps every zero

@@ -39,7 +39,12 @@ from shrinkflow.backends.tensorflow.artifact import (  # noqa: E402
     model_file,
     read_spec,
 )
-from shrinkflow.backends.tensorflow.weights import count_params, unwrap  # noqa: E402
+from shrinkflow.backends.tensorflow.weights import (  # noqa: E402
+    Counts,
+    LayerCount,
+    count_params,
+    unwrap,
+)
 from shrinkflow.data.prepared import PreparedData, check_fits  # noqa: E402
 from shrinkflow.errors import ShrinkflowError  # noqa: E402
 
@@ -117,7 +122,7 @@ class Subject:
     file: Path
     spec: dict
     runner_at: Callable[[int], Runner]  # batch size -> a runner for that size (cached)
-    counts: dict[str, int | float]  # weights.count_params' keys
+    counts: Counts  # weights.count_params' keys
     macs: int
 
 
@@ -224,12 +229,13 @@ def measure_speeds(
 
 def evaluate_model(
     cfg: dict, model_dir: Path, data: PreparedData, reference_dir: Path | None = None
-) -> dict[str, float | int | str]:
+) -> dict[str, float | int | str | list[LayerCount]]:
     """Measure the model saved in ``model_dir`` on ``data`` as ``cfg['evaluate']`` says.
 
     Returns the keys of the torch backend's ``evaluate_model``: those of
     ``metrics.SUMMARY_COLUMNS`` it measures, plus ``val_top1``, ``prunable_weights``,
-    ``prunable_nonzero``, ``latency_ms_b1_p90``, ``latency_batch``/``throughput_batch``,
+    ``prunable_nonzero``, ``layer_sparsity`` (the same counts per conv/dense layer, see
+    ``weights.count_weights``), ``latency_ms_b1_p90``, ``latency_batch``/``throughput_batch``,
     ``peak_mem_method``, ``threads`` and ``device``; with ``reference_dir`` also
     ``reference_size_bytes``, ``reference_gzip_bytes``, ``reference_latency_ms_b1``,
     ``reference_throughput_ips`` and the ratios ``size_ratio``, ``gzip_ratio``,
@@ -248,7 +254,7 @@ def evaluate_model(
     peak_mb, peak_method = _peak_memory(
         runner, runner.feed(_timing_images(data, throughput_batch)), device
     )
-    result: dict[str, float | int | str] = {**_accuracy(runner, data)}
+    result: dict[str, float | int | str | list[LayerCount]] = {**_accuracy(runner, data)}
     result.update(subject.counts)
     result["macs"] = subject.macs
     result["size_bytes"] = metrics.file_bytes(subject.file)

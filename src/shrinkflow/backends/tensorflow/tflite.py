@@ -24,6 +24,7 @@ import os
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # before tensorflow: tfmot needs Keras 2
 
+import re  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -32,6 +33,7 @@ import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
 from ai_edge_litert.interpreter import Interpreter, OpResolverType  # noqa: E402
 
+from shrinkflow.backends.tensorflow.weights import Counts, count_weights  # noqa: E402
 from shrinkflow.errors import ShrinkflowError  # noqa: E402
 
 METHODS = ("static_int8", "dynamic_int8", "float16", "float32")
@@ -41,6 +43,10 @@ BITS = {"static_int8": 8, "dynamic_int8": 8, "float16": 16, "float32": 32}  # of
 # whose multiply-accumulates are counted, as torch counts its convolutions and matrix products.
 WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 _REDUCED = (np.int8, np.float16)  # stored filter types that count as a quantized layer
+# A tensor's name lists the TensorFlow ops the converter fused into it, separated by ";", each
+# as "<model>/<Keras layer>/<op><n>" ("resnet20/relu/Relu;resnet20/conv1/Conv2D",
+# "resnet20/fc/MatMul1"): a layer is the scope of a conv or matmul op.
+_LAYER_OP = re.compile(r"(?:.*/)?([^/]+)/(?:Conv2D|depthwise|MatMul|BiasAdd)\d*")
 
 
 def default_threads() -> int:
@@ -151,6 +157,7 @@ class Runner:
 class WeightLayer:
     """The stored weights of one conv or dense op of a ``.tflite`` file."""
 
+    name: str  # the Keras layer it came from, where its tensor names tell (see layer_name)
     op: str
     filter: np.ndarray  # as stored: float32, float16 or int8 codes
     bias: np.ndarray | None
@@ -169,7 +176,9 @@ def weight_layers(path: Path) -> list[WeightLayer]:
     inspector.resize_tensor_input(source["index"], [1, *source["shape"][1:]])
     inspector.allocate_tensors()
     ops = inspector._get_ops_details()  # private, but the interpreter's only op listing
-    shapes = {d["index"]: d["shape"] for d in inspector.get_tensor_details()}
+    details = inspector.get_tensor_details()
+    shapes = {d["index"]: d["shape"] for d in details}
+    names = {d["index"]: d["name"] for d in details}
     dequantized = {
         int(op["outputs"][0]): int(op["inputs"][0]) for op in ops if op["op_name"] == "DEQUANTIZE"
     }
@@ -182,11 +191,26 @@ def weight_layers(path: Path) -> list[WeightLayer]:
         if op["op_name"] not in WEIGHT_OPS:
             continue
         inputs = [int(i) for i in op["inputs"]]
+        output = int(op["outputs"][0])
         weights = stored(inputs[1])
         bias = stored(inputs[2]) if len(inputs) > 2 and inputs[2] >= 0 else None
-        positions = int(np.prod(shapes[int(op["outputs"][0])][:-1]))
-        layers.append(WeightLayer(op["op_name"], weights, bias, int(weights.size) * positions))
+        positions = int(np.prod(shapes[output][:-1]))
+        name = layer_name(names[dequantized.get(inputs[1], inputs[1])], names[output])
+        layers.append(
+            WeightLayer(name, op["op_name"], weights, bias, int(weights.size) * positions)
+        )
     return layers
+
+
+def layer_name(*tensor_names: str) -> str:
+    """The Keras layer named by the first of ``tensor_names`` (an op's filter, then its output)
+    that names one; else the first name as it stands (a converter constant such as
+    ``arith.constant3``)."""
+    for name in tensor_names:
+        for part in name.split(";"):
+            if match := _LAYER_OP.fullmatch(part):
+                return match.group(1)
+    return tensor_names[0]
 
 
 def quantized_layers(layers: list[WeightLayer]) -> int:
@@ -194,8 +218,9 @@ def quantized_layers(layers: list[WeightLayer]) -> int:
     return sum(layer.filter.dtype in _REDUCED for layer in layers)
 
 
-def count_params(layers: list[WeightLayer]) -> dict[str, int | float]:
-    """``evaluate``'s parameter counts for a ``.tflite`` file, from its conv and dense ops.
+def count_params(layers: list[WeightLayer]) -> Counts:
+    """``evaluate``'s parameter counts for a ``.tflite`` file, from its conv and dense ops
+    (``weights.count_weights``; ``layer_sparsity`` in the file's op order, by ``layer_name``).
 
     ``params`` are the filters and biases those ops hold: batch norm is folded into them by the
     converter, so a file has fewer parameters than its Keras model (one bias per channel in
@@ -204,12 +229,4 @@ def count_params(layers: list[WeightLayer]) -> dict[str, int | float]:
     """
     filters = [layer.filter for layer in layers]
     tensors = filters + [layer.bias for layer in layers if layer.bias is not None]
-    total = sum(f.size for f in filters)
-    kept = sum(int(np.count_nonzero(f)) for f in filters)
-    return {
-        "params": sum(int(t.size) for t in tensors),
-        "nonzero_params": sum(int(np.count_nonzero(t)) for t in tensors),
-        "prunable_weights": total,
-        "prunable_nonzero": kept,
-        "measured_sparsity": 1.0 - kept / total if total else 0.0,
-    }
+    return count_weights(tensors, [(layer.name, layer.filter) for layer in layers])

@@ -85,9 +85,41 @@ def zero_share(layers: Sequence[keras.layers.Layer]) -> float:
     return zeros / total if total else 0.0
 
 
-def count_params(model: keras.Model) -> dict[str, int | float]:
+LayerCount = dict[str, int | str]  # one entry of layer_sparsity: layer, weights, nonzero
+Counts = dict[str, int | float | list[LayerCount]]
+
+
+def count_weights(
+    values: Sequence[np.ndarray], kernels: Sequence[tuple[str, np.ndarray]]
+) -> Counts:
+    """``count_params``' figures from a model's parameter arrays and its named conv/dense
+    kernels, for a Keras model and a ``.tflite`` file alike.
+
+    Each kernel becomes one ``layer_sparsity`` entry (``layer``, ``weights``, ``nonzero``), in
+    the order given, and the prunable totals are summed from those entries, so the per-layer
+    list and the totals cannot disagree.
+    """
+    per_layer: list[LayerCount] = [
+        {"layer": name, "weights": int(k.size), "nonzero": int(np.count_nonzero(k))}
+        for name, k in kernels
+    ]
+    total = sum(int(entry["weights"]) for entry in per_layer)
+    kept = sum(int(entry["nonzero"]) for entry in per_layer)
+    return {
+        "params": sum(int(v.size) for v in values),
+        "nonzero_params": sum(int(np.count_nonzero(v)) for v in values),
+        "prunable_weights": total,
+        "prunable_nonzero": kept,
+        "measured_sparsity": 1.0 - kept / total if total else 0.0,
+        "layer_sparsity": per_layer,
+    }
+
+
+def count_params(model: keras.Model) -> Counts:
     """``params``, ``nonzero_params``, the conv/dense kernel counts (``prunable_weights``,
-    ``prunable_nonzero``) and ``measured_sparsity``: the zero share of those kernels.
+    ``prunable_nonzero``), ``measured_sparsity`` (the zero share of those kernels) and
+    ``layer_sparsity``: those counts per layer, named as the Keras layers (a wrapped layer by
+    its own name, not its wrapper's).
 
     ``params`` counts the trainable variables, as torch counts ``parameters()``: batch-norm
     moving statistics, the input normalisation's mean and variance and tfmot's masks are state
@@ -95,13 +127,5 @@ def count_params(model: keras.Model) -> dict[str, int | float]:
     frozen, so freezing a layer does not change the count.
     """
     values = [v.numpy() for v in model.weights if v.trainable]
-    kernels = [kernel(layer) for layer in _conv_dense(model)]
-    total = sum(k.size for k in kernels)
-    kept = sum(int(np.count_nonzero(k)) for k in kernels)
-    return {
-        "params": sum(int(v.size) for v in values),
-        "nonzero_params": sum(int(np.count_nonzero(v)) for v in values),
-        "prunable_weights": total,
-        "prunable_nonzero": kept,
-        "measured_sparsity": 1.0 - kept / total if total else 0.0,
-    }
+    kernels = [(unwrap(layer).name, kernel(layer)) for layer in _conv_dense(model)]
+    return count_weights(values, kernels)

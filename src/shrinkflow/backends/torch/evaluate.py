@@ -12,7 +12,7 @@ quantized one came from) both are timed in the same process, so their speeds com
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,21 +51,41 @@ def _device(cfg: dict) -> torch.device:
     return torch.device(name)
 
 
-def count_params(model: nn.Module) -> dict[str, int | float]:
-    """``params``, ``nonzero_params``, the conv/linear weight counts (``prunable_weights``,
-    ``prunable_nonzero``) and ``measured_sparsity``: the zero share of those weights."""
-    params = sum(p.numel() for p in model.parameters())
-    nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())
-    weights = [m.weight for m in model.modules() if isinstance(m, PRUNABLE)]
-    total = sum(w.numel() for w in weights)
-    kept = sum(int(torch.count_nonzero(w)) for w in weights)
+LayerCount = dict[str, int | str]  # one entry of layer_sparsity: layer, weights, nonzero
+Counts = dict[str, int | float | list[LayerCount]]
+
+
+def tally(tensors: Iterable[torch.Tensor], layers: Iterable[tuple[str, torch.Tensor]]) -> Counts:
+    """``count_params``' figures from a model's parameter tensors and its named conv/linear
+    weights.
+
+    Each weight becomes one ``layer_sparsity`` entry (``layer``, ``weights``, ``nonzero``), in
+    the order given, and the prunable totals are summed from those entries, so the per-layer
+    list and the totals cannot disagree.
+    """
+    every = list(tensors)
+    per_layer: list[LayerCount] = [
+        {"layer": name, "weights": w.numel(), "nonzero": int(torch.count_nonzero(w))}
+        for name, w in layers
+    ]
+    total = sum(int(entry["weights"]) for entry in per_layer)
+    kept = sum(int(entry["nonzero"]) for entry in per_layer)
     return {
-        "params": params,
-        "nonzero_params": nonzero,
+        "params": sum(t.numel() for t in every),
+        "nonzero_params": sum(int(torch.count_nonzero(t)) for t in every),
         "prunable_weights": total,
         "prunable_nonzero": kept,
         "measured_sparsity": 1.0 - kept / total if total else 0.0,
+        "layer_sparsity": per_layer,
     }
+
+
+def count_params(model: nn.Module) -> Counts:
+    """``params``, ``nonzero_params``, the conv/linear weight counts (``prunable_weights``,
+    ``prunable_nonzero``), ``measured_sparsity`` (the zero share of those weights) and
+    ``layer_sparsity``: those counts per layer, named as in ``named_modules()``."""
+    weights = [(n, m.weight) for n, m in model.named_modules() if isinstance(m, PRUNABLE)]
+    return tally(model.parameters(), weights)
 
 
 @dataclass
@@ -76,7 +96,7 @@ class Subject:
     spec: dict
     forward_at: Callable[[int], Forward]  # batch size -> a callable for that size
     fixed_batch: bool  # whether forward_at(n) takes batches of exactly n images only
-    counts: dict[str, int | float]  # count_params' keys
+    counts: Counts  # count_params' keys
     macs: int
     extra: dict[str, int | str]  # sparse_bytes / sparse_gzip_bytes, quant_format
 
@@ -120,17 +140,9 @@ def _int8_subject(model_dir: Path, device: torch.device) -> Subject:
             lowered[batch] = pt2e.lower(program, spec, batch)
         return lowered[batch]
 
-    tensors = pt2e.weight_tensors(program)
-    weights = [t for t in tensors.values() if t.ndim > 1]  # conv and linear weights
-    total = sum(w.numel() for w in weights)
-    kept = sum(int(torch.count_nonzero(w)) for w in weights)
-    counts = {
-        "params": sum(t.numel() for t in tensors.values()),
-        "nonzero_params": sum(int(torch.count_nonzero(t)) for t in tensors.values()),
-        "prunable_weights": total,
-        "prunable_nonzero": kept,
-        "measured_sparsity": 1.0 - kept / total if total else 0.0,
-    }
+    # Every stored tensor but the quantization parameters; the conv and linear weights found
+    # by walking the graph, named after the module each op came from.
+    counts = tally(pt2e.weight_tensors(program).values(), pt2e.layer_weights(program))
     return Subject(
         file=model_dir / INT8_FILE,
         spec=spec,
@@ -238,17 +250,19 @@ def measure_speeds(
 
 def evaluate_model(
     cfg: dict, model_dir: Path, data: PreparedData, reference_dir: Path | None = None
-) -> dict[str, float | int | str]:
+) -> dict[str, float | int | str | list[LayerCount]]:
     """Measure the model saved in ``model_dir`` on ``data`` as ``cfg['evaluate']`` says.
 
-    Returns a flat dict whose keys follow ``metrics.SUMMARY_COLUMNS`` where they overlap, plus
-    ``val_top1``, ``latency_ms_b1_p90``, ``latency_batch``/``throughput_batch`` (the batch
-    sizes actually timed), ``peak_mem_method``, ``threads``, ``device``, for float models
+    Returns a dict whose keys follow ``metrics.SUMMARY_COLUMNS`` where they overlap, plus
+    ``val_top1``, ``prunable_weights``/``prunable_nonzero`` and ``layer_sparsity`` (the same
+    counts per conv/linear layer, see ``tally``), ``latency_ms_b1_p90``,
+    ``latency_batch``/``throughput_batch`` (the batch sizes actually timed),
+    ``peak_mem_method``, ``threads``, ``device``, for float models
     ``sparse_bytes``/``sparse_gzip_bytes`` (the weights in a sparse encoding, see ``sparse``),
     and with ``reference_dir`` the reference's ``reference_size_bytes``,
     ``reference_gzip_bytes``, ``reference_latency_ms_b1`` and ``reference_throughput_ips``
-    (timed in this process, taking turns with the model call by call) and the ratios ``size_ratio``,
-    ``gzip_ratio``, ``latency_speedup`` and ``throughput_speedup`` against it.
+    (timed in this process, taking turns with the model call by call) and the ratios
+    ``size_ratio``, ``gzip_ratio``, ``latency_speedup`` and ``throughput_speedup`` against it.
     """
     device = _device(cfg)
     settings = cfg["evaluate"]
@@ -263,7 +277,9 @@ def evaluate_model(
         _timing_batch(data, subject.spec, throughput_batch, device),
     )
     accuracy_batch = throughput_batch if subject.fixed_batch else ACCURACY_BATCH
-    result: dict[str, float | int | str] = {**_accuracy(subject, data, accuracy_batch, device)}
+    result: dict[str, float | int | str | list[LayerCount]] = {
+        **_accuracy(subject, data, accuracy_batch, device)
+    }
     result.update(subject.counts)
     result["macs"] = subject.macs
     result["size_bytes"] = metrics.file_bytes(subject.file)

@@ -186,3 +186,37 @@ def weight_tensors(program: torch.export.ExportedProgram) -> dict[str, torch.Ten
                     qparams.add(state_of_input[arg.name])
     tensors = {**program.state_dict, **program.constants}
     return {k: v for k, v in tensors.items() if k not in qparams and isinstance(v, torch.Tensor)}
+
+
+# The ops of a captured model that hold its conv and linear weights (argument 1).
+WEIGHT_OPS = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
+
+
+def layer_weights(program: torch.export.ExportedProgram) -> list[tuple[str, torch.Tensor]]:
+    """The weight of every conv and linear op of ``program``, as stored (int8 where quantized),
+    in graph (forward) order, each named after the module the op was captured from
+    (``layer1.0.conv1``, ``fc``): torch.export records that module path on every node.
+
+    A quantized weight reaches its op through a ``dequantize_per_channel`` node, whose first
+    argument is the stored tensor; ``convert_pt2e`` names that tensor ``_frozen_param<i>``,
+    hence the module path. A node without one falls back to its tensor's name.
+    """
+    signature = program.graph_signature
+    state_of_input = {
+        **signature.inputs_to_parameters,
+        **signature.inputs_to_buffers,
+        **signature.inputs_to_lifted_tensor_constants,
+    }
+    tensors = {**program.state_dict, **program.constants}
+    layers = []
+    for node in program.graph.nodes:
+        if node.op != "call_function" or node.target not in WEIGHT_OPS:
+            continue
+        weight = node.args[1]
+        if weight.op == "call_function":  # dequantize_per_channel(stored int8 weight, ...)
+            weight = weight.args[0]
+        key = state_of_input[weight.name]
+        modules = list((node.meta.get("nn_module_stack") or {}).values())
+        name = modules[-1][0] if modules else key.removesuffix(".weight")
+        layers.append((name, tensors[key]))
+    return layers
