@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import unquote
 
 from shrinkflow.errors import ShrinkflowError
+from shrinkflow.invocation import TAG as INVOCATION_TAG
+from shrinkflow.invocation import invocation_id
 from shrinkflow.outputs import read_json, write_json
 from shrinkflow.progress import say
 
@@ -357,7 +359,11 @@ def job_run(
     SIGTERM; the exception is re-raised (SIGTERM exits with status 143).
     """
     client, experiment_id = _open_store(cfg)
-    run_tags = {STAGE_TAG: stage, **{k: str(v) for k, v in (tags or {}).items()}}
+    run_tags = {
+        STAGE_TAG: stage,
+        INVOCATION_TAG: invocation_id(),
+        **{k: str(v) for k, v in (tags or {}).items()},
+    }
     if parent_run_id:
         run_tags[PARENT_TAG] = parent_run_id
     if commit := _git_commit():
@@ -419,3 +425,53 @@ def read_run_ref(folder: Path) -> str | None:
     if not isinstance(run_id, str):
         raise ShrinkflowError(f"{path}: run_id must be a string, got {run_id!r}")
     return run_id
+
+
+def register_model(
+    cfg: dict,
+    name: str,
+    run_id: str,
+    artifact_path: str,
+    aliases: list[str],
+    tags: Mapping[str, str],
+    description: str,
+) -> str:
+    """Register the folder ``artifact_path`` of run ``run_id`` as a version of the registered
+    model ``name`` and point ``aliases`` at it; returns the version.
+
+    Re-running with the same run reuses its version (the registry gets no duplicates); an alias
+    always moves to the newest choice.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client, _ = _open_store(cfg)
+    run = _existing_run(client, run_id)
+    if run is None:
+        raise ShrinkflowError(
+            f"report.registered_model: run {run_id} is not in the tracking store "
+            f"{tracking_uri(cfg)}; report against the store the pipeline logged to, "
+            "or set report.registered_model: null"
+        )
+    if not _retry(lambda: client.list_artifacts(run_id, artifact_path)):
+        raise ShrinkflowError(
+            f"report.registered_model: run {run_id} has no artifact {artifact_path!r} to register"
+        )
+    try:
+        _retry(lambda: client.create_registered_model(name))
+    except MlflowException as exc:
+        if "already exists" not in str(exc).lower():
+            raise
+    source = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}"
+    found = _retry(lambda: client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"))
+    same = [v for v in found if v.source == source]
+    if same:
+        version = max(same, key=lambda v: int(v.version)).version
+    else:
+        version = _retry(lambda: client.create_model_version(name, source, run_id=run_id)).version
+    for key, value in tags.items():
+        _retry(lambda key=key, value=value: client.set_model_version_tag(name, version, key, value))
+    _retry(lambda: client.update_model_version(name, version, description=description))
+    for alias in aliases:
+        _retry(lambda alias=alias: client.set_registered_model_alias(name, alias, version))
+    return str(version)
+

@@ -43,4 +43,5 @@ def run(cfg: dict, model_dir: Path, data_dir: Path, out: Path) -> None:
             write_json(staging / "train.json", asdict(result))
             write_node(staging, node, job.run_id, "finetune")
         job.log_metrics({"best_val_top1": result.best_val_top1, "train_seconds": result.seconds})
+        job.log_artifact(out)  # a folder keeps its name: artifacts/model/...
         say(f"finetune {label}: best val top-1 {result.best_val_top1:.4f}")

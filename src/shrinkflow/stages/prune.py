@@ -80,6 +80,7 @@ def run(
             write_json(staging / "prune.json", facts)
             write_node(staging, node, job.run_id, "prune")
         job.log_metrics({k: v for k, v in facts.items() if isinstance(v, int | float)})
+        job.log_artifact(out)  # a folder keeps its name: artifacts/model/...
         say(
             f"prune {label}: measured sparsity {facts['measured_sparsity']:.3f}, "
             f"val top-1 {facts['val_top1']:.4f}"
