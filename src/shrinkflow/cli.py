@@ -179,6 +179,22 @@ def summarize(
 
 
 @app.command()
+def report(
+    summary: Annotated[Path, typer.Option(help="The summarize stage's CSV.")],
+    models: Annotated[
+        Path, typer.Option(help="The results/models folder (per-layer counts, sensitivity).")
+    ],
+    out: OutOption,
+    params: ParamsOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Choose a model under report.max_accuracy_drop; write index.html, report.md and plots."""
+    from shrinkflow.stages import report as stage
+
+    stage.run(_params(params, set_), summary, models, out)
+
+
+@app.command()
 def models(
     backend: Annotated[str, typer.Option(help="Backend whose registry to list.")] = "torch",
 ) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path, PurePosixPath
 RESULTS = Path("results")
 MODELS = RESULTS / "models"
 SUMMARY = RESULTS / "summary.csv"
+REPORT = RESULTS / "report"
 
 # The stages a quantized node can start from (the `{source}` wildcard of workflow/rules).
 QUANTIZABLE_STAGES = ("baseline", "finetuned")

@@ -1,0 +1,267 @@
+"""results/report/index.html and report.md: one context, two Jinja2 templates (templates/).
+
+index.html is self-contained: figures are embedded as data: URIs, the CSS and the optional
+column-sorting script are inline, and nothing refers to a network address, so the page reads
+the same from a laptop, an e-mail attachment or an archived DVC output. Nothing time-dependent
+goes in, so the same inputs give byte-identical files (DVC sees no change when nothing changed).
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from urllib.parse import quote
+
+import pandas as pd
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+
+from shrinkflow.errors import ShrinkflowError
+from shrinkflow.outputs import atomic_file
+from shrinkflow.report.selection import SIZE_WORDS, Choice, Selection, points
+
+HTML_FILE, MARKDOWN_FILE = "index.html", "report.md"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass(frozen=True)
+class FigureFile:
+    name: str  # path relative to the report folder, e.g. figures/size_vs_accuracy.png
+    title: str
+    caption: str
+
+
+@dataclass(frozen=True)
+class ReportContext:
+    title: str
+    df: pd.DataFrame  # the summary as annotated by table.annotate
+    selection: Selection
+    figures: list[FigureFile]
+    facts: list[tuple[str, str]]  # key/value lines of the header box, in order
+    notes: list[str]  # what the DAG left out, e.g. "No sensitivity sweep in this DAG."
+
+
+def _fraction(value: float) -> str:
+    return f"{value:.4f}"
+
+
+def _percent(value: float) -> str:
+    return f"{value:.1%}"
+
+
+def _count(value: float) -> str:
+    return f"{round(value):,}"
+
+
+def _ms(value: float) -> str:
+    return f"{value:.2f}"
+
+
+def _one_decimal(value: float) -> str:
+    return f"{value:,.1f}"
+
+
+@dataclass(frozen=True)
+class _Column:
+    header: str
+    key: str  # the DataFrame column
+    fmt: Callable[[float], str]
+    hint: str = ""  # the header's tooltip
+
+
+# The node table's number columns, in display order (the label and marks come first).
+_COLUMNS = (
+    _Column("top-1", "top1", _fraction, "test accuracy"),
+    _Column("Δ top-1 (pt)", "drop", points, "top-1 against its baseline; negative is worse"),
+    _Column("top-5", "top5", _fraction),
+    _Column("target sparsity", "target_sparsity", _percent),
+    _Column("measured sparsity", "measured_sparsity", _percent, "counted from the saved weights"),
+    _Column("params", "params", _count),
+    _Column("non-zero params", "nonzero_params", _count),
+    _Column("MACs", "macs", _count),
+    _Column("bytes", "size_bytes", _count, "the deployed file"),
+    _Column("gzip bytes", "gzip_bytes", _count, "the deployed file, gzipped"),
+    _Column("ms (batch 1)", "latency_ms_b1", _ms, "median time per image at batch 1"),
+    _Column("images/s", "throughput_ips", _one_decimal),
+    _Column("peak MB", "peak_mem_mb", _one_decimal, "peak memory while evaluating"),
+)
+MARKS = {
+    "champion": ("★", "the chosen model: smallest within budget"),
+    "fastest": ("⚡", "fastest within budget"),
+    "per_model": ("☆", "smallest within budget for its backend x model"),
+    "pareto": ("◆", "on the Pareto front: no other artefact is smaller and more accurate"),
+    "eligible": ("✓", "within the accuracy budget"),
+}
+
+
+def _text(value: float, fmt: Callable[[float], str]) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt(value)
+
+
+def _sort_key(value: float) -> str:
+    """The raw number a browser sorts a column by; empty for a missing value (sorted last)."""
+    return "" if value is None or math.isnan(value) else repr(float(value))
+
+
+def _node_rows(df: pd.DataFrame, selection: Selection) -> list[dict]:
+    chosen = {selection.champion.label: ["champion"]}
+    if selection.fastest:
+        chosen.setdefault(selection.fastest.label, []).append("fastest")
+    for choice in selection.per_model:
+        chosen.setdefault(choice.label, []).append("per_model")
+    rows = []
+    for number, row in enumerate(df.to_dict("records"), start=1):
+        marks = chosen.get(row["label"], []) + [
+            flag for flag in ("pareto", "eligible") if bool(row[flag])
+        ]
+        rows.append(
+            {
+                "number": number,
+                "label": row["label"],
+                "run_id": row["run_id"],
+                "marks": "".join(MARKS[m][0] for m in marks),
+                "eligible": bool(row["eligible"]),
+                "chosen": row["label"] in chosen,
+                "cells": [
+                    {"text": _text(row[c.key], c.fmt), "sort": _sort_key(row[c.key])}
+                    for c in _COLUMNS
+                ],
+            }
+        )
+    return rows
+
+
+def _baselines(df: pd.DataFrame) -> dict[tuple[str, str], dict]:
+    base = df[df["stage"] == "baseline"]
+    return {(r["backend"], r["model"]): r for r in base.to_dict("records")}
+
+
+def _choice_view(choice: Choice, df: pd.DataFrame, selection: Selection) -> dict:
+    """A chosen node's key numbers, next to its baseline's."""
+    row = df[df["label"] == choice.label].iloc[0]
+    base = _baselines(df)[(row["backend"], row["model"])]
+    unit = SIZE_WORDS[selection.size_metric]
+    numbers = [
+        ("top-1", f"{row['top1']:.4f} ({points(row['drop'])} pt against {base['top1']:.4f})"),
+        (unit, f"{_count(row['size'])} ({base['size'] / row['size']:.1f}x smaller than baseline)"),
+        (
+            "ms per image, batch 1",
+            f"{row['latency_ms_b1']:.2f} ({base['latency_ms_b1'] / row['latency_ms_b1']:.2f}x "
+            "the baseline's speed)",
+        ),
+        ("non-zero params", f"{_count(row['nonzero_params'])} of {_count(row['params'])}"),
+        ("measured sparsity", _text(row["measured_sparsity"], _percent)),
+        ("MLflow run", row["run_id"] or "–"),
+    ]
+    return {
+        "role": choice.role,
+        "label": choice.label,
+        "reason": choice.reason,
+        "numbers": numbers,
+        "model": f"{row['backend']}/{row['model']}",
+        "top1": _fraction(row["top1"]),
+        "drop": points(row["drop"]),
+        "size": _count(row["size"]),
+        "latency": _ms(row["latency_ms_b1"]),
+    }
+
+
+def _figure_path(out_dir: Path, figure: FigureFile) -> Path:
+    name = PurePosixPath(figure.name)
+    if name.is_absolute() or ".." in name.parts or "\\" in figure.name or not name.parts:
+        raise ShrinkflowError(
+            f"figure {figure.name!r}: must be a path inside the report folder (no '..', not "
+            "absolute), because report.md links it relatively"
+        )
+    path = out_dir / name
+    if not path.is_file():
+        raise ShrinkflowError(f"figure {figure.name!r}: {path} was not written")
+    return path
+
+
+def _png_view(out_dir: Path, figure: FigureFile) -> dict:
+    """The figure as a data: URI, with its pixel size (read from the PNG's IHDR chunk) so the
+    browser lays the page out before decoding the images."""
+    data = _figure_path(out_dir, figure).read_bytes()
+    if not data.startswith(_PNG_SIGNATURE) or len(data) < 24:
+        raise ShrinkflowError(f"figure {figure.name!r}: not a PNG file")
+    return {
+        "title": figure.title,
+        "caption": figure.caption,
+        "uri": "data:image/png;base64," + base64.b64encode(data).decode("ascii"),
+        "width": int.from_bytes(data[16:20], "big"),
+        "height": int.from_bytes(data[20:24], "big"),
+    }
+
+
+def _view(ctx: ReportContext) -> dict:
+    """Everything both templates show, formatted once."""
+    selection = ctx.selection
+    size_key = selection.size_metric
+    return {
+        "title": ctx.title,
+        "facts": ctx.facts,
+        "notes": ctx.notes,
+        "budget": f"{selection.max_drop * 100:g} pt",
+        "unit": SIZE_WORDS[size_key],
+        "eligible": selection.eligible,
+        "total": selection.total,
+        "champion": _choice_view(selection.champion, ctx.df, selection),
+        "fastest": _choice_view(selection.fastest, ctx.df, selection)
+        if selection.fastest
+        else None,
+        "per_model": [_choice_view(c, ctx.df, selection) for c in selection.per_model],
+        "columns": [
+            {"header": c.header, "hint": c.hint, "measure": c.key == size_key} for c in _COLUMNS
+        ],
+        "marks": list(MARKS.values()),
+        "rows": _node_rows(ctx.df, selection),
+    }
+
+
+def _markdown(text: object) -> str:
+    """Text safe inside a Markdown paragraph or table cell: characters that would start
+    markup (links, emphasis, HTML, cell borders) are backslash-escaped; lines are joined."""
+    return re.sub(r"([\\`*\[\]<>|])", r"\\\1", " ".join(str(text).split()))
+
+
+def _environment() -> Environment:
+    env = Environment(
+        loader=PackageLoader("shrinkflow.report", "templates"),
+        # On for the .html template only: Markdown has its own escaping (the `md` filter).
+        autoescape=select_autoescape(["html"]),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters["md"] = _markdown
+    env.filters["urlpath"] = quote
+    return env
+
+
+def write_html(ctx: ReportContext, out_dir: Path) -> Path:
+    """Write out_dir/index.html, embedding every figure read from out_dir/<figure.name>."""
+    out_dir = Path(out_dir)
+    view = _view(ctx) | {"figures": [_png_view(out_dir, f) for f in ctx.figures]}
+    html = _environment().get_template("index.html").render(view)
+    path = out_dir / HTML_FILE
+    with atomic_file(path) as tmp:
+        tmp.write_text(html, encoding="utf-8")
+    return path
+
+
+def write_markdown(ctx: ReportContext, out_dir: Path) -> Path:
+    """Write out_dir/report.md, linking the figures relatively (they sit beside it)."""
+    out_dir = Path(out_dir)
+    for figure in ctx.figures:
+        _figure_path(out_dir, figure)
+    view = _view(ctx) | {"figures": ctx.figures}
+    text = _environment().get_template("report.md").render(view)
+    path = out_dir / MARKDOWN_FILE
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path

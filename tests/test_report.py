@@ -1,0 +1,222 @@
+"""`shrinkflow report`: the checked summary, the choice under the budget, the CLI's bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from report_fixtures import summary_rows, write_summary
+
+from shrinkflow.errors import ShrinkflowError
+from shrinkflow.invocation import ENV, invocation_id
+from shrinkflow.metrics import SUMMARY_COLUMNS
+from shrinkflow.report import selection, table
+
+ROOT = Path(__file__).resolve().parents[1]
+SHRINKFLOW = str(Path(sys.executable).parent / "shrinkflow")
+
+
+def annotated(tmp_path: Path, rows: list[dict], budget: float = 0.01, size="gzip_bytes"):
+    df = table.load_summary(write_summary(tmp_path / "summary.csv", rows))
+    return table.annotate(df, budget, size)
+
+
+def test_the_budget_is_measured_from_each_nodes_own_baseline(tmp_path):
+    rows = summary_rows(models=("resnet20", "resnet44"))  # resnet44's baseline is 1 pt lower
+    df = annotated(tmp_path, rows)
+    for _, group in df.groupby(["backend", "model"]):
+        base = group[group["stage"] == "baseline"].iloc[0]
+        assert (group["baseline_top1"] == base.top1).all()
+        np.testing.assert_allclose(group["drop"], base.top1 - group["top1"])
+        assert group["eligible"].tolist() == (group["drop"] <= 0.01 + 1e-9).tolist()
+    assert df.loc[df["stage"] == "baseline", "eligible"].all()
+
+
+def test_the_champion_is_the_smallest_within_budget_and_the_reason_says_so(tmp_path):
+    df = annotated(tmp_path, summary_rows())
+    chosen = selection.select(df, 0.01, "gzip_bytes")
+    within = df[df["eligible"]]
+    smallest = within.sort_values(["size", "top1"], ascending=[True, False]).iloc[0]
+    assert chosen.champion.label == smallest.label
+    assert not (df[~df["eligible"]]["size"] >= smallest["size"]).all(), "the budget binds here"
+    assert f"{int(smallest['size']):,} gzip bytes" in chosen.champion.reason
+    assert "within 1 pt" in chosen.champion.reason
+    fastest = within.sort_values("latency_ms_b1").iloc[0]
+    assert chosen.fastest is not None and chosen.fastest.label == fastest.label
+    assert f"{fastest.latency_ms_b1:.2f} ms" in chosen.fastest.reason
+    assert (chosen.eligible, chosen.total) == (int(df["eligible"].sum()), len(df))
+    assert [c.label for c in chosen.per_model] == [
+        selection.select(df[df["backend"] == b], 0.01, "gzip_bytes").champion.label
+        for b in ("torch", "tensorflow")
+    ]
+
+
+def test_a_zero_budget_keeps_the_baseline_unless_something_smaller_is_as_accurate(tmp_path):
+    rows = [r for r in summary_rows(backends=("torch",)) if r["stage"] != "quantized"]
+    df = annotated(tmp_path, rows, budget=0.0)
+    chosen = selection.select(df, 0.0, "gzip_bytes")
+    assert chosen.champion.label == "torch/resnet20/baseline"
+    assert "the baseline is kept" in chosen.champion.reason
+    assert chosen.fastest is None or chosen.fastest.label != chosen.champion.label
+
+
+def test_size_bytes_ignores_what_only_compression_sees(tmp_path):
+    rows = [r for r in summary_rows(backends=("torch",)) if r["quant_method"] != "fixed_w4"]
+    df = annotated(tmp_path, rows, budget=0.05, size="size_bytes")
+    chosen = selection.select(df, 0.05, "size_bytes")
+    # unstructured zeros do not shrink the file: every int8 file is the same size, so the most
+    # accurate int8 one wins; by gzip bytes the sparsest one would
+    champion = df[df["label"] == chosen.champion.label].iloc[0]
+    assert champion.quant_method == "static_int8"
+    assert champion.top1 == df[df["quant_method"] == "static_int8"]["top1"].max()
+    assert "bytes" in chosen.champion.reason and "gzip" not in chosen.champion.reason
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    size = np.array([10, 20, 30, 20, 5, 40])
+    top1 = np.array([0.90, 0.95, 0.97, 0.93, 0.80, 0.97])
+    assert table.pareto_mask(size, top1).tolist() == [True, True, True, False, True, False]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda rows: [r for r in rows if r["stage"] != "baseline" or r["backend"] != "torch"],
+         "no baseline row for torch/resnet20"),
+        (lambda rows: rows + [rows[0]], "2 baseline rows for torch/resnet20"),
+        (lambda rows: [{**rows[0], "top1": "n/a"}, *rows[1:]], "row 2, column top1 'n/a' is not"),
+        (lambda rows: [{**rows[0], "gzip_bytes": ""}, *rows[1:]], "column gzip_bytes is empty"),
+        (lambda rows: [{**rows[0], "stage": "distilled"}, *rows[1:]],
+         "row 2 has stage 'distilled'; allowed: baseline, pruned, finetuned, quantized"),
+        (lambda rows: [], "no rows; nothing was evaluated"),
+    ],
+)  # fmt: skip
+def test_a_bad_summary_is_one_line_naming_the_problem(tmp_path, mutate, message):
+    path = write_summary(tmp_path / "summary.csv", mutate(summary_rows()))
+    with pytest.raises(ShrinkflowError, match="^--summary .*" + message.replace("(", r"\(")):
+        table.load_summary(path)
+
+
+def test_missing_columns_are_named(tmp_path):
+    columns = tuple(c for c in SUMMARY_COLUMNS if c not in ("top1", "latency_ms_b1"))
+    path = write_summary(tmp_path / "summary.csv", summary_rows(), columns)
+    with pytest.raises(ShrinkflowError, match=r"missing column\(s\) top1, latency_ms_b1"):
+        table.load_summary(path)
+
+
+def shrinkflow(project: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.run([SHRINKFLOW, *args], cwd=project, capture_output=True, text=True, env=env)
+
+
+@pytest.mark.parametrize(
+    ("setup", "extra", "message"),
+    [
+        (lambda p: write_summary(p / "summary.csv", summary_rows()[1:]), [],
+         "error: --summary summary.csv: no baseline row for torch/resnet20"),
+        (lambda p: write_summary(p / "summary.csv", summary_rows(), SUMMARY_COLUMNS[:-3]), [],
+         "error: --summary summary.csv: missing column(s) peak_mem_mb, run_id, artifact"),
+        (lambda p: write_summary(p / "summary.csv", summary_rows()),
+         ["--set", "report.max_accuracy_drop=-0.01"],
+         "error: report.max_accuracy_drop: -0.01 is not in [0, 1]"),
+        (lambda p: write_summary(p / "summary.csv", summary_rows()),
+         ["--set", "report.size_metric=bytes"],
+         "error: report.size_metric: 'bytes' is not one of gzip_bytes, size_bytes"),
+        (lambda p: None, [], "error: --summary summary.csv: no such file"),
+    ],
+)  # fmt: skip
+def test_bad_input_stops_the_cli_with_one_line_and_writes_nothing(tmp_path, setup, extra, message):
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    setup(tmp_path)
+    (tmp_path / "results/models").mkdir(parents=True)
+    result = shrinkflow(
+        tmp_path,
+        "report",
+        "--summary", "summary.csv",
+        "--models", "results/models",
+        "--out", "results/report",
+        *extra,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip() == message or result.stderr.startswith(message), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "results/report").exists()
+    assert not list((tmp_path / "results").glob(".tmp-*"))
+    assert not (tmp_path / "mlflow.db").exists(), "no MLflow run for a job that never started"
+
+
+def test_an_earlier_report_survives_a_bad_rerun(tmp_path):
+    """The old report stays whole when a re-run fails on its input."""
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    report = tmp_path / "results/report"
+    report.mkdir(parents=True)
+    (report / "index.html").write_text("the previous report")
+    write_summary(tmp_path / "summary.csv", summary_rows()[1:])
+    args = ["--summary", "summary.csv", "--models", "results", "--out", "results/report"]
+    result = shrinkflow(tmp_path, "report", *args)
+    assert result.returncode == 2
+    assert (report / "index.html").read_text() == "the previous report"
+
+
+def test_one_invocation_id_for_every_job_of_one_launcher(tmp_path, monkeypatch):
+    """Set: the variable wins. Unset: jobs launched through shells by one process (as `dvc
+    repro` launches its stages) share an id, and the next launcher gets another."""
+    monkeypatch.setenv(ENV, "inv-1")
+    assert invocation_id() == "inv-1"
+    env = {k: v for k, v in os.environ.items() if k != ENV}
+    probe = (
+        f"{sys.executable} -c 'from shrinkflow.invocation import invocation_id as i; print(i())'"
+    )
+    launcher = (
+        "import subprocess, sys\n"
+        "for _ in range(2):\n"
+        f"    subprocess.run({probe!r}, shell=True, check=True)\n"
+    )
+
+    def launch() -> list[str]:
+        out = subprocess.run(
+            [sys.executable, "-c", launcher], env=env, capture_output=True, text=True, check=True
+        )
+        return out.stdout.split()
+
+    first, second = launch(), launch()
+    assert first[0] == first[1] and first[0].startswith("launcher-")
+    assert second[0] == second[1] and second[0] != first[0]
+
+
+def test_the_report_run_is_not_created_for_a_bad_budget_in_an_existing_store(tmp_path):
+    """A store that already holds runs keeps exactly those runs when the report refuses."""
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    write_summary(tmp_path / "summary.csv", summary_rows())
+    (tmp_path / "results/models").mkdir(parents=True)
+    ok = shrinkflow(
+        tmp_path, "report", "--summary", "summary.csv", "--models", "results/models",
+        "--out", "results/report", "--set", "report.registered_model=null",
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    with sqlite3.connect(tmp_path / "mlflow.db") as conn:
+        before = conn.execute("SELECT count(*) FROM runs").fetchone()[0]
+    bad = write_summary(tmp_path / "bad.csv", summary_rows()[1:])
+    failed = shrinkflow(
+        tmp_path, "report", "--summary", str(bad), "--models", "results/models",
+        "--out", "results/report",
+    )  # fmt: skip
+    assert failed.returncode == 2
+    with sqlite3.connect(tmp_path / "mlflow.db") as conn:
+        assert conn.execute("SELECT count(*) FROM runs").fetchone()[0] == before
+    record = json.loads((tmp_path / "results/report/selection.json").read_text())
+    assert (
+        record["champion"]["label"]
+        == selection.select(
+            table.annotate(table.load_summary(tmp_path / "summary.csv"), 0.01, "gzip_bytes"),
+            0.01,
+            "gzip_bytes",
+        ).champion.label
+    )

@@ -1,0 +1,314 @@
+"""The report's figures (plots.py) and pages (render.py) on synthetic summaries: valid small PNGs
+for full and degenerate inputs, a self-contained and escaped index.html, a report.md with
+relative links, and byte-identical output for identical input."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import math
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from browser import CHROMIUM, LAUNCH_ARGS, render_page, requires_chromium
+from PIL import Image
+from report_fixtures import summary_rows, write_summary
+
+from shrinkflow.errors import ShrinkflowError
+from shrinkflow.report import plots, render, selection, table
+from shrinkflow.report.render import FigureFile, ReportContext
+from shrinkflow.report.selection import Choice
+
+BUDGET, MEASURE = 0.01, "gzip_bytes"
+MAX_PNG_BYTES = 150_000
+
+
+def _annotated(folder: Path, rows: list[dict]) -> tuple[pd.DataFrame, selection.Selection]:
+    df = table.annotate(
+        table.load_summary(write_summary(folder / "summary.csv", rows)), BUDGET, MEASURE
+    )
+    return df, selection.select(df, BUDGET, MEASURE)
+
+
+def _layers() -> dict[str, list[dict]]:
+    counts = [("conv1", 432, 432), ("layer1.0.conv1", 2304, 900), ("fc", 640, 0)]
+    rows = [{"layer": n, "weights": w, "nonzero": z} for n, w, z in counts]
+    return {"smallest: torch/resnet20/finetuned/l1_unstructured/0.5": rows}
+
+
+def _curves() -> dict[str, pd.DataFrame]:
+    rows = [
+        {"group": g, "members": m, "ratio": r, "val_top1": 0.97 - d, "drop": d, "params_removed": 9}
+        for g, m, slope in [("conv1", "conv1", 0.1), ("layer1.0.conv1", "layer1.0.conv1 bn", 0.3)]
+        for r in (0.25, 0.5, 0.75)
+        for d in [slope * r * r]
+    ]
+    return {"torch/resnet20": pd.DataFrame(rows), "tensorflow/resnet20": pd.DataFrame(rows)}
+
+
+def _draw(folder: Path, df: pd.DataFrame, chosen: selection.Selection) -> list[FigureFile]:
+    """All five figures under folder/figures, as the report stage lays them out."""
+    (folder / "figures").mkdir(parents=True, exist_ok=True)
+    calls = {
+        "size_vs_accuracy": lambda p: plots.size_vs_accuracy(df, chosen, p),
+        "latency_vs_accuracy": lambda p: plots.latency_vs_accuracy(df, chosen, p),
+        "accuracy_vs_sparsity": lambda p: plots.accuracy_vs_sparsity(df, BUDGET, p),
+        "layer_sparsity": lambda p: plots.layer_sparsity(_layers(), p),
+        "sensitivity": lambda p: plots.sensitivity(_curves(), BUDGET, p),
+    }
+    figures = []
+    for name, draw in calls.items():
+        draw(folder / "figures" / f"{name}.png")
+        figures.append(FigureFile(f"figures/{name}.png", name.replace("_", " "), f"About {name}."))
+    return figures
+
+
+def _context(df, chosen, figures, **changes) -> ReportContext:
+    ctx = ReportContext(
+        title="shrinkflow report: digits",
+        df=df,
+        selection=chosen,
+        figures=figures,
+        facts=[("Data set", "digits (32 px)"), ("Summary", "results/summary.csv")],
+        notes=["No sensitivity sweep in this DAG."],
+    )
+    return dataclasses.replace(ctx, **changes)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> tuple[Path, ReportContext]:
+    """The fixture summary's figures, index.html and report.md, written once for the module."""
+    folder = tmp_path_factory.mktemp("report")
+    df, chosen = _annotated(folder, summary_rows())
+    ctx = _context(df, chosen, _draw(folder, df, chosen))
+    render.write_html(ctx, folder)
+    render.write_markdown(ctx, folder)
+    return folder, ctx
+
+
+class _Page(HTMLParser):
+    """The parts of index.html the tests look at: attributes, text, the node table's rows."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.attributes: list[tuple[str, str, str]] = []  # (tag, name, value)
+        self.text: list[str] = []
+        self.node_rows: list[dict] = []  # {"class": ..., "cells": [text, ...]}
+        self._in_nodes = self._in_body = False
+        self._cell: list[str] | None = None
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        self.attributes += [(tag, k, v or "") for k, v in attrs]
+        attrs = dict(attrs)
+        if tag == "table":
+            self._in_nodes = attrs.get("id") == "node-table"
+        elif tag == "tbody" and self._in_nodes:
+            self._in_body = True
+        elif tag == "tr" and self._in_body:
+            self.node_rows.append({"class": attrs.get("class", ""), "cells": []})
+        elif tag == "td" and self._in_body:
+            self._cell = []
+
+    def handle_endtag(self, tag):
+        if tag == "td" and self._cell is not None:
+            self.node_rows[-1]["cells"].append("".join(self._cell))
+            self._cell = None
+        elif tag == "tbody":
+            self._in_body = False
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def test_every_figure_is_a_valid_small_png(report):
+    folder, ctx = report
+    for figure in ctx.figures:
+        path = folder / figure.name
+        assert path.stat().st_size < MAX_PNG_BYTES, figure.name
+        with Image.open(path) as image:
+            assert image.format == "PNG"
+            assert image.width > 500 and image.height > 250, figure.name
+            # Not blank: a drawn plot has axes, text and lines in many shades.
+            assert len(image.convert("RGB").getcolors(maxcolors=1 << 16)) > 20, figure.name
+
+
+def test_panels_follow_backends_and_models(tmp_path):
+    def size(**grid) -> tuple[int, int]:
+        df, _ = _annotated(tmp_path / str(len(grid["models"])), summary_rows(**grid))
+        path = tmp_path / f"{len(grid['models'])}.png"
+        plots.accuracy_vs_sparsity(df, BUDGET, path)
+        with Image.open(path) as image:
+            return image.size
+
+    one = size(backends=("torch",), models=("resnet20",))
+    two = size(backends=("torch",), models=("resnet20", "resnet32"))
+    assert two[1] > 1.6 * one[1]  # one row of panels per model
+
+
+def test_degenerate_inputs_still_draw(tmp_path):
+    alone, alone_choice = _annotated(
+        tmp_path / "alone", summary_rows(backends=("torch",), methods=(), qmethods=())
+    )
+    one_point, one_choice = _annotated(
+        tmp_path / "one",
+        summary_rows(backends=("torch",), methods=("l1_unstructured",), sparsities=(0.5,)),
+    )
+    no_latency = one_point.assign(latency_ms_b1=math.nan)
+    drawn = {
+        "baseline_only_sparsity": lambda p: plots.accuracy_vs_sparsity(alone, BUDGET, p),
+        "baseline_only_size": lambda p: plots.size_vs_accuracy(alone, alone_choice, p),
+        "baseline_only_latency": lambda p: plots.latency_vs_accuracy(alone, alone_choice, p),
+        "one_point_sparsity": lambda p: plots.accuracy_vs_sparsity(one_point, BUDGET, p),
+        "no_latency": lambda p: plots.latency_vs_accuracy(no_latency, one_choice, p),
+        "no_layers": lambda p: plots.layer_sparsity({"smallest: x": []}, p),
+        "zero_weights": lambda p: plots.layer_sparsity(
+            {"t": [{"layer": "a", "weights": 0, "nonzero": 0}]}, p
+        ),
+        "one_ratio": lambda p: plots.sensitivity(
+            {"torch/resnet20": _curves()["torch/resnet20"][:1]}, BUDGET, p
+        ),
+        "no_curves": lambda p: plots.sensitivity({}, BUDGET, p),
+    }
+    for name, draw in drawn.items():
+        path = tmp_path / f"{name}.png"
+        draw(path)
+        with Image.open(path) as image:
+            assert image.format == "PNG", name
+
+
+def test_html_is_self_contained(report):
+    folder, ctx = report
+    html = (folder / "index.html").read_text(encoding="utf-8")
+    page = _Page(html)
+    assert "http://" not in html and "https://" not in html
+    sources = [v for tag, name, v in page.attributes if name == "src"]
+    assert len(sources) == len(ctx.figures)
+    for source, figure in zip(sources, ctx.figures, strict=True):
+        assert source.startswith("data:image/png;base64,")
+        assert base64.b64decode(source.split(",", 1)[1]) == (folder / figure.name).read_bytes()
+    links = [v for tag, name, v in page.attributes if name in ("href", "src", "action")]
+    assert all(v.startswith(("#", "data:")) for v in links), links
+    assert str(folder) not in html  # no path of this machine
+
+
+def test_html_shows_the_choice_and_every_node(report):
+    folder, ctx = report
+    page = _Page((folder / "index.html").read_text(encoding="utf-8"))
+    text = "".join(page.text)
+    chosen = ctx.selection
+    assert chosen.champion.label in text and chosen.champion.reason in text
+    assert chosen.fastest is not None and chosen.fastest.reason in text
+    assert all(c.label in text for c in chosen.per_model)
+    for figure in ctx.figures:
+        assert figure.title in text and figure.caption in text
+    assert ctx.notes[0] in text
+
+    df = ctx.df
+    assert len(page.node_rows) == len(df)
+    assert [r["cells"][1] for r in page.node_rows] == list(df["label"])
+    within = [r["class"].split()[0] == "in" for r in page.node_rows]
+    assert within == list(df["eligible"])
+    champion = df.index[df["label"] == chosen.champion.label][0]
+    cells = page.node_rows[champion]["cells"]
+    row = df.loc[champion]
+    assert "★" in cells[2] and "chosen" in page.node_rows[champion]["class"]
+    assert cells[3] == f"{row.top1:.4f}"
+    assert cells[4] == f"{-row['drop'] * 100:+.2f}"
+    assert f"{int(row.gzip_bytes):,}" in cells and f"{row.latency_ms_b1:.2f}" in cells
+    baseline = page.node_rows[int(df.index[df["stage"] == "baseline"][0])]["cells"]
+    assert baseline[4] == "+0.00" and baseline[6] == "–"  # no target sparsity
+
+
+def test_hostile_text_is_escaped(tmp_path, report):
+    _, ctx = report
+    hostile = "<script>alert(1)</script>|x"
+    old = ctx.selection.champion.label
+
+    def swap(choice: Choice | None) -> Choice | None:
+        if choice is None or choice.label != old:
+            return choice
+        return Choice(choice.role, hostile, '<img src=x onerror="alert(2)"> *why*')
+
+    chosen = dataclasses.replace(
+        ctx.selection,
+        champion=swap(ctx.selection.champion),
+        fastest=swap(ctx.selection.fastest),
+        per_model=[swap(c) for c in ctx.selection.per_model],
+    )
+    df = ctx.df.assign(label=ctx.df["label"].replace(old, hostile))
+    hostile_ctx = _context(df, chosen, [], facts=[("Summary", "<b>s</b>")], notes=["a <i>b"])
+    html = render.write_html(hostile_ctx, tmp_path).read_text(encoding="utf-8")
+    assert "<script>alert" not in html and "<img src=x" not in html and "<b>s" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert html.count("<script>") == 1  # the page's own sorting script
+    text = "".join(_Page(html).text)
+    assert hostile in text and '<img src=x onerror="alert(2)"> *why*' in text
+    markdown = render.write_markdown(hostile_ctx, tmp_path).read_text(encoding="utf-8")
+    assert re.search(r"(?<!\\)<", markdown) is None  # every < escaped
+    assert r"\<script\>alert(1)\</script\>\|x" in markdown
+
+
+def test_markdown_has_the_table_and_relative_images(report):
+    folder, ctx = report
+    markdown = (folder / "report.md").read_text(encoding="utf-8")
+    lines = markdown.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| # | artefact |"))
+    body = lines[header + 2 : header + 2 + len(ctx.df)]
+    assert [line.split(" | ")[1] for line in body] == list(ctx.df["label"])
+    assert all(line.count(" | ") == lines[header].count(" | ") for line in body)
+    for figure in ctx.figures:
+        assert f"![{figure.title}]({figure.name})" in markdown
+    assert "data:" not in markdown and str(folder) not in markdown
+    assert ctx.selection.champion.label in markdown and ctx.notes[0] in markdown
+
+
+def test_same_input_gives_byte_identical_files(tmp_path, report):
+    folder, ctx = report
+    figures = _draw(tmp_path, ctx.df, ctx.selection)
+    again = dataclasses.replace(ctx, figures=figures)
+    render.write_html(again, tmp_path)
+    render.write_markdown(again, tmp_path)
+    names = [f.name for f in ctx.figures] + ["index.html", "report.md"]
+    for name in names:
+        assert (tmp_path / name).read_bytes() == (folder / name).read_bytes(), name
+
+
+def test_bad_figure_names_are_refused(tmp_path, report):
+    _, ctx = report
+    for name in ("../outside.png", "/abs/figure.png", "figures/missing.png"):
+        bad = dataclasses.replace(ctx, figures=[FigureFile(name, "t", "c")])
+        with pytest.raises(ShrinkflowError, match="figure"):
+            render.write_html(bad, tmp_path)
+        with pytest.raises(ShrinkflowError, match="figure"):
+            render.write_markdown(bad, tmp_path)
+    assert not (tmp_path / "index.html").exists()
+
+
+@requires_chromium
+def test_page_renders_and_sorts_in_a_browser(tmp_path, report):
+    folder, ctx = report
+    check = render_page(folder / "index.html", tmp_path / "page.png")
+    assert check.problems() == [] and check.title == ctx.title
+    assert check.ink_fraction > 0.05, "the page rendered (nearly) blank"
+    assert check.height_px > 3000, "figures and the node table make a long page"
+
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto((folder / "index.html").as_uri())
+            page.click("#node-table th:nth-child(4)")  # top-1, ascending
+            first = page.inner_text("#node-table tbody tr:first-child td:nth-child(4)")
+            page.click("#node-table th:nth-child(4)")
+            top = page.inner_text("#node-table tbody tr:first-child td:nth-child(4)")
+        finally:
+            browser.close()
+    assert first == f"{ctx.df['top1'].min():.4f}" and top == f"{ctx.df['top1'].max():.4f}"
