@@ -82,6 +82,7 @@ def test_snakemake_and_dvc_run_the_same_commands():
         "evaluate": 2 * (1 + points),
         "evaluate_quantized": 2 * quantized,
         "summarize": 1,
+        "report": 1,
     }
     for backend in ("torch", "tensorflow"):
         assert any(f"--backend {backend} " in c for c in smk)
@@ -192,11 +193,14 @@ def test_every_command_is_a_valid_cli_invocation(tool):
 
 
 # Stands in for `shrinkflow` so the workflow can "run" in seconds: it creates what --out names
-# (a file for metrics and the summary, a folder otherwise), which is all Snakemake checks.
+# (a file for metrics and the summary, a folder otherwise; the report's files), which is all
+# Snakemake checks.
 FAKE_CLI = """#!/bin/sh
-out=""
+stage=$1 out=""
 while [ $# -gt 0 ]; do [ "$1" = --out ] && out=$2; shift; done
-case "$out" in
+case "$stage:$out" in
+  report:*) mkdir -p "$out/figures" && touch "$out/index.html" "$out/report.md" \
+    "$out/nodes.csv" "$out/selection.json" ;;
   *.json|*.csv) mkdir -p "$(dirname "$out")" && : > "$out" ;;
   *) mkdir -p "$out" ;;
 esac
@@ -250,6 +254,7 @@ def test_a_changed_quantize_setting_reruns_only_the_methods_that_read_it(tmp_pat
         "quantize": sources * len(rerun),
         "evaluate_quantized": sources * len(rerun),
         "summarize": 1,
+        "report": 1,
         "all": 1,
     }
     for method in rerun:

@@ -5,13 +5,19 @@ import shlex
 import sys
 from pathlib import Path
 
-from shrinkflow import dag
+from shrinkflow import dag, invocation
 from shrinkflow.config import validate_params
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.quantization import parse_quant_method
 
-# Keep every job quiet and offline (DESIGN.md section 6).
-envvars_defaults = {"MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}
+# Keep every job quiet and offline (DESIGN.md section 6), and give every job of this invocation
+# one id (the MLflow tag shrinkflow.invocation); declared in the Snakefile's `envvars`, so
+# cluster jobs inherit it too.
+envvars_defaults = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+    invocation.ENV: invocation.new_invocation_id(),
+}
 for _name, _value in envvars_defaults.items():
     os.environ.setdefault(_name, _value)
 
@@ -42,6 +48,12 @@ RAW = str(dag.raw_dir(DATASET))
 PREPARED = str(dag.prepared_dir(DATASET))
 MODELS = str(dag.MODELS)
 SUMMARY = str(dag.SUMMARY)
+REPORT = str(dag.REPORT)
+REPORT_HTML = str(dag.REPORT / "index.html")
+REPORT_MARKDOWN = str(dag.REPORT / "report.md")
+REPORT_NODES = str(dag.REPORT / "nodes.csv")
+REPORT_SELECTION = str(dag.REPORT / "selection.json")
+REPORT_FIGURES = str(dag.REPORT / "figures")
 
 
 def prune_params(wildcards):
@@ -79,6 +91,11 @@ def models_root(wildcards, input):
 
 
 EVALUATED = [str(node.metrics) for node in dag.evaluated_nodes(config)]
+SENSITIVITY = [
+    str(dag.sensitivity_dir(backend, model))
+    for backend in config["backends"]
+    for model in config["models"]
+]
 # The `{node}` of evaluate and the `{source}` of quantize: a node that is quantized and evaluated
 # as it is (the baseline or a fine-tuned sweep point), never a quantized node itself.
 QUANTIZABLE_NODE = "baseline|finetuned/[a-z0-9_]+/[0-9.e-]+"
