@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS := 1
 export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: venv run test lint repro mlflow-ui bench clean
+.PHONY: venv browser run test lint repro mlflow-ui bench clean
 
 # Re-installs only when the dependency pins change. pip's output goes to a log (it is long);
 # its tail is shown if the install fails.
@@ -26,7 +26,23 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 run: venv
 	snakemake --profile workflow/profiles/local --cores $(CORES)
 
-test: venv
+# Chromium for the page-rendering tests (tests/browser.py): Debian's package, driven by the
+# playwright pin in the venv (no browser download). Installing needs root and Debian's mirror;
+# without them the hint below is printed and those tests skip.
+CHROMIUM := /usr/bin/chromium
+browser:
+	@if [ -x $(CHROMIUM) ]; then :; \
+	elif [ "$$(id -u)" -ne 0 ]; then \
+		echo "note: $(CHROMIUM) is missing and only root can apt-get it; browser tests will skip"; \
+	else \
+		mkdir -p $(VENV); \
+		echo "installing Chromium with apt-get (log: $(VENV)/chromium-install.log) ..."; \
+		{ apt-get update && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y --no-install-recommends chromium; } \
+			> $(VENV)/chromium-install.log 2>&1 || { tail -n 40 $(VENV)/chromium-install.log; exit 1; }; \
+	fi
+
+test: venv browser
 	pytest
 
 lint: venv
@@ -44,6 +60,7 @@ bench: venv
 	python benchmarks/int8_flows.py
 	python benchmarks/quantization.py
 	python benchmarks/tensorflow.py
+	python benchmarks/report.py
 
 clean:
 	rm -rf results logs .snakemake data/raw data/prepared mlflow.db mlflow.db.lock mlartifacts
