@@ -48,7 +48,6 @@ RAW = str(dag.raw_dir(DATASET))
 PREPARED = str(dag.prepared_dir(DATASET))
 MODELS = str(dag.MODELS)
 SUMMARY = str(dag.SUMMARY)
-REPORT = str(dag.REPORT)
 REPORT_HTML = str(dag.REPORT / "index.html")
 REPORT_MARKDOWN = str(dag.REPORT / "report.md")
 REPORT_NODES = str(dag.REPORT / "nodes.csv")
@@ -83,6 +82,11 @@ def quantize_params(wildcards):
         read["qat"] = config["quantize"]["qat"]
         read["train"] = config["train"]
     return read
+
+
+def report_folder(wildcards, output):
+    """The folder the report job writes whole (its declared outputs all live in it)."""
+    return os.path.dirname(output.html)
 
 
 def models_root(wildcards, input):

@@ -20,9 +20,10 @@ rule report:
     params:
         report=config["report"],
         models=models_root,
+        folder=report_folder,
     threads: 1
     resources:
         mem_mb=2000,
     shell:
         "shrinkflow report {PARAMS} --summary {input.summary} --models {params.models} "
-        "--out {REPORT} 2> {log}"
+        "--out {params.folder} 2> {log}"
