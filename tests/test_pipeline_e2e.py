@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from browser import chromium_available, render_page
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -203,7 +204,7 @@ def test_every_job_is_an_mlflow_run_with_lineage(snakemake_project):
     runs = mlflow_runs(snakemake_project)
     stages = sorted(r.data.tags["shrinkflow.stage"] for r in runs)
     assert stages == sorted(
-        ["download", "prepare", "train", "sensitivity", "summarize"]
+        ["download", "prepare", "train", "sensitivity", "summarize", "report"]
         + ["prune", "finetune"] * len(POINTS)
         + ["quantize"] * len(QUANT) * len(SOURCES)
         + ["evaluate"] * len(SOURCES) * (1 + len(QUANT))
@@ -247,6 +248,43 @@ def test_every_job_is_an_mlflow_run_with_lineage(snakemake_project):
         assert prune.data.tags["shrinkflow.stage"] == "prune"
         assert prune.data.tags["shrinkflow.sparsity"] == str(sparsity)
         assert prune.data.tags["mlflow.parentRunId"] == train.info.run_id
+
+
+def test_the_report_chooses_registers_and_feeds_snakemakes_report(snakemake_project, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    report = snakemake_project / "results/report"
+    record = json.loads((report / "selection.json").read_text())
+    labels = {"/".join(Path(r["artifact"]).parts[2:-1]) for r in read_summary(snakemake_project)}
+    assert record["champion"]["label"] in labels and record["fastest"]["label"] in labels
+    html = (report / "index.html").read_text()
+    assert record["champion"]["label"] in html and "http://" not in html
+    # (Snakemake marks a directory output with a hidden .snakemake_timestamp)
+    assert sorted(p.name for p in (report / "figures").glob("[!.]*")) == [
+        "accuracy_vs_sparsity.png",
+        "latency_vs_accuracy.png",
+        "layer_sparsity.png",
+        "sensitivity.png",
+        "size_vs_accuracy.png",
+    ]
+    runs = mlflow_runs(snakemake_project)
+    assert len({r.data.tags["shrinkflow.invocation"] for r in runs}) == 1  # one `snakemake`
+    client = MlflowClient(tracking_uri=f"sqlite:///{snakemake_project / 'mlflow.db'}")
+    version = client.get_model_version_by_alias("shrinkflow", "champion")
+    producer = json.loads(
+        (
+            snakemake_project / "results/models" / record["champion"]["label"] / "model/run.json"
+        ).read_text()
+    )
+    assert version.run_id == producer["run_id"]
+    if chromium_available():  # installed by `make test`; the page as a browser shows it
+        check = render_page(report / "index.html", tmp_path / "report.png")
+        assert check.problems() == [] and check.ink_fraction > 0.05, check
+    built = tmp_path / "snakemake-report.html"
+    run([str(BIN / "snakemake"), "--report", str(built)], snakemake_project)
+    text = built.read_text()
+    assert "shrinkflow&#x27;s own report" in text or "shrinkflow's own report" in text
+    assert "size_vs_accuracy.png" in text
 
 
 def run_key(run) -> tuple[str, str, str]:
@@ -307,8 +345,16 @@ def test_rerun_is_a_no_op_and_a_param_change_reruns_only_its_branch(snakemake_pr
         "evaluate": len(SOURCES),
         "evaluate_quantized": len(SOURCES) * len(QUANT),
         "summarize": 1,
+        "report": 1,
         "all": 1,
     }
+    # the report's budget is read by the report alone
+    budget = tmp_path / "budget.yaml"
+    budget.write_text("report: {max_accuracy_drop: 0.05}\n")
+    rebudgeted = run(
+        [snakemake, "-n", "--cores", "2", "--configfile", str(budget)], snakemake_project
+    )
+    assert job_counts(rebudgeted.stdout) == {"report": 1, "all": 1}
     # one more sparsity: only the new branch of each method (and the summary) runs
     more = tmp_path / "more-sparsities.yaml"
     more.write_text("prune: {sparsities: [0.5, 0.8]}\n")
@@ -321,6 +367,7 @@ def test_rerun_is_a_no_op_and_a_param_change_reruns_only_its_branch(snakemake_pr
         "quantize": n * len(QUANT),
         "evaluate_quantized": n * len(QUANT),
         "summarize": 1,
+        "report": 1,
         "all": 1,
     }
     assert "pruned/l1_unstructured/0.8/model" in grown.stdout
@@ -335,6 +382,7 @@ def test_rerun_is_a_no_op_and_a_param_change_reruns_only_its_branch(snakemake_pr
         "quantize": len(SOURCES),
         "evaluate_quantized": len(SOURCES),
         "summarize": 1,
+        "report": 1,
         "all": 1,
     }
     assert "qmethod=fixed_w4" not in recalibrated.stdout
@@ -346,6 +394,7 @@ def test_rerun_is_a_no_op_and_a_param_change_reruns_only_its_branch(snakemake_pr
         "quantize": len(SOURCES),
         "evaluate_quantized": len(SOURCES),
         "summarize": 1,
+        "report": 1,
         "all": 1,
     }
     assert "quantized/qat_int8/baseline/model" in added.stdout
@@ -362,6 +411,7 @@ def test_rerun_is_a_no_op_and_a_param_change_reruns_only_its_branch(snakemake_pr
         "quantize": len(QUANT),
         "evaluate_quantized": len(QUANT),
         "summarize": 1,
+        "report": 1,
         "all": 1,
     }
 
@@ -405,7 +455,29 @@ def test_dvc_repro_runs_the_same_dag_from_scratch(tmp_path):
     assert len(rows) == len(SOURCES) * (1 + len(quant))
     assert [r["quant_method"] for r in rows[len(SOURCES) :]] == quant * len(SOURCES)
     assert (project / "dvc.lock").is_file()
-    assert len(mlflow_runs(project)) == 6 + 3 * len(POINTS) + 2 * len(quant) * len(SOURCES)
+    runs = mlflow_runs(project)
+    assert len(runs) == 7 + 3 * len(POINTS) + 2 * len(quant) * len(SOURCES)
+    # no SHRINKFLOW_INVOCATION_ID here: the stages take the `dvc repro` process's identity
+    assert len({r.data.tags["shrinkflow.invocation"] for r in runs}) == 1
+    assert "Running stage 'report'" in result.stdout
+    # `dvc plots diff` between a commit and the workspace after a changed budget
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    run([*git, "add", "-A"], project)
+    run([*git, "commit", "-q", "-m", "first sweep"], project)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["report"]["max_accuracy_drop"] = 0.5
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    again = run([str(BIN / "dvc"), "repro"], project)
+    assert "Running stage 'report'" in again.stdout
+    assert "Running stage 'train@" not in again.stdout
+    diff = json.loads(run([str(BIN / "dvc"), "plots", "diff", "HEAD", "--json"], project).stdout)
+    for plot in ("Top-1 against target sparsity", "Top-1 against size"):
+        (rendered,) = diff[plot]
+        assert sorted(rendered["revisions"]) == ["HEAD", "workspace"], rendered["revisions"]
+    images = [key for key in diff if key.endswith(".png")]
+    assert "results/report/figures/size_vs_accuracy.png" in images
+    shown = json.loads(run([str(BIN / "dvc"), "plots", "show", "--json"], project).stdout)
+    assert "Top-1 against latency at batch 1" in shown
     again = run([str(BIN / "dvc"), "repro"], project)
     assert "Running stage" not in again.stdout
 
