@@ -470,13 +470,16 @@ def test_dvc_repro_runs_the_same_dag_from_scratch(tmp_path):
     again = run([str(BIN / "dvc"), "repro"], project)
     assert "Running stage 'report'" in again.stdout
     assert "Running stage 'train@" not in again.stdout
-    diff = json.loads(run([str(BIN / "dvc"), "plots", "diff", "HEAD", "--json"], project).stdout)
+    dvc_plots = [str(BIN / "dvc"), "plots"]
+    diff = json.loads(run([*dvc_plots, "diff", "HEAD", "--json"], project).stdout)["data"]
     for plot in ("Top-1 against target sparsity", "Top-1 against size"):
         (rendered,) = diff[plot]
         assert sorted(rendered["revisions"]) == ["HEAD", "workspace"], rendered["revisions"]
-    images = [key for key in diff if key.endswith(".png")]
-    assert "results/report/figures/size_vs_accuracy.png" in images
-    shown = json.loads(run([str(BIN / "dvc"), "plots", "show", "--json"], project).stdout)
+        rows = rendered["content"]["data"]["values"]
+        assert {r["rev"] for r in rows} == {"HEAD", "workspace"}
+    images = diff["results/report/figures/size_vs_accuracy.png"]
+    assert sorted(rev for image in images for rev in image["revisions"]) == ["HEAD", "workspace"]
+    shown = json.loads(run([*dvc_plots, "show", "--json"], project).stdout)["data"]
     assert "Top-1 against latency at batch 1" in shown
     again = run([str(BIN / "dvc"), "repro"], project)
     assert "Running stage" not in again.stdout

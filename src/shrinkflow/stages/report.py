@@ -233,6 +233,8 @@ def _write_nodes(df: pd.DataFrame, path: Path) -> None:
     nodes = df[_NODE_COLUMNS].copy()
     # DVC's plots need a number on every row: the baseline is the sweep's sparsity 0.
     nodes["target_sparsity"] = nodes["target_sparsity"].fillna(0.0)
+    for column in ("size", "gzip_bytes", "size_bytes"):  # whole bytes, not 1.0246e+06
+        nodes[column] = nodes[column].astype("int64")
     nodes.to_csv(path, index=False, quoting=csv.QUOTE_MINIMAL, float_format="%.6g")
 
 
