@@ -474,4 +474,3 @@ def register_model(
     for alias in aliases:
         _retry(lambda alias=alias: client.set_registered_model_alias(name, alias, version))
     return str(version)
-
