@@ -32,9 +32,9 @@ class Selection:
     total: int  # rows in the summary
 
     @property
-    def labels(self) -> list[str]:
-        """The chosen nodes, champion first."""
-        return [self.champion.label] + ([self.fastest.label] if self.fastest else [])
+    def quickest(self) -> Choice:
+        """The fastest within budget, whether or not it is also the champion."""
+        return self.fastest or self.champion
 
 
 def select(df: pd.DataFrame, max_drop: float, size_metric: str) -> Selection:

@@ -21,7 +21,7 @@ from shrinkflow.outputs import atomic_dir, read_json, write_json
 from shrinkflow.progress import say
 from shrinkflow.report import plots, render, selection, table
 from shrinkflow.report.render import FigureFile, ReportContext
-from shrinkflow.report.selection import Selection
+from shrinkflow.report.selection import Choice, Selection
 from shrinkflow.sensitivity_report import CSV_FILE as SENSITIVITY_CSV
 
 FIGURES = "figures"  # PNGs live here; index.html embeds them, report.md links them
@@ -38,8 +38,6 @@ _NODE_COLUMNS = [
 def run(cfg: dict, summary: Path, models_dir: Path, out: Path) -> None:
     budget = cfg["report"]["max_accuracy_drop"]
     size_metric = cfg["report"]["size_metric"]
-    if budget < 0:  # the schema refuses it too; a caller of run() may not have validated
-        raise ShrinkflowError(f"report.max_accuracy_drop: {budget} is below 0")
     df = table.annotate(table.load_summary(summary), budget, size_metric)
     chosen = selection.select(df, budget, size_metric)
     layers = _layer_sparsity(models_dir, df, chosen)
@@ -77,7 +75,7 @@ def run(cfg: dict, summary: Path, models_dir: Path, out: Path) -> None:
             {
                 "shrinkflow.champion": chosen.champion.label,
                 "shrinkflow.champion.reason": chosen.champion.reason,
-                "shrinkflow.fastest": (chosen.fastest or chosen.champion).label,
+                "shrinkflow.fastest": chosen.quickest.label,
             }
         )
         job.log_artifact(out)  # a folder keeps its name: artifacts/report/index.html
@@ -239,11 +237,11 @@ def _write_nodes(df: pd.DataFrame, path: Path) -> None:
 
 
 def _selection_record(df: pd.DataFrame, chosen: Selection) -> dict:
-    def describe(label: str, reason: str) -> dict:
-        row = _row(df, label)
+    def describe(choice: Choice) -> dict:
+        row = _row(df, choice.label)
         return {
-            "label": label,
-            "reason": reason,
+            "label": choice.label,
+            "reason": choice.reason,
             "top1": float(row.top1),
             "drop": float(row["drop"]),
             "size": int(row["size"]),
@@ -256,14 +254,8 @@ def _selection_record(df: pd.DataFrame, chosen: Selection) -> dict:
         "size_metric": chosen.size_metric,
         "eligible": chosen.eligible,
         "nodes": chosen.total,
-        "champion": describe(chosen.champion.label, chosen.champion.reason),
-        "fastest": describe(
-            *(
-                (chosen.fastest.label, chosen.fastest.reason)
-                if chosen.fastest
-                else (chosen.champion.label, chosen.champion.reason)
-            )
-        ),
+        "champion": describe(chosen.champion),
+        "fastest": describe(chosen.quickest),
     }
 
 
@@ -273,7 +265,7 @@ def _register(cfg: dict, models_dir: Path, df: pd.DataFrame, chosen: Selection) 
     if not name:
         return ""
     versions = {}
-    roles = [("champion", chosen.champion), ("fastest", chosen.fastest or chosen.champion)]
+    roles = [("champion", chosen.champion), ("fastest", chosen.quickest)]
     for alias, choice in roles:
         model_dir = Path(models_dir) / Path(choice.label) / "model"
         producer = tracking.read_run_ref(model_dir)
