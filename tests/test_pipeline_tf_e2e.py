@@ -214,7 +214,7 @@ def test_bad_tensorflow_input_is_one_line_and_writes_nothing(tf_project, args, m
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
     assert errors[0].startswith(message), errors[0]
-    # no model folder and no temporary one (the empty resume folder beside it is a declared,
-    # persisted DVC output that a prune job creates before it starts)
+    # no model folder and no temporary one (the empty resume folder beside it is the scratch
+    # state a prune job creates before it starts; .dvcignore keeps it out of DVC)
     assert not out.exists() and not list(out.parent.glob(".tmp-*"))
     assert all(r.info.status in ("FINISHED", "FAILED") for r in mlflow_runs(tf_project))
