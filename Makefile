@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS := 1
 export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: venv browser run test lint repro mlflow-ui bench clean
+.PHONY: venv services run test lint repro push mlflow-ui mlflow-server bench clean
 
 # Re-installs only when the dependency pins change. pip's output goes to a log (it is long);
 # its tail is shown if the install fails.
@@ -26,23 +26,29 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 run: venv
 	snakemake --profile workflow/profiles/local --cores $(CORES)
 
-# Chromium for the page-rendering tests (tests/browser.py): Debian's package, driven by the
-# playwright pin in the venv (no browser download). Installing needs root and Debian's mirror;
-# without them the hint below is printed and those tests skip.
-CHROMIUM := /usr/bin/chromium
-browser:
-	@if [ -x $(CHROMIUM) ]; then :; \
+# Debian packages the tests start for real, installed when missing (needs root and Debian's
+# mirror; without them the hint is printed and those tests skip):
+#   chromium                          the report page rendered headless (tests/browser.py), driven
+#                                     by the playwright pin in the venv (no browser download)
+#   slurm-wlm slurmdbd munge          a one-node Slurm cluster with accounting (tests/slurm_cluster.py)
+#   mariadb-server                    slurmdbd's database
+#   postgresql                        the tracking server's backend store (make mlflow-server)
+TEST_PACKAGES := chromium slurm-wlm slurmdbd munge mariadb-server postgresql
+services:
+	@missing=$$(for p in $(TEST_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -z "$$missing" ]; then :; \
 	elif [ "$$(id -u)" -ne 0 ]; then \
-		echo "note: $(CHROMIUM) is missing and only root can apt-get it; browser tests will skip"; \
+		echo "note: missing Debian packages ($$missing) and only root can apt-get them; their tests will skip"; \
 	else \
 		mkdir -p $(VENV); \
-		echo "installing Chromium with apt-get (log: $(VENV)/chromium-install.log) ..."; \
+		echo "installing $$missing with apt-get (log: $(VENV)/apt-install.log) ..."; \
 		{ apt-get update && DEBIAN_FRONTEND=noninteractive \
-			apt-get install -y --no-install-recommends chromium; } \
-			> $(VENV)/chromium-install.log 2>&1 || { tail -n 40 $(VENV)/chromium-install.log; exit 1; }; \
+			apt-get install -y --no-install-recommends $$missing; } \
+			> $(VENV)/apt-install.log 2>&1 || { tail -n 40 $(VENV)/apt-install.log; exit 1; }; \
 	fi
 
-test: venv browser
+test: venv services
 	pytest
 
 lint: venv
@@ -52,8 +58,20 @@ lint: venv
 repro: venv
 	dvc repro
 
+# Checkpoints and data to DVC's default remote (`dvc remote add -d NAME URL`): checks it can be
+# written, records the outputs in dvc.lock (`dvc commit -f`), then `dvc push`.
+push: venv
+	shrinkflow remote push
+
 mlflow-ui: venv
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+# The shared tracking server: MLflow on 127.0.0.1:${PORT:-5000} with a PostgreSQL store kept in
+# .mlflow-server/ (or $MLFLOW_BACKEND_STORE_URI) and artefacts served; prints the
+# MLFLOW_TRACKING_URI to export; Ctrl-C stops it and PostgreSQL. MLFLOW_SERVER_ARGS passes
+# more options (--host 0.0.0.0, --workers N, --postgres-port N; see its --help).
+mlflow-server: venv
+	python -m shrinkflow.tracking_server $(MLFLOW_SERVER_ARGS)
 
 bench: venv
 	python benchmarks/pipeline.py
@@ -61,6 +79,9 @@ bench: venv
 	python benchmarks/quantization.py
 	python benchmarks/tensorflow.py
 	python benchmarks/report.py
+	python benchmarks/scaleout.py
 
+# Pipeline outputs and the local store only: .mlflow-server/ (the shared tracking server's
+# data) and dvc-storage/ (the remote) are left alone.
 clean:
 	rm -rf results logs .snakemake data/raw data/prepared mlflow.db mlflow.db.lock mlartifacts

@@ -83,7 +83,7 @@ def chromium_available() -> bool:
 
 requires_chromium = pytest.mark.skipif(
     not chromium_available(),
-    reason=f"needs {CHROMIUM} and playwright (`make browser` installs Chromium)",
+    reason=f"needs {CHROMIUM} and playwright (`make services` installs Chromium)",
 )
 
 

@@ -3,6 +3,7 @@
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from shrinkflow import tracking
+from shrinkflow import tracking, tracking_health
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.tracking import (
     flatten,
@@ -342,3 +343,142 @@ def test_module_import_does_not_import_mlflow() -> None:
     code = "import sys, shrinkflow.tracking; print('mlflow' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_a_retried_job_continues_its_failed_attempt_in_the_same_invocation(
+    cfg: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Snakemake's --retries: one run per job, however many attempts it took."""
+    node = {"shrinkflow.backend": "torch", "shrinkflow.node": "baseline"}
+    monkeypatch.setenv("SHRINKFLOW_INVOCATION_ID", "invocation-a")
+    with pytest.raises(RuntimeError), job_run(cfg, "evaluate", tags=node, run_name="ev") as first:
+        first.log_metrics({"top1": 0.5})
+        raise RuntimeError("the tracking server went away")
+    # another node of the same stage (a superset of the tags) is another job
+    quantized = {**node, "shrinkflow.qmethod": "fixed_w4"}
+    with job_run(cfg, "evaluate", tags=quantized, run_name="ev q") as other:
+        pass
+    with job_run(cfg, "evaluate", tags=node, run_name="ev") as retry:
+        retry.log_metrics({"top1": 0.75})
+    assert retry.run_id == first.run_id != other.run_id
+    client = client_for(cfg)
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["top1"] == 0.75
+    monkeypatch.setenv("SHRINKFLOW_INVOCATION_ID", "invocation-b")
+    with pytest.raises(RuntimeError), job_run(cfg, "evaluate", tags=node, run_name="ev") as b:
+        raise RuntimeError("fails again, in the next invocation")
+    assert b.run_id != first.run_id  # a finished run is never reopened by another invocation
+    cfg["data"]["image_size"] = 64  # re-run by hand after a change: MLflow params are final
+    with job_run(cfg, "evaluate", tags=node, run_name="ev") as changed:
+        pass
+    assert changed.run_id != b.run_id
+    assert client.get_run(changed.run_id).data.params["data.image_size"] == "64"
+    assert len(client.search_runs([first.experiment_id])) == 4
+
+
+def test_http_retry_defaults_ride_out_minutes_and_yield_to_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mlflow.environment_variables import (
+        MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+    )
+    from urllib3.util.retry import Retry
+
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "3")  # the user's choice wins
+    tracking._import_mlflow()
+    assert MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get() == 3
+    retries = MLFLOW_HTTP_REQUEST_MAX_RETRIES.get()
+    assert retries == 8
+    # urllib3's own backoff with our factor: the waits MLflow's client sleeps between attempts
+    retry, waits = Retry(total=retries, backoff_factor=1, backoff_jitter=0), []
+    for _ in range(retries):
+        retry = retry.increment(method="POST", url="/", error=ConnectionRefusedError())
+        waits.append(retry.get_backoff_time())
+    assert waits[:4] == [0, 2, 4, 8]  # a short restart is noticed within seconds
+    assert 200 < sum(waits) < 300  # and an outage of ~4 minutes is ridden out
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once the socket closes
+
+
+def server_cfg(uri: str) -> dict:
+    return {"tracking": {"experiment": "x", "uri": uri}}
+
+
+def test_an_unreachable_server_is_one_line_after_the_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    port = closed_port()
+    monkeypatch.setenv(tracking_health.SERVER_WAIT_ENV, "2")
+    started = time.monotonic()
+    with pytest.raises(ShrinkflowError) as raised:
+        tracking_health.require_server(server_cfg(f"http://user:secret@127.0.0.1:{port}/"))
+    assert 2 <= time.monotonic() - started < 8
+    assert str(raised.value) == (
+        f"MLflow tracking server http://127.0.0.1:{port} is unreachable (connection refused for "
+        "2 s); start it with `make mlflow-server` or set tracking.uri (or MLFLOW_TRACKING_URI)"
+    )  # and never shows the password
+    with pytest.raises(ShrinkflowError, match="unknown host 'nowhere.invalid'"):
+        tracking_health.require_server(server_cfg("http://nowhere.invalid:5000"), wait_s=0)
+
+
+def test_only_http_stores_need_a_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(tracking_health.SERVER_WAIT_ENV, "soon")
+    # no check at all
+    tracking_health.require_server(server_cfg(f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    with pytest.raises(ShrinkflowError, match="^SHRINKFLOW_TRACKING_WAIT_S: 'soon' is not a"):
+        tracking_health.require_server(server_cfg(f"http://127.0.0.1:{closed_port()}"))
+
+
+def test_a_cli_job_refuses_an_unreachable_server_before_writing(tmp_path: Path) -> None:
+    """`dvc repro` runs the CLI directly: the job itself fails early, with one line."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{closed_port()}"}
+    env[tracking_health.SERVER_WAIT_ENV] = "1"
+    out = tmp_path / "results/models/torch/resnet20/baseline/model"
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "shrinkflow"), "train", "--backend", "torch",
+         "--model", "resnet20", "--params", str(root / "params.yaml"),
+         "--in", "data/prepared/digits", "--out", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: MLflow tracking server http://127.0.0.1:")
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert list(tmp_path.iterdir()) == []  # no results folder, no resume folder, no store
+
+
+def test_snakemake_refuses_an_unreachable_server_before_any_job(tmp_path: Path) -> None:
+    from test_pipeline_e2e import BIN, make_project
+
+    project = make_project(tmp_path)
+    before = sorted(p.name for p in project.iterdir())
+    port = closed_port()
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{port}"
+    started = time.monotonic()
+    result = subprocess.run(
+        [str(BIN / "snakemake"), "--cores", "2"],
+        cwd=project, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode != 0
+    # tracking_health.START_WAIT_S, then Snakemake's own start
+    assert time.monotonic() - started < 60
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: MLflow tracking server http://127.0.0.1:{port} is unreachable (connection "
+        "refused for 5 s); start it with `make mlflow-server` or set tracking.uri (or "
+        "MLFLOW_TRACKING_URI)"
+    ], result.stderr[-2000:]
+    assert "localrule" not in result.stderr + result.stdout  # no job started
+    after = sorted(p.name for p in project.iterdir() if p.name != ".snakemake")
+    assert after == before  # no data, no results, no store
+    # a dry run needs no server
+    dry = subprocess.run(
+        [str(BIN / "snakemake"), "-n", "--cores", "2"],
+        cwd=project, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert dry.returncode == 0, dry.stderr[-2000:]

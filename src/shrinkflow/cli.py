@@ -43,8 +43,17 @@ BaselineOption = Annotated[Path, typer.Option("--in", help="The trained baseline
 DEFAULT_PARAMS = [Path("params.yaml")]
 
 
-def _params(params: list[Path] | None, overrides: list[str] | None) -> dict:
-    return load_params(params or DEFAULT_PARAMS, overrides or [])
+def _params(
+    params: list[Path] | None, overrides: list[str] | None, *, tracked: bool = True
+) -> dict:
+    """The merged, validated params; for a stage (``tracked``), also a tracking server that
+    answers, checked before the stage writes or computes anything."""
+    cfg = load_params(params or DEFAULT_PARAMS, overrides or [])
+    if tracked:
+        from shrinkflow.tracking_health import require_server
+
+        require_server(cfg)
+    return cfg
 
 
 @app.command()
@@ -209,12 +218,35 @@ def models(
 @app.command()
 def validate(params: ParamsOption = None, set_: SetOption = None) -> None:
     """Check params files (merged in order) against the schema; print a one-line verdict."""
-    cfg = _params(params, set_)
+    cfg = _params(params, set_, tracked=False)
     files = " + ".join(str(p) for p in (params or DEFAULT_PARAMS))
     typer.echo(
         f"{files}: ok (data {cfg['data']['name']}, backends {', '.join(cfg['backends'])}, "
         f"models {', '.join(cfg['models'])})"
     )
+
+
+remote_app = typer.Typer(no_args_is_help=True, help="The shared DVC remote for checkpoints.")
+app.add_typer(remote_app, name="remote")
+RemoteOption = Annotated[
+    str | None, typer.Option("--remote", "-r", help="Remote name (default: DVC's default).")
+]
+
+
+@remote_app.command("check")
+def remote_check(remote: RemoteOption = None) -> None:
+    """Prove the DVC remote can be written now (before hours of compute); one-line verdict."""
+    from shrinkflow.remote import check_remote
+
+    typer.echo(check_remote(Path.cwd(), remote))
+
+
+@remote_app.command("push")
+def remote_push(remote: RemoteOption = None) -> None:
+    """Check the remote, record the outputs in dvc.lock (`dvc commit -f`), `dvc push` them."""
+    from shrinkflow.remote import push
+
+    push(Path.cwd(), remote)
 
 
 def main() -> None:

@@ -7,6 +7,11 @@ Many jobs (``--cores 8``) write to one SQLite file at once, so: the schema and t
 are created once under a file lock; SQLite waits up to ``BUSY_TIMEOUT_S`` for another writer's
 lock; calls that still fail with "database is locked" are retried with backoff; metrics are
 written in batches.
+
+A tracking server (``http(s)://``, e.g. ``make mlflow-server``) may restart while jobs log to it:
+MLflow's HTTP client retries with the backoff set in ``_MLFLOW_ENV``, a job checks the server
+answers before it starts (``shrinkflow.tracking_health``), and a job that failed and is re-run in
+the same invocation continues its earlier attempt's run instead of leaving it behind.
 """
 
 from __future__ import annotations
@@ -47,8 +52,24 @@ STAGE_TAG = "shrinkflow.stage"
 PARENT_TAG = "mlflow.parentRunId"  # the tag the MLflow UI uses to draw runs as a tree
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
 
-# MLflow's own defaults, applied before it is imported: no usage reporting, nothing online.
-_MLFLOW_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+# MLflow's own settings, applied before it is imported unless the environment sets them.
+_MLFLOW_ENV = {
+    # no usage reporting, nothing online
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    # HTTP retries: refused connections, resets and 5xx answers are retried after waits of
+    # 0, 2, 4, ..., 64, 120 s (urllib3's backoff, each wait capped at 120 s). 8 retries ride out a
+    # tracking server that is away for up to ~4 minutes, as MLflow's 7 retries x factor 2 do;
+    # factor 1 tries again sooner (2, 4, 8 s rather than 4, 8, 16 s), so a restart of seconds
+    # holds a job up for seconds.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "8",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    # up to 1 s more per wait, at random, so the jobs of a sweep do not retry in lockstep
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "1.0",
+    # seconds one request may wait for the server's answer (MLflow's default): a server stuck on
+    # its database fails the request, which is then retried as above
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "120",
+}
 _LOCKED = ("database is locked", "database table is locked")
 
 
@@ -318,6 +339,42 @@ def _existing_run(client: MlflowClient, run_id: str) -> Run | None:
     return run if run.info.lifecycle_stage == "active" else None
 
 
+def _unfinished_attempt(
+    client: MlflowClient,
+    experiment_id: str,
+    run_tags: Mapping[str, str],
+    run_name: str | None,
+    params: Mapping[str, object],
+) -> Run | None:
+    """The run of an earlier attempt at this job in this invocation that did not finish.
+
+    Snakemake's ``--retries`` (or a cluster's requeue) re-runs a failed job in the same
+    invocation: continuing that attempt's run keeps one run per job, where a fresh run would
+    leave a FAILED (or, if the tracking server was gone, RUNNING) twin behind. The job is known
+    by its tags (invocation, stage, node, parent) and its run name; an attempt that logged other
+    params (a user re-ran it by hand after a fix) is another job, as MLflow params are final.
+    """
+    keys = (INVOCATION_TAG, STAGE_TAG)
+    if any("'" in run_tags[key] for key in keys):
+        return None  # not expressible in a filter string; such ids are not ours anyway
+    query = " and ".join(f"tags.`{key}` = '{run_tags[key]}'" for key in keys)
+    query += " and attributes.status != 'FINISHED'"
+    candidates = _retry(
+        lambda: client.search_runs(
+            [experiment_id], query, max_results=100, order_by=["attributes.start_time DESC"]
+        )
+    )
+    for run in candidates:
+        same_tags = all(run.data.tags.get(k) == v for k, v in run_tags.items())
+        logged = run.data.params
+        same_params = all(
+            logged.get(k, _param_value(v)) == _param_value(v) for k, v in params.items()
+        )
+        if same_tags and same_params and (run_name is None or run.info.run_name == run_name):
+            return run
+    return None
+
+
 @contextmanager
 def _sigterm_raises() -> Iterator[None]:
     """Turn SIGTERM into an exception while the block runs, so the run is ended as KILLED."""
@@ -352,7 +409,8 @@ def job_run(
         stage: the pipeline stage, tagged ``shrinkflow.stage``.
         tags: more tags (``shrinkflow.backend``, ``shrinkflow.model``, ...).
         parent_run_id: the run that produced this job's input; the MLflow UI nests under it.
-        run_id: continue this run if the store has it (a resumed job keeps its run).
+        run_id: continue this run if the store has it (a resumed job keeps its run); without
+            it, an unfinished run of an earlier attempt at this job in this invocation continues.
         run_name: shown in the MLflow UI; MLflow picks a random one when None.
 
     The run ends FINISHED when the block succeeds, FAILED when it raises, KILLED on Ctrl-C or
@@ -371,6 +429,8 @@ def job_run(
     params = flatten(cfg)
     with _sigterm_raises():
         existing = _existing_run(client, run_id) if run_id else None
+        if existing is None:
+            existing = _unfinished_attempt(client, experiment_id, run_tags, run_name, params)
         if existing is None:
             created = _retry(
                 lambda: client.create_run(experiment_id, tags=run_tags, run_name=run_name)

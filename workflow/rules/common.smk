@@ -119,3 +119,72 @@ wildcard_constraints:
 # `snakemake --lint` asks for a conda environment or container per rule. Every rule runs the
 # `shrinkflow` CLI from the project's virtualenv (`make venv`, pinned in pyproject.toml and
 # constraints.txt), which is the one environment the tests exercise; that lint is accepted.
+
+
+# ---- tracking server check (issue 7): before any job runs ----
+# An http(s) tracking URI (tracking.uri or MLFLOW_TRACKING_URI) must answer first: one line and
+# exit 1, instead of every job failing in turn. `onstart` runs only when Snakemake is about to run
+# jobs (not for -n, --lint, --list, nor the Snakemake inside a cluster job); the check is one
+# GET /health with urllib (MLflow is not imported). Each CLI job checks again (dvc calls it).
+onstart:
+    from shrinkflow.tracking_health import START_WAIT_S, require_server
+
+    try:
+        slurm_preflight()
+        require_server(config, wait_s=START_WAIT_S)
+    except ShrinkflowError as exc:
+        sys.exit(f"error: {exc}")
+# ---- end tracking server check ----
+
+
+# ---- DVC remote (issue 7): checked before any job runs, pushed to after a complete run ----
+# Opt-in, as runtime config (never params.yaml): SHRINKFLOW_DVC_PUSH=1 snakemake ... checks DVC's
+# default remote (`dvc remote add -d NAME URL`) here, so a dead remote stops the run in one line
+# before any compute; then `onsuccess` (this workflow's only one) runs `dvc commit -f` and
+# `dvc push` once, from this process, never from the jobs. Reading DVC's config costs ~0.15 s;
+# only the main process checks, dry runs included (cluster jobs re-read this file and skip it).
+from shrinkflow import remote as dvc_remote
+
+DVC_PUSH = dvc_remote.push_requested() and workflow.is_main_process
+if DVC_PUSH:
+    _overrides = [
+        f"--configfile {os.path.relpath(path)}"
+        for path in workflow.config_settings.configfiles
+        if os.path.relpath(path) != "params.yaml"
+    ] + [f"--config {key}=..." for key in workflow.config_settings.config]
+    try:
+        print(dvc_remote.require_pushable(Path.cwd(), _overrides), file=sys.stderr)
+    except ShrinkflowError as exc:
+        sys.exit(f"error: {exc}")
+
+
+onsuccess:
+    if DVC_PUSH:
+        try:
+            dvc_remote.push(Path.cwd())
+        except ShrinkflowError as exc:
+            sys.exit(f"error: {exc}")
+# ---- end DVC remote ----
+
+
+# ---- Slurm (issue 7): one tracking store for every job, and a preflight before submitting ----
+# MLFLOW_TRACKING_URI joins the declared envvars with the store every job would pick anyway
+# (shrinkflow.tracking.tracking_uri: tracking.uri, else $MLFLOW_TRACKING_URI, else this
+# project's mlflow.db as an absolute path), so declaring it never makes it required. The Slurm
+# executor passes no declared envvar itself (pass_envvar_declarations_to_cmd=False): its jobs
+# get this process's environment through `sbatch --export=ALL`, this default included.
+from shrinkflow.tracking import tracking_uri
+
+envvars_defaults["MLFLOW_TRACKING_URI"] = tracking_uri(config)
+os.environ.setdefault("MLFLOW_TRACKING_URI", envvars_defaults["MLFLOW_TRACKING_URI"])
+
+
+def slurm_preflight():
+    """Called by `onstart` (before the first submission, only in the submitting process): with
+    the Slurm executor, stop with one line if a job asks for what no node of its partition has
+    (src/shrinkflow/cluster.py). Other executors, dry runs and cluster jobs skip it."""
+    if getattr(workflow.executor_plugin, "name", None) == "slurm":
+        from shrinkflow.cluster import preflight
+
+        preflight(workflow.dag.needrun_jobs(), [rule.name for rule in workflow.rules])
+# ---- end Slurm ----
