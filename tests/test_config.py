@@ -30,7 +30,10 @@ def test_default_params_are_valid():
             "data.name=cifar",
             "data.name: 'cifar' is not one of digits, cifar10, cifar100, imagefolder",
         ),
-        ("train.epoch=3", "train: unknown key 'epoch' (allowed: augment, batch_size, epochs,"),
+        (
+            "train.epoch=3",
+            "train: unknown key 'epoch' (allowed: augment, batch_size, distributed, epochs,",
+        ),
         ("bogus=1", "params: unknown key 'bogus'"),
         ("train.epochs=two", "train.epochs: 'two' is not of type integer"),
         ("train.epochs=0", "train.epochs: 0 is not in [1, inf)"),

@@ -130,6 +130,13 @@ def _check_cross_keys(cfg: Mapping) -> None:
             "sensitivity.ratios: empty, but prune.methods has structured_sensitivity, "
             "which takes its per-layer ratios from the sensitivity analysis"
         )
+    train = cfg["train"]
+    processes = train["distributed"]["processes"]
+    if train["batch_size"] % processes:
+        raise ShrinkflowError(
+            f"train.distributed.processes: {processes} does not divide train.batch_size "
+            f"{train['batch_size']} (the global batch, split evenly over the processes)"
+        )
     for i, name in enumerate(cfg["quantize"]["methods"]):
         parse_quant_method(name, key=f"quantize.methods[{i}]")
     # Every sweep point runs on every backend (DVC's matrix is a full product), so each method

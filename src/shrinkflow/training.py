@@ -30,6 +30,17 @@ def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + batch_size, n)) for s in starts[:-1]] + [(starts[-1], n)] if starts else []
 
 
+def global_batches(n: int, batch_size: int, processes: int) -> list[tuple[int, int]]:
+    """``batch_bounds`` of the global batches when ``processes`` share each one (data-parallel
+    training), except that a last batch too small to give every process two samples joins the
+    batch before it: BatchNorm trains on each process's share. For one process, exactly
+    ``batch_bounds``."""
+    bounds = batch_bounds(n, batch_size)
+    if processes > 1 and len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < 2 * processes:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
+
+
 def model_spec(model_name: str, data: Any) -> dict[str, Any]:
     """The spec a model file stores beside its weights: what ``model_name`` was built for
     (``data`` is a ``PreparedData``). Every backend's model files carry these keys."""

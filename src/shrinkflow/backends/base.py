@@ -48,6 +48,15 @@ class Backend(Protocol):
 
     def resumable_run_id(self, resume_dir: Path, fingerprint: str) -> str | None: ...
 
+    def worker_rank(self) -> int | None:
+        """This process's rank when ``launch_workers`` started it, else None."""
+        ...
+
+    def launch_workers(self, argv: list[str], processes: int) -> None:
+        """Run ``shrinkflow *argv`` in ``processes`` data-parallel workers on this node and wait
+        for them; a ShrinkflowError when one fails (``train.distributed``)."""
+        ...
+
     def train_model(
         self,
         cfg: dict,

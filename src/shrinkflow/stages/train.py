@@ -1,14 +1,23 @@
-"""`shrinkflow train`: train one baseline model, resuming from the last completed epoch."""
+"""`shrinkflow train`: train one baseline model, resuming from the last completed epoch.
+
+With ``train.distributed.processes`` > 1 the command re-runs itself in that many worker
+processes of the backend's launcher (torchrun; TensorFlow's multi-worker TF_CONFIG), each
+given the resolved params, so Snakemake and DVC keep one command line. Rank 0 then does what a
+single process does (MLflow run, resume state, model); the others only train with it.
+"""
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+import yaml
+
 from shrinkflow import tracking
-from shrinkflow.backends.base import check_model, get_backend
+from shrinkflow.backends.base import Backend, check_model, get_backend
 from shrinkflow.dag import node_tags
-from shrinkflow.data.prepared import load_prepared
+from shrinkflow.data.prepared import PreparedData, load_prepared
 from shrinkflow.outputs import atomic_dir, write_json
 from shrinkflow.progress import say
 from shrinkflow.stages import write_node
@@ -24,6 +33,14 @@ def run(cfg: dict, backend_name: str, model_name: str, data_dir: Path, out: Path
     check_model(backend, model_name)
     data = load_prepared(data_dir)
     resume_dir = resume_dir_for(out)
+    processes = int(cfg["train"]["distributed"]["processes"])
+    rank = backend.worker_rank()
+    if processes > 1 and rank is None:
+        _launch(cfg, backend, model_name, data_dir, out, processes)
+        return
+    if rank:
+        _follow(cfg, backend, model_name, data, resume_dir)
+        return
     resume_dir.mkdir(parents=True, exist_ok=True)  # a declared DVC output, even if never used
     fingerprint = backend.train_fingerprint(cfg, model_name, data)
     node = {"backend": backend_name, "model": model_name, "stage": "baseline"}
@@ -59,4 +76,42 @@ def run(cfg: dict, backend_name: str, model_name: str, data_dir: Path, out: Path
         say(
             f"train {backend_name}/{model_name}: best val top-1 {result.best_val_top1:.4f} "
             f"at epoch {result.best_epoch} ({result.seconds:.1f} s)"
+        )
+
+
+def _launch(
+    cfg: dict, backend: Backend, model_name: str, data_dir: Path, out: Path, processes: int
+) -> None:
+    """Run this stage in ``processes`` workers of ``backend``'s launcher and wait for them."""
+    say(f"train {backend.name}/{model_name}: {processes} data-parallel processes")
+    with tempfile.TemporaryDirectory(prefix="shrinkflow-train-") as tmp:
+        # The workers read the params this process resolved (files, presets and --set).
+        params = Path(tmp) / "params.yaml"
+        params.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        backend.launch_workers(
+            [
+                "train",
+                "--backend",
+                backend.name,
+                "--model",
+                model_name,
+                "--in",
+                str(data_dir),
+                "--out",
+                str(out),
+                "--params",
+                str(params),
+            ],
+            processes,
+        )
+
+
+def _follow(
+    cfg: dict, backend: Backend, model_name: str, data: PreparedData, resume_dir: Path
+) -> None:
+    """A worker of rank > 0: train along with rank 0 (resuming from its state) and keep
+    nothing; it never opens the tracking store."""
+    with tempfile.TemporaryDirectory(prefix="shrinkflow-follower-") as scratch:
+        backend.train_model(
+            cfg, model_name, data, Path(scratch), resume_dir, lambda epoch, metrics: None, None
         )

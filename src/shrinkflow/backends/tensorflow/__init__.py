@@ -36,6 +36,16 @@ class _TensorFlowBackend:
 
         return resumable_run_id(resume_dir, fingerprint)
 
+    def worker_rank(self) -> int | None:
+        from shrinkflow.backends.tensorflow.distributed import worker_rank
+
+        return worker_rank()
+
+    def launch_workers(self, argv: list[str], processes: int) -> None:
+        from shrinkflow.backends.tensorflow.distributed import launch
+
+        launch(argv, processes)
+
     def train_model(self, cfg, model_name, data, out_dir, resume_dir, on_epoch, run_id):
         from shrinkflow.backends.tensorflow.train import train_model
 

@@ -29,6 +29,16 @@ class _TorchBackend:
 
         return resumable_run_id(resume_dir, fingerprint)
 
+    def worker_rank(self) -> int | None:
+        from shrinkflow.backends.torch.distributed import worker_rank
+
+        return worker_rank()
+
+    def launch_workers(self, argv: list[str], processes: int) -> None:
+        from shrinkflow.backends.torch.distributed import launch
+
+        launch(argv, processes)
+
     def train_model(self, cfg, model_name, data, out_dir, resume_dir, on_epoch, run_id):
         from shrinkflow.backends.torch.train import train_model
 

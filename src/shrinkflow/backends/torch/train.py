@@ -10,6 +10,14 @@ weights. A killed run resumes from the state saved after its last completed epoc
 bit-identical to an uninterrupted run, because every source of state (weights, BN statistics,
 optimizer momentum, scheduler position, GradScaler, RNGs, a stateful step hook) is saved and
 restored.
+
+Data parallelism: in a torchrun worker (``train.distributed.processes`` > 1; see
+``distributed.py``) ``train_model`` trains in DistributedDataParallel. Every process draws the
+same batch order and augmentation from the seed and takes an interleaved share of each global
+batch of ``batch_size`` images (as ``DistributedSampler`` does with a data set), with its loss
+weighted by its share, so the averaged gradient is that of the whole batch. BatchNorm statistics
+are per process (SyncBatchNorm needs GPUs in torch 2.14: CPU inputs raise). Only rank 0 writes
+the resume state and the model; every process resumes from rank 0's state.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shrinkflow.backends.torch import distributed
 from shrinkflow.backends.torch.artifact import save_model
 from shrinkflow.backends.torch.models import create_model
 from shrinkflow.backends.torch.tensors import to_device_tensors
@@ -36,7 +45,7 @@ from shrinkflow.data.prepared import PreparedData
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.outputs import atomic_file
 from shrinkflow.progress import say, track
-from shrinkflow.training import TrainResult, batch_bounds, model_spec
+from shrinkflow.training import TrainResult, batch_bounds, global_batches, model_spec
 
 STATE_FILE = "state.pt"
 # Bumped whenever the resume state's layout or the training procedure changes, so that an old
@@ -96,7 +105,8 @@ def train_model(
 ) -> TrainResult:
     """Train a fresh ``model_name`` with ``cfg["train"]`` and save its best-on-val epoch.
 
-    The arguments are those of ``fit``; the model is initialised from ``cfg["seed"]``.
+    The arguments are those of ``fit``; the model is initialised from ``cfg["seed"]``. In a
+    torchrun worker it trains data-parallel on the worker's device (``device`` is ignored).
     """
     t = cfg["train"]
     epochs = int(t["epochs"])
@@ -106,21 +116,24 @@ def train_model(
     model = create_model(
         model_name, data.num_classes, in_channels=data.channels, image_size=data.image_size
     )
-    return fit(
-        model,
-        cfg,
-        data,
-        epochs=epochs,
-        lr=float(t["lr"]),
-        warmup_epochs=int(t["warmup_epochs"]),
-        out_dir=out_dir,
-        resume_dir=resume_dir,
-        fingerprint=train_fingerprint(cfg, model_name, data),
-        on_epoch=on_epoch,
-        run_id=run_id,
-        spec=model_spec(model_name, data),
-        device=device,
-    )
+    with distributed.process_group():
+        if distributed.worker_rank() is not None:
+            device = distributed.device_of_worker()
+        return fit(
+            model,
+            cfg,
+            data,
+            epochs=epochs,
+            lr=float(t["lr"]),
+            warmup_epochs=int(t["warmup_epochs"]),
+            out_dir=out_dir,
+            resume_dir=resume_dir,
+            fingerprint=train_fingerprint(cfg, model_name, data),
+            on_epoch=on_epoch,
+            run_id=run_id,
+            spec=model_spec(model_name, data),
+            device=device,
+        )
 
 
 def fit(
@@ -166,6 +179,9 @@ def fit(
         save: writes the best model into ``out_dir`` instead of ``artifact.save_model`` (a
             model that is not a registry model, such as a QAT graph, has its own format);
             ``model`` holds the best epoch's weights when it returns.
+
+    In a process group (DDP) only rank 0 writes the resume state and the model; the others
+    read rank 0's resume state and write nothing.
     """
     started = time.perf_counter()
     if epochs < 1:
@@ -175,7 +191,9 @@ def fit(
     with _deterministic_on_cpu(dev):
         run = _Run.build(model, cfg, data, epochs, lr, warmup_epochs, dev, step_hook)
         state_path = Path(resume_dir) / STATE_FILE
-        state = _matching_state(state_path, fingerprint, dev)
+        state = _matching_state(state_path, fingerprint, dev, owner=run.rank == 0)
+        if run.world > 1:
+            distributed.check_same(int(state["epoch"]) if state else 0, "the epoch to resume from")
         start_epoch, best_val_top1, best_epoch, best_model, history = 0, -1.0, 0, None, []
         if state is not None:
             start_epoch = int(state["epoch"])
@@ -211,14 +229,16 @@ def fit(
                 "best_model": best_model,
                 "history": history,
             }
-            with atomic_file(state_path) as tmp:
-                torch.save(state, tmp)
+            if run.rank == 0:
+                with atomic_file(state_path) as tmp:
+                    torch.save(state, tmp)
 
     model.load_state_dict(best_model)
-    if save is None:
-        save_model(model, spec, Path(out_dir))
-    else:
-        save(model, Path(out_dir))
+    if run.rank == 0:
+        if save is None:
+            save_model(model, spec, Path(out_dir))
+        else:
+            save(model, Path(out_dir))
     return TrainResult(
         epochs=epochs,
         best_epoch=best_epoch,
@@ -281,6 +301,10 @@ class _Run:
     """Everything a training run reads and mutates, so that it can be saved and restored as one."""
 
     model: nn.Module
+    forward: nn.Module  # what the training steps call: ``model``, or its DDP wrapper
+    rank: int
+    world: int  # processes training data-parallel (1: this one alone)
+    bounds: list[tuple[int, int]]  # (start, stop) of each global batch in an epoch's order
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
@@ -322,7 +346,14 @@ class _Run:
             say("train.mixed_precision: ignored on CPU (float16 autocast needs CUDA)")
         torch.manual_seed(cfg["seed"])
         model.to(dev)
-        steps = len(batch_bounds(len(data.train), batch_size))
+        rank, world = distributed.rank_and_size()
+        if batch_size % world:
+            raise ShrinkflowError(
+                f"train.batch_size: {batch_size} does not divide among {world} processes "
+                "(train.distributed.processes)"
+            )
+        bounds = global_batches(len(data.train), batch_size, world)
+        steps = len(bounds)
         optimizer = torch.optim.SGD(
             _param_groups(model, float(t["weight_decay"])),
             lr=lr,
@@ -331,6 +362,10 @@ class _Run:
         )
         return cls(
             model=model,
+            forward=distributed.wrap(model, dev) if world > 1 else model,
+            rank=rank,
+            world=world,
+            bounds=bounds,
             optimizer=optimizer,
             scheduler=torch.optim.lr_scheduler.LambdaLR(
                 optimizer, _lr_factor(t["schedule"], warmup_epochs * steps, epochs * steps)
@@ -373,16 +408,23 @@ class _Run:
         loss_sum = torch.zeros((), device=dev)
         correct = torch.zeros((), dtype=torch.long, device=dev)
         lr = 0.0
-        bounds = batch_bounds(n, self.batch_size)
+        bounds = self.bounds
         step = (epoch - 1) * len(bounds)  # every epoch has the same number of steps
         for start, stop in track(bounds, total=len(bounds), description=description):
             idx = order[start:stop]
+            if self.world > 1:
+                idx = idx[self.rank :: self.world]  # this process's share of the global batch
             xb, yb = self.augment(x[idx], shifts[idx], flips[idx]), y[idx]
             with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=self.amp):
-                logits = self.model(xb)
+                logits = self.forward(xb)
                 loss = self.loss_fn(logits, yb)
+            objective = loss
+            if self.world > 1:
+                # DDP averages the processes' gradients; weighting each mean loss by its share
+                # of the batch makes that the gradient of the whole batch's mean loss.
+                objective = loss * (len(yb) * self.world / (stop - start))
             self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
+            self.scaler.scale(objective).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
             step += 1
@@ -392,6 +434,9 @@ class _Run:
             self.scheduler.step()  # per iteration: warm-up and cosine are smooth within epochs
             loss_sum += loss.detach().float() * len(yb)
             correct += (logits.detach().argmax(1) == yb).sum()
+        if self.world > 1:
+            loss_sum = distributed.sum_over_processes(loss_sum)
+            correct = distributed.sum_over_processes(correct)
         val_loss, val_top1 = evaluate_split(self.model, *self.val, self.batch_size, self.amp)
         return {
             "train_loss": loss_sum.item() / n,
@@ -544,13 +589,17 @@ def evaluate_split(
     return loss_sum.item() / len(y), correct.item() / len(y)
 
 
-def _matching_state(path: Path, fingerprint: str, dev: torch.device) -> dict | None:
-    """The resume state at ``path`` if it was saved for ``fingerprint``; any other is deleted."""
+def _matching_state(
+    path: Path, fingerprint: str, dev: torch.device, owner: bool = True
+) -> dict | None:
+    """The resume state at ``path`` if it was saved for ``fingerprint``; the ``owner`` (rank 0)
+    deletes any other."""
     state = _read_state(path, dev)
     if state is not None and state.get("fingerprint") != fingerprint:
-        say(f"{path}: saved for other params, data or model; starting over")
+        if owner:
+            say(f"{path}: saved for other params, data or model; starting over")
         state = None
-    if state is None:
+    if state is None and owner:
         path.unlink(missing_ok=True)  # a stale state must not be resumed by a later run either
     return state
 
