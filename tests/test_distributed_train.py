@@ -75,6 +75,8 @@ def env_for(root: Path, store: str) -> dict[str, str]:
         MLFLOW_TRACKING_URI=f"sqlite:///{root / store}",
         TF_CPP_MIN_LOG_LEVEL="2",
     )
+    # No id from outside: each job takes the one of the process that launched it (this one).
+    env.pop("SHRINKFLOW_INVOCATION_ID", None)
     return env
 
 
@@ -146,6 +148,10 @@ def assert_only_rank_zero_wrote(root: Path, single: str, distributed: str) -> No
     runs = {r.info.run_id: r for r in train_runs(root)}
     run = runs[run_id_of(two / "model")]
     assert run.info.status == "FINISHED"
+    # Launched the same way as the 1-process job, so the same invocation: rank 0's nearest
+    # launcher is the `shrinkflow train` that started it, which hands down its own id.
+    invocation = runs[run_id_of(one / "model")].data.tags["shrinkflow.invocation"]
+    assert run.data.tags["shrinkflow.invocation"] == invocation
     # Every epoch logged once: by rank 0 alone (a follower logging would repeat the steps).
     assert [step for step, _ in val_top1_history(root, run.info.run_id)] == [1, 2]
 

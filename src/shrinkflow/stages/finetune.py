@@ -19,7 +19,7 @@ def run(cfg: dict, model_dir: Path, data_dir: Path, out: Path) -> None:
     backend = get_backend(node["backend"])
     data = load_prepared(data_dir)
     resume_dir = out.parent / "resume"
-    resume_dir.mkdir(parents=True, exist_ok=True)  # a declared DVC output, even if never used
+    resume_dir.mkdir(parents=True, exist_ok=True)  # scratch beside the model; .dvcignore hides it
     fingerprint = backend.finetune_fingerprint(cfg, model_dir, data)
     label = node_label(node)
     with tracking.job_run(

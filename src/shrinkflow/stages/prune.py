@@ -52,7 +52,7 @@ def run(
         "reference_prunable_weights": backend.prunable_weights(model_dir),
     }
     label = node_label(node)
-    # A declared (persisted) DVC output even for methods that never save resume state.
+    # Scratch beside the model (.dvcignore hides it), even for methods that never resume.
     (out.parent / "resume").mkdir(parents=True, exist_ok=True)
     with tracking.job_run(
         cfg,

@@ -29,7 +29,7 @@ def run(cfg: dict, method: str, model_dir: Path, data_dir: Path, out: Path) -> N
     node = {**source, "stage": "quantized", "quant_method": method}
     label = node_label(node)
     resume_dir = out.parent / "resume"
-    resume_dir.mkdir(parents=True, exist_ok=True)  # a declared DVC output, even if never used
+    resume_dir.mkdir(parents=True, exist_ok=True)  # scratch beside the model; .dvcignore hides it
     with tracking.job_run(
         cfg,
         "quantize",

@@ -8,13 +8,14 @@ single process does (MLflow run, resume state, model); the others only train wit
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 import yaml
 
-from shrinkflow import tracking
+from shrinkflow import invocation, tracking
 from shrinkflow.backends.base import Backend, check_model, get_backend
 from shrinkflow.dag import node_tags
 from shrinkflow.data.prepared import PreparedData, load_prepared
@@ -24,7 +25,8 @@ from shrinkflow.stages import write_node
 
 
 def resume_dir_for(out: Path) -> Path:
-    """The per-epoch resumable state lives beside the model folder (a persisted DVC output)."""
+    """The per-epoch resumable state lives beside the model folder (scratch: .dvcignore hides it,
+    neither Snakemake nor DVC declares it, so neither deletes it before a re-run)."""
     return out.parent / "resume"
 
 
@@ -41,7 +43,7 @@ def run(cfg: dict, backend_name: str, model_name: str, data_dir: Path, out: Path
     if rank:
         _follow(cfg, backend, model_name, data, resume_dir)
         return
-    resume_dir.mkdir(parents=True, exist_ok=True)  # a declared DVC output, even if never used
+    resume_dir.mkdir(parents=True, exist_ok=True)  # scratch beside the model; .dvcignore hides it
     fingerprint = backend.train_fingerprint(cfg, model_name, data)
     node = {"backend": backend_name, "model": model_name, "stage": "baseline"}
     with tracking.job_run(
@@ -84,6 +86,9 @@ def _launch(
 ) -> None:
     """Run this stage in ``processes`` workers of ``backend``'s launcher and wait for them."""
     say(f"train {backend.name}/{model_name}: {processes} data-parallel processes")
+    # The workers' nearest launcher is this process, not the `dvc repro` above it: hand them
+    # this job's invocation id, so rank 0's run joins the other jobs of the invocation.
+    os.environ[invocation.ENV] = invocation.invocation_id()
     with tempfile.TemporaryDirectory(prefix="shrinkflow-train-") as tmp:
         # The workers read the params this process resolved (files, presets and --set).
         params = Path(tmp) / "params.yaml"
