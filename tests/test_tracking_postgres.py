@@ -46,6 +46,10 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str) -> obje
     return result
 
 
+def ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class TrackingServer:
     """`python -m shrinkflow.tracking_server` (what `make mlflow-server` runs) in its own session;
     stopped as Ctrl-C stops it. Its output accumulates in ``log`` over restarts."""
@@ -63,6 +67,9 @@ class TrackingServer:
                 [sys.executable, "-m", "shrinkflow.tracking_server", "--folder", str(self.folder),
                  "--port", str(self.port), "--workers", "1"],
                 stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+                # As a script's `make mlflow-server &` or nohup leaves it: SIGINT ignored.
+                # Ctrl-C (stop()) must stop it all the same.
+                preexec_fn=ignore_sigint,
             )  # fmt: skip
 
         def ready() -> bool:

@@ -339,7 +339,7 @@ def serve(
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # SIGTERM (systemd, a job scheduler) stops as Ctrl-C does
+    raise KeyboardInterrupt  # SIGTERM (systemd, a job scheduler) stops as Ctrl-C (SIGINT) does
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -359,7 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--postgres-port", type=int, help="default: a free port at each start")
     parser.add_argument("--workers", type=int, help="server processes (MLflow's default: 4)")
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
+    # Both stop it, whatever this process inherited: a shell that starts a command in the
+    # background (`make mlflow-server &` in a script, nohup) leaves SIGINT ignored, and Python
+    # then never turns Ctrl-C or `kill -INT` into KeyboardInterrupt.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
     try:
         serve(args.folder, args.host, args.port, args.postgres_port, args.workers)
     except ShrinkflowError as exc:
