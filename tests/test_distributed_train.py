@@ -1,8 +1,8 @@
 """`train.distributed`: `shrinkflow train` in two CPU processes against one, for both backends.
 
-Every run is the real command: the launcher re-runs itself under torchrun (torch, gloo) or as two
-MultiWorkerMirroredStrategy workers with TF_CONFIG on free 127.0.0.1 ports (TensorFlow), on the
-8x8 digits, and logs to an sqlite MLflow store in the test's folder.
+Every run is the real command: the launcher re-runs itself under torchrun (torch, gloo) or as one
+worker that trains two MirroredStrategy replicas on two logical CPUs (TensorFlow), on the 8x8
+digits, and logs to an sqlite MLflow store in the test's folder.
 
 What the two-process result is compared with, and why these tolerances:
 - Without BatchNorm (torch vgg16), two processes that split every global batch compute the same
@@ -227,3 +227,85 @@ def test_processes_that_do_not_divide_the_batch_are_refused_before_anything_runs
     assert not (project / "results/bad").exists()
     with pytest.raises(ShrinkflowError, match=r"^train\.distributed\.processes: 0 is not in"):
         load_params([ROOT / "params.yaml"], ["train.distributed.processes=0"])
+
+
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def listening_sockets(launcher: subprocess.Popen) -> tuple[set[tuple[str, int, str]], int]:
+    """Every TCP socket that ``launcher`` or one of its descendants (the workers) listens on,
+    as (address, port, command line), sampled every 50 ms until it exits; and in how many
+    samples at least one worker was alive."""
+    seen: set[tuple[str, int, str]] = set()
+    samples = 0
+    while launcher.poll() is None:
+        try:
+            workers = psutil.Process(launcher.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            break
+        samples += bool(workers)
+        for proc in [psutil.Process(launcher.pid), *workers]:
+            try:
+                listening = [
+                    c.laddr
+                    for c in proc.net_connections(kind="tcp")
+                    if c.status == psutil.CONN_LISTEN
+                ]
+                command = " ".join(proc.cmdline()[1:4])
+            except (psutil.NoSuchProcess, psutil.ZombieProcess):
+                continue
+            seen.update((address.ip, address.port, command) for address in listening)
+        time.sleep(0.05)
+    return seen, samples
+
+
+@pytest.mark.parametrize("backend", ["torch", "tensorflow"])
+def test_nothing_listens_beyond_loopback_while_two_processes_train(project, backend):
+    """Whatever a two-process run listens on (torch: the rendezvous store, gloo's sockets;
+    TensorFlow: nothing, MultiWorkerMirroredStrategy's gRPC servers bound 0.0.0.0 and [::])
+    must be reachable from this node alone: every listening socket of the launcher and its
+    workers, sampled while they train, is on 127.0.0.1 or ::1."""
+    args = train_args(backend, "resnet20", f"results/{backend}-listen/model", 2, "train.epochs=1")
+    launcher = subprocess.Popen(
+        [str(BIN / "shrinkflow"), *args],
+        cwd=project,
+        env=env_for(project, "mlflow.db"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        seen, samples = listening_sockets(launcher)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        stderr = launcher.communicate()[1]
+    assert launcher.returncode == 0, stderr[-3000:]
+    assert [s for s in seen if s[0] not in LOOPBACK] == []
+    # Not vacuous: the sampling watched the workers train (> 1 s of samples).
+    assert samples > 20, samples
+    if backend == "torch":
+        assert seen  # the rendezvous store and gloo did listen, and were seen
+    else:
+        assert "train: 2 data-parallel replicas in one process (/cpu:0, /cpu:1)" in stderr
+        assert seen == set()  # one process: no server at all
+
+
+def test_collectives_open_their_sockets_on_the_loopback_interface(monkeypatch):
+    """gloo listens where the host name resolves (on most nodes, the LAN address; here it
+    resolves to 127.0.0.1, so the run above cannot tell), NCCL's bootstrap on the first
+    non-loopback interface: both are pointed at the loopback interface, unless the user chose."""
+    from shrinkflow.backends.workers import collectives_on_loopback, loopback_interface
+
+    interface = loopback_interface()
+    addresses = {a.address for a in psutil.net_if_addrs()[interface]}
+    assert "127.0.0.1" in addresses
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    monkeypatch.delenv("NCCL_SOCKET_IFNAME", raising=False)
+    collectives_on_loopback()
+    assert os.environ["GLOO_SOCKET_IFNAME"] == interface
+    assert os.environ["NCCL_SOCKET_IFNAME"] == f"={interface}"
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth7")
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "ib")
+    collectives_on_loopback()
+    assert (os.environ["GLOO_SOCKET_IFNAME"], os.environ["NCCL_SOCKET_IFNAME"]) == ("eth7", "ib")

@@ -1,18 +1,25 @@
-"""TensorFlow data parallelism for `shrinkflow train`: MultiWorkerMirroredStrategy workers.
+"""TensorFlow data parallelism for `shrinkflow train`: N replicas in one worker process.
 
-``launch`` re-runs the `shrinkflow` command in N worker processes on this node, each with a
-``TF_CONFIG`` naming all N on free 127.0.0.1 ports and its own index; worker 0 is the chief.
-``train.distribution_strategy`` then builds a ``MultiWorkerMirroredStrategy`` (collectives
-chosen by TensorFlow: NCCL on GPUs, ring on CPU). No TensorFlow import here: the launching
-process only starts and watches the workers.
+``launch`` re-runs the `shrinkflow` command in one worker process told (``REPLICAS_ENV``) to
+train ``train.distributed.processes`` data-parallel replicas; ``train.distribution_strategy``
+then builds a ``MirroredStrategy`` over that many devices: one GPU each, or as many logical
+devices split from the CPU. The replicas take interleaved, weighted shares of every global batch,
+as data-parallel workers would (see ``train``).
+
+Why not ``MultiWorkerMirroredStrategy`` workers, one process each: every worker serves
+TensorFlow's gRPC server (graph execution, collectives, coordination: anyone who can connect
+can run ops in it), and TensorFlow binds it to ``0.0.0.0:port`` (IPv4 and IPv6), hard-coded in
+``GrpcServer::Init`` with no option to choose the address (``TF_CONFIG``'s host names only say
+where to connect). On one node, which is all that ``launch`` serves, a ``MirroredStrategy``
+gives the same synchronous data parallelism with no listening socket at all, and NCCL's own
+sockets are kept on the loopback interface (``workers.collectives_on_loopback``). No TensorFlow
+import here: the launching process only starts and watches the worker.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,76 +30,52 @@ from shrinkflow.backends.workers import die_with_parent
 from shrinkflow.errors import ShrinkflowError
 
 CLI_MODULE = "shrinkflow.cli"
-# Set by ``launch`` in its workers: a TF_CONFIG the user exported for another purpose must not
-# turn a plain run into a multi-worker one.
-WORKER_ENV = "SHRINKFLOW_TF_WORKER"
+# Set by ``launch`` in its worker: the number of replicas it trains. Its own variable, so that
+# nothing the user exported for another purpose (TF_CONFIG) turns a plain run into this one.
+REPLICAS_ENV = "SHRINKFLOW_TF_REPLICAS"
 POLL_SECONDS = 0.2
 
 
 def worker_rank() -> int | None:
-    """This process's worker index (0: the chief) when ``launch`` started it, else None."""
-    if os.environ.get(WORKER_ENV) != "1":
-        return None
-    return int(json.loads(os.environ["TF_CONFIG"])["task"]["index"])
+    """0 in the worker that ``launch`` started (it does all that a single process does),
+    else None."""
+    return 0 if REPLICAS_ENV in os.environ else None
 
 
-def rank_and_size() -> tuple[int, int]:
-    """(worker index, number of workers) of a ``launch`` worker; (0, 1) otherwise."""
-    rank = worker_rank()
-    if rank is None:
-        return 0, 1
-    return rank, len(json.loads(os.environ["TF_CONFIG"])["cluster"]["worker"])
+def replicas() -> int:
+    """The data-parallel replicas this process trains: ``launch``'s count in its worker, else 1
+    (a plain run; ``MirroredStrategy`` over several GPUs still splits each batch among them)."""
+    return int(os.environ.get(REPLICAS_ENV, "1"))
 
 
 def launch(argv: Sequence[str], processes: int) -> None:
-    """Run ``shrinkflow *argv`` in ``processes`` workers and wait for them; when one fails, stop
-    the others (they would wait for it forever) and raise a one-line ShrinkflowError."""
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(processes)]}
+    """Run ``shrinkflow *argv`` in one worker that trains ``processes`` replicas, and wait for
+    it; raise a one-line ShrinkflowError when it fails (it has printed its own error)."""
     with ExitStack() as stack:
         stack.enter_context(_sigterm_exits())
-        workers: list[subprocess.Popen] = []
-        stack.callback(_stop, workers)
-        for index in range(processes):
-            task = {"cluster": cluster, "task": {"type": "worker", "index": index}}
-            env = {**os.environ, WORKER_ENV: "1", "TF_CONFIG": json.dumps(task)}
-            workers.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", CLI_MODULE, *argv], env=env, preexec_fn=die_with_parent
-                )
-            )
-        # Until all have ended, or one has failed (the others would wait for it forever).
-        while any(w.poll() is None for w in workers) and not any(w.returncode for w in workers):
+        env = {**os.environ, REPLICAS_ENV: str(processes)}
+        worker = subprocess.Popen(
+            [sys.executable, "-m", CLI_MODULE, *argv], env=env, preexec_fn=die_with_parent
+        )
+        stack.callback(_stop, worker)
+        while worker.poll() is None:
             time.sleep(POLL_SECONDS)
-        failed = [(i, w.returncode) for i, w in enumerate(workers) if w.returncode]
-    if failed:
-        which = ", ".join(f"worker {i} exit code {code}" for i, code in failed)
-        raise ShrinkflowError(f"train: TensorFlow worker(s) failed ({which})")
+    if worker.returncode:
+        raise ShrinkflowError(
+            f"train: the TensorFlow worker failed (exit code {worker.returncode})"
+        )
 
 
-def _free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports free on 127.0.0.1 right now (bound together, then freed)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _stop(workers: list[subprocess.Popen]) -> None:
-    """Terminate the workers still running, and wait for all of them."""
-    for w in workers:
-        if w.poll() is None:
-            w.terminate()
-    for w in workers:
-        w.wait()
+def _stop(worker: subprocess.Popen) -> None:
+    """Terminate the worker if it still runs, and wait for it."""
+    if worker.poll() is None:
+        worker.terminate()
+    worker.wait()
 
 
 @contextmanager
 def _sigterm_exits() -> Iterator[None]:
-    """SIGTERM (Snakemake, Slurm) becomes SystemExit(143), so the workers are stopped too."""
+    """SIGTERM (Snakemake, Slurm) becomes SystemExit(143), so the worker is stopped too."""
 
     def handler(signum: int, frame: object) -> None:
         raise SystemExit(128 + signum)

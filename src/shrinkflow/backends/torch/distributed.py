@@ -1,15 +1,23 @@
 """PyTorch data parallelism for `shrinkflow train`: DDP in processes started by torchrun.
 
 ``launch`` re-runs the `shrinkflow` command under torchrun (``torch.distributed.run``, in this
-process: it becomes torchrun's agent) with ``--standalone`` rendezvous on a free local port, so
-Snakemake and DVC keep one command line. Each worker finds itself a worker by the environment
-torchrun sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), joins the process group (NCCL when CUDA
-is available, one GPU per worker; gloo on CPU) and trains its share of every global batch.
+process: it becomes torchrun's agent), so Snakemake and DVC keep one command line. Each worker
+finds itself a worker by the environment torchrun sets (``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``), joins the process group (NCCL when CUDA is available, one GPU per worker; gloo
+on CPU) and trains its share of every global batch.
+
+Nothing listens beyond this node's loopback: torchrun's own rendezvous (``--standalone``: c10d)
+serves its TCPStores on every interface, and a TCPStore takes no address to bind, so the agent
+uses ``LoopbackRendezvous`` instead, whose one store is served from a socket bound to 127.0.0.1
+(the workers connect to it, ``TORCHELASTIC_USE_AGENT_STORE``); gloo and NCCL open theirs on the
+loopback interface (``workers.collectives_on_loopback``).
 """
 
 from __future__ import annotations
 
+import datetime
 import os
+import socket
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -17,11 +25,76 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.elastic.rendezvous import (
+    RendezvousHandler,
+    RendezvousInfo,
+    RendezvousParameters,
+    RendezvousStoreInfo,
+    rendezvous_handler_registry,
+)
 
-from shrinkflow.backends.workers import die_with_parent
+from shrinkflow.backends.workers import LOOPBACK, collectives_on_loopback, die_with_parent
 from shrinkflow.errors import ShrinkflowError
 
 CLI_MODULE = "shrinkflow.cli"
+RENDEZVOUS_BACKEND = "shrinkflow-loopback"
+RENDEZVOUS_TIMEOUT = datetime.timedelta(minutes=10)  # torchrun's static rendezvous' default
+
+
+class LoopbackRendezvous(RendezvousHandler):
+    """The rendezvous of one node's workers: a TCPStore that listens on 127.0.0.1 only.
+
+    torchrun's agent calls ``next_rendezvous`` and hands the store's address to its workers as
+    ``MASTER_ADDR``/``MASTER_PORT``; as ``use_agent_store`` is true, they connect to it instead
+    of serving a store of their own. The store is given a socket bound here
+    (``master_listen_fd``): a TCPStore asked for a port alone binds it on every interface.
+    """
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self._store: dist.TCPStore | None = None
+
+    def get_backend(self) -> str:
+        return RENDEZVOUS_BACKEND
+
+    @property
+    def use_agent_store(self) -> bool:
+        return True
+
+    def next_rendezvous(self) -> RendezvousInfo:
+        if self._store is None:
+            listener = socket.create_server((LOOPBACK, 0))
+            port = listener.getsockname()[1]
+            self._store = dist.TCPStore(
+                LOOPBACK,
+                port,
+                world_size=1,  # the agent: the one node of the rendezvous
+                is_master=True,
+                timeout=RENDEZVOUS_TIMEOUT,
+                multi_tenant=True,
+                master_listen_fd=listener.detach(),  # the store owns the socket from here on
+            )
+        store = dist.PrefixStore(self.run_id, self._store)
+        return RendezvousInfo(store, 0, 1, RendezvousStoreInfo(LOOPBACK, self._store.port))
+
+    def is_closed(self) -> bool:
+        return False
+
+    def set_closed(self) -> None:
+        pass
+
+    def num_nodes_waiting(self) -> int:
+        return 0
+
+    def get_run_id(self) -> str:
+        return self.run_id
+
+    def shutdown(self) -> bool:
+        return True
+
+
+def _loopback_rendezvous(params: RendezvousParameters) -> RendezvousHandler:
+    return LoopbackRendezvous(params.run_id)
 
 
 def worker_rank() -> int | None:
@@ -44,14 +117,18 @@ def launch(argv: Sequence[str], processes: int) -> None:
             f"train.distributed.processes: {processes} is more than the "
             f"{torch.cuda.device_count()} GPU(s) of this node (NCCL needs one GPU per process)"
         )
+    rendezvous_handler_registry.register(RENDEZVOUS_BACKEND, _loopback_rendezvous)
     try:
         # torchrun keeps its own logs in a fresh temporary folder that it never deletes.
         with tempfile.TemporaryDirectory(prefix="shrinkflow-torchrun-") as logs:
             torchrun(
                 get_args_parser().parse_args(
                     [
-                        "--standalone",
+                        "--nnodes=1",
                         f"--nproc-per-node={processes}",
+                        f"--rdzv-backend={RENDEZVOUS_BACKEND}",
+                        f"--rdzv-endpoint={LOOPBACK}",  # not used: the handler binds its own
+                        f"--rdzv-id=shrinkflow-{os.getpid()}",
                         f"--log-dir={logs}",
                         "--module",
                         CLI_MODULE,
@@ -75,6 +152,7 @@ def process_group() -> Iterator[None]:
         yield
         return
     die_with_parent()  # torchrun starts workers in sessions of their own
+    collectives_on_loopback()
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
