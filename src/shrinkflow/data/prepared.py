@@ -167,10 +167,14 @@ def load_prepared(folder: Path) -> PreparedData:
     folder = Path(folder)
     manifest = _manifest(folder)
     _verify(folder, manifest)
-    images = np.load(folder / IMAGES, allow_pickle=False)
-    labels = np.load(folder / LABELS, allow_pickle=False)
-    with np.load(folder / SPLITS_FILE, allow_pickle=False) as npz:
-        splits = {s: npz[s] for s in SPLITS}
+    try:  # allow_pickle=False: an object array (a pickle) is refused, never unpickled
+        images = np.load(folder / IMAGES, allow_pickle=False)
+        labels = np.load(folder / LABELS, allow_pickle=False)
+        with np.load(folder / SPLITS_FILE, allow_pickle=False) as npz:
+            splits = {s: npz[s] for s in SPLITS}
+    except (OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ShrinkflowError(f"{folder}: unreadable prepared arrays ({reason})") from None
     if images.ndim != 4 or images.dtype != np.uint8 or labels.shape != (len(images),):
         raise ShrinkflowError(
             f"{folder}: images {images.dtype}{images.shape} and labels {labels.shape} do not form "

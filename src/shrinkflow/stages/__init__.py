@@ -7,20 +7,10 @@ The real work happens in shrinkflow.data and shrinkflow.backends; these wrappers
 from pathlib import Path
 
 from shrinkflow import tracking
-from shrinkflow.errors import ShrinkflowError
-from shrinkflow.outputs import read_json, write_json
+from shrinkflow.nodes import NODE_FILE, read_node
+from shrinkflow.outputs import write_json
 
-NODE_FILE = "node.json"
-
-
-def read_node(model_dir: Path) -> dict:
-    """What the model folder is (backend, model, DAG stage, sweep point), from its node.json."""
-    node_file = Path(model_dir) / NODE_FILE
-    if not node_file.is_file():
-        raise ShrinkflowError(
-            f"--in {model_dir}: not a model folder (no node.json); train it first"
-        )
-    return read_json(node_file)
+__all__ = ["NODE_FILE", "read_node", "write_node"]
 
 
 def write_node(folder: Path, node: dict, run_id: str, stage: str) -> None:

@@ -9,10 +9,10 @@ quantization rule and why this is a storage format are described there); every o
 itself rather than zlib's: the format tag and the architecture (``model.to_json()``) as UTF-8
 byte strings, the bit width, and per weight of ``model.weights`` either ``w<i>.codes`` /
 ``w<i>.scale`` / ``w<i>.shape`` or ``w<i>.value``. Nothing in it is an object array, so it loads
-with ``allow_pickle=False``; the architecture is rebuilt by Keras' deserializer in its default
-safe mode, which refuses Lambda layers carrying Python bytecode: opening the file runs no code
-from it. The loader expands the codes to float32 ``code * scale``, and the model runs float
-kernels.
+with ``allow_pickle=False``; the architecture may name plain layers only
+(``artifact.check_keras_config``) and is rebuilt by Keras' deserializer in its default safe
+mode: opening the file runs no code from it. The loader expands the codes to float32
+``code * scale``, and the model runs float kernels.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import os
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # before tensorflow: tfmot needs Keras 2
 
+import json  # noqa: E402
 import time  # noqa: E402
 import zipfile  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -34,6 +35,7 @@ from shrinkflow.backends.tensorflow import artifact  # noqa: E402
 from shrinkflow.data.prepared import PreparedData, check_fits  # noqa: E402
 from shrinkflow.errors import ShrinkflowError  # noqa: E402
 from shrinkflow.metrics import topk_accuracy  # noqa: E402
+from shrinkflow.nodes import check_artifact  # noqa: E402
 
 FIXED_FILE = "model.fixed.npz"
 FORMAT = "shrinkflow.tensorflow.fixed/1"
@@ -77,16 +79,30 @@ def load_fixed_point(folder: Path) -> tuple[keras.Model, dict[str, Any]]:
     path = Path(folder) / FIXED_FILE
     if not path.is_file():
         raise ShrinkflowError(f"{folder}: no {FIXED_FILE} (not a fixed-point TensorFlow node)")
+    if not zipfile.is_zipfile(path):  # np.load would read a lone .npy array, or a pickle
+        raise ShrinkflowError(f"{path}: not a readable fixed-point model (not an .npz archive)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise ShrinkflowError(f"{path}: not a readable fixed-point model ({exc})") from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ShrinkflowError(f"{path}: not a readable fixed-point model ({reason})") from None
     tag = arrays.pop("format", None)
     if tag is None or tag.shape != () or tag.item() != FORMAT.encode():
         raise ShrinkflowError(f"{path}: not a {FORMAT} file (no such format tag)")
     try:
-        model = keras.models.model_from_json(arrays.pop("architecture").item().decode())
+        architecture = json.loads(arrays.pop("architecture").item().decode())
+        bits = int(arrays["bits"])
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ShrinkflowError(
+            f"{path}: no readable architecture and bit width ({reason})"
+        ) from None
+    # Keras' JSON deserializer imports and calls what a config names: plain layers only.
+    artifact.check_keras_config(path, architecture, spec["arch"])
+    check_artifact(Path(folder), backend="tensorflow", arch=spec["arch"], kind="fixed", bits=bits)
+    try:
+        model = keras.models.model_from_json(json.dumps(architecture))
         model.set_weights(_expand(arrays, len(model.weights)))
     except Exception as exc:  # Keras and a damaged archive raise many kinds
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -32,9 +32,12 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
 from ai_edge_litert.interpreter import Interpreter, OpResolverType  # noqa: E402
+from ai_edge_litert.schema_py_generated import BuiltinOperator  # noqa: E402
 
+from shrinkflow.backends.tensorflow.artifact import read_spec  # noqa: E402
 from shrinkflow.backends.tensorflow.weights import Counts, count_weights  # noqa: E402
 from shrinkflow.errors import ShrinkflowError  # noqa: E402
+from shrinkflow.nodes import NODE_FILE, check_artifact  # noqa: E402
 
 METHODS = ("static_int8", "dynamic_int8", "float16", "float32")
 BITS = {"static_int8": 8, "dynamic_int8": 8, "float16": 16, "float32": 32}  # of the weights
@@ -46,6 +49,11 @@ _REDUCED = (np.int8, np.float16)  # stored filter types that count as a quantize
 # A tensor's name lists the TensorFlow ops the converter fused into it, separated by ";", each
 # as "<model>/<Keras layer>/<op><n>" ("resnet20/relu/Relu;resnet20/conv1/Conv2D",
 # "resnet20/fc/MatMul1"): a layer is the scope of a conv or matmul op.
+# TFLite's builtin operators, less those that hand the graph to code outside the file's ops
+# (a custom op's name is its custom code, e.g. FlexWriteFile for a Select-TensorFlow op).
+_BUILTIN_OPS = frozenset(
+    name for name in vars(BuiltinOperator) if name.isupper() and not name.startswith("_")
+) - {"CUSTOM", "DELEGATE", "STABLEHLO_CUSTOM_CALL", "STABLEHLO_COMPOSITE"}
 _LAYER_OP = re.compile(r"(?:.*/)?([^/]+)/(?:Conv2D|depthwise|MatMul|BiasAdd)\d*")
 
 
@@ -99,12 +107,25 @@ def interpreter(path: Path, threads: int, delegates: bool = True) -> Interpreter
         OpResolverType.AUTO if delegates else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     )
     try:
-        return Interpreter(
+        loaded = Interpreter(
             model_path=str(path), num_threads=threads, experimental_op_resolver_type=resolver
         )
+        ops = [op["op_name"] for op in loaded._get_ops_details()]  # private: the only listing
     except (ValueError, RuntimeError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ShrinkflowError(f"{path}: not a readable TFLite model ({reason})") from exc
+        raise ShrinkflowError(f"{path}: not a readable TFLite model ({reason})") from None
+    # Checked before allocate_tensors, which is where delegates take over the graph.
+    foreign = [op for op in ops if op not in _BUILTIN_OPS]
+    if foreign:
+        raise ShrinkflowError(
+            f"{path}: refusing op {foreign[0]!r}: a model file may use TFLite's builtin "
+            "operators only (custom and Select-TensorFlow ops run code outside the model)"
+        )
+    folder = Path(path).parent
+    if (folder / NODE_FILE).is_file():
+        spec = read_spec(folder)
+        check_artifact(folder, backend="tensorflow", arch=spec["arch"], kind="tflite")
+    return loaded
 
 
 class Runner:

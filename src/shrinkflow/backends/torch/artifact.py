@@ -14,6 +14,7 @@ pickled module and no second description of the architecture that could disagree
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from torch import nn
 from shrinkflow.backends.torch import fixed_point
 from shrinkflow.backends.torch.models import create_model
 from shrinkflow.errors import ShrinkflowError
+from shrinkflow.nodes import check_artifact
 
 MODEL_FILE = "model.pt"
 INT8_FILE = "model.pt2"  # an int8 torch.export program (see pt2e); its spec is inside
@@ -31,6 +33,9 @@ SPEC_KEYS = ("arch", "num_classes", "in_channels", "image_size", "mean", "std", 
 # The layers whose width structured pruning changes (the registry's CNNs are all 2-D); any
 # other layer must keep its shapes.
 RESIZABLE = (nn.Conv2d, nn.Linear, nn.BatchNorm2d)
+# What torch's weights-only unpickler says it refused ("Unsupported global: GLOBAL exec was
+# not an allowed global by default", "Unsupported operand 149"), after its long preamble.
+_WEIGHTS_ONLY_REASON = re.compile(r"WeightsUnpickler error:\s*(Unsupported [^.\n]*)")
 
 
 def save_model(model: nn.Module, spec: dict[str, Any], folder: Path) -> Path:
@@ -68,11 +73,7 @@ def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[nn.Mod
     path = Path(folder) / MODEL_FILE
     if not path.is_file():
         raise ShrinkflowError(f"{path}: model file not found")
-    try:
-        payload = torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ShrinkflowError(f"{path}: not a readable PyTorch model file ({reason})") from None
+    payload = load_tensor_file(path, device, "PyTorch model file")
     formats = (FORMAT, fixed_point.PACKED_FORMAT)
     if not isinstance(payload, dict) or payload.get("format") not in formats:
         raise ShrinkflowError(
@@ -81,12 +82,24 @@ def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[nn.Mod
     spec = payload.get("spec")
     if not isinstance(spec, dict) or any(k not in spec for k in SPEC_KEYS):
         raise ShrinkflowError(f"{path}: model spec must hold {', '.join(SPEC_KEYS)}")
-    model = create_model(
-        spec["arch"],
-        spec["num_classes"],
-        in_channels=spec["in_channels"],
-        image_size=spec["image_size"],
+    fixed = payload["format"] == fixed_point.PACKED_FORMAT
+    bits = payload.get("bits") if fixed else None
+    check_artifact(
+        path.parent,
+        backend="torch",
+        arch=spec["arch"],
+        kind="fixed" if fixed else "float",
+        bits=bits if isinstance(bits, int) else None,
     )
+    try:
+        model = create_model(
+            spec["arch"],
+            spec["num_classes"],
+            in_channels=spec["in_channels"],
+            image_size=spec["image_size"],
+        )
+    except (TypeError, ValueError) as e:
+        raise ShrinkflowError(f"{path}: model spec does not describe a model ({e})") from None
     try:
         state = payload["state_dict"]
         if payload["format"] == fixed_point.PACKED_FORMAT:
@@ -99,6 +112,38 @@ def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[nn.Mod
         reason = str(e).splitlines()[0]
         raise ShrinkflowError(f"{path}: weights do not fit {spec['arch']} ({reason})") from None
     return model.to(device).eval(), spec
+
+
+def load_tensor_file(path: Path, device: torch.device | str, what: str) -> Any:
+    """``torch.load`` of ``path`` by the weights-only unpickler, which builds tensors and plain
+    containers and refuses anything else before running it; a one-line ShrinkflowError naming
+    ``path`` (as ``what``) for a file it refuses or cannot read."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = weights_only_refusal(e)
+        if refused is None:
+            raise ShrinkflowError(f"{path}: not a readable {what} ({first_line(e)})") from None
+        raise ShrinkflowError(
+            f"{path}: refusing to load: it pickles more than tensors ({refused}); "
+            "shrinkflow never unpickles code from a model file"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError, AttributeError, TypeError) as e:
+        raise ShrinkflowError(f"{path}: not a readable {what} ({first_line(e)})") from None
+
+
+def weights_only_refusal(e: BaseException) -> str | None:
+    """What torch's weights-only unpickler refused ("Unsupported global: GLOBAL exec was not an
+    allowed global by default"), from the long message it raises; None for other errors."""
+    found = _WEIGHTS_ONLY_REASON.search(str(e))
+    return found.group(1) if found else None
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none), without the
+    terminal colour codes torch puts in some."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _fit_shapes(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
