@@ -36,12 +36,12 @@ def test_default_params_are_valid():
         ),
         ("bogus=1", "params: unknown key 'bogus'"),
         ("train.epochs=two", "train.epochs: 'two' is not of type integer"),
-        ("train.epochs=0", "train.epochs: 0 is not in [1, inf)"),
+        ("train.epochs=0", "train.epochs: 0 is not in [1, 1000]"),
         ("train.lr=0", "train.lr: 0 is not in (0, inf)"),
         ("models=[resnet20, resnet21]", "models[1]: 'resnet21' is not one of"),
         ("backends=[torch, jax]", "backends[1]: 'jax' is not one of torch"),
         ("backends=[]", "backends: needs at least 1 item(s)"),
-        ("evaluate.batch_sizes=[1, 0]", "evaluate.batch_sizes[1]: 0 is not in [1, inf)"),
+        ("evaluate.batch_sizes=[1, 0]", "evaluate.batch_sizes[1]: 0 is not in [1, 4096]"),
         ("data.mirror=ftp://x", "data.mirror: 'ftp://x' does not match"),
         ("train.schedule=step", "train.schedule: 'step' is not one of cosine, constant"),
         ("data.name=imagefolder", "data.root: required when data.name is imagefolder"),
@@ -59,12 +59,12 @@ def test_default_params_are_valid():
             "prune.structured.layer_ratios[1]: 1.0 is not",
         ),
         ("prune.gradual.frequency=0", "prune.gradual.frequency: 0 is not in [1, inf)"),
-        ("finetune.epochs=-1", "finetune.epochs: -1 is not in [0, inf)"),
+        ("finetune.epochs=-1", "finetune.epochs: -1 is not in [0, 1000]"),
         (
             "quantize.calibration_batches=0",
-            "quantize.calibration_batches: 0 is not in [1, inf)",
+            "quantize.calibration_batches: 0 is not in [1, 1000]",
         ),
-        ("quantize.qat.epochs=0", "quantize.qat.epochs: 0 is not in [1, inf)"),
+        ("quantize.qat.epochs=0", "quantize.qat.epochs: 0 is not in [1, 1000]"),
         ("quantize.qat.lr=0", "quantize.qat.lr: 0 is not in (0, inf)"),
         ("quantize.qat.warmup=1", "quantize.qat: unknown key 'warmup' (allowed: epochs, lr)"),
         ("quantize.method=[static_int8]", "quantize: unknown key 'method' (allowed:"),
@@ -231,3 +231,138 @@ def test_cli_unknown_backend_is_one_line():
     result = run_cli("models", "--backend", "jax")
     assert result.returncode == 2
     assert result.stderr.strip() == "error: backend: 'jax' is not one of torch, tensorflow"
+
+
+# ---- issue 14: non-finite numbers, integers, bounds, key types, ASCII digits, tracking URIs ----
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lr=.nan", "train.lr: nan is not a finite number"),
+        ("train.lr=.inf", "train.lr: inf is not a finite number"),
+        ("prune.sparsities=[0.5, .nan]", "prune.sparsities[1]: nan is not a finite number"),
+        ("data.val_fraction=.nan", "data.val_fraction: nan is not a finite number"),
+        ("report.max_accuracy_drop=-.inf", "report.max_accuracy_drop: -inf is not a finite"),
+        # a key the schema does not type (an unknown key) is still walked
+        ("train.bogus=.nan", "train.bogus: nan is not a finite number"),
+        ("data.image_size=16.0", "data.image_size: 16.0 is not of type integer"),
+        ("train.epochs=1e3", "train.epochs: 1000.0 is not of type integer"),
+        ("evaluate.batch_sizes=[1, 64.0]", "evaluate.batch_sizes[1]: 64.0 is not of type integer"),
+        ("evaluate.batch_sizes=[1, 2000000]", "evaluate.batch_sizes[1]: 2000000 is not in [1, "),
+        ("train.batch_size=100000", "train.batch_size: 100000 is not in [1, "),
+        ("train.epochs=100000", "train.epochs: 100000 is not in [1, "),
+        ("seed=4294967296", "seed: 4294967296 is not in [0, 4294967295]"),
+        ("data.root=2024-01-01", "data.root: 2024-01-01 is read by YAML as a date"),
+        ("quantize.methods=[fixed_w٤]", "quantize.methods[0]: 'fixed_w٤' is not a quantization"),
+        ("quantize.methods=[fixed_w04]", "quantize.methods[0]: 'fixed_w04' is not a quantization"),
+        ("tracking.uri=foo://host/x", "tracking.uri: 'foo://host/x' has scheme 'foo', which"),
+        ("tracking.uri=databricks-uc", "tracking.uri: 'databricks-uc' has scheme"),
+    ],
+)
+def test_non_finite_non_integer_unbounded_and_odd_values_are_named(override, message):
+    with pytest.raises(ShrinkflowError) as info:
+        load_params([PARAMS], [override])
+    text = str(info.value)
+    assert text.startswith(message), text
+    assert "\n" not in text
+
+
+def _integer_keys(node: dict, path: str = "") -> list[str]:
+    """Dotted paths of every `type: integer` key in the schema (list items as `key[0]`)."""
+    found = []
+    if node.get("type") == "integer":
+        found.append(path)
+    for name, child in node.get("properties", {}).items():
+        found += _integer_keys(child, f"{path}.{name}" if path else name)
+    if isinstance(node.get("items"), dict):
+        found += _integer_keys(node["items"], f"{path}[0]")
+    return found
+
+
+def test_every_integer_key_rejects_a_float_with_an_integral_value():
+    """jsonschema counts 16.0 as an integer; params must not (range(16.0) fails mid-run)."""
+    keys = _integer_keys(schema())
+    assert "data.image_size" in keys and "evaluate.batch_sizes[0]" in keys and len(keys) >= 15
+    base = load_params([PARAMS])
+    for key in keys:
+        dotted = key.removesuffix("[0]")
+        value = base
+        for part in dotted.split("."):
+            value = value[part]
+        wanted = value[0] if key.endswith("[0]") else value
+        raw = f"[{float(wanted)}]" if key.endswith("[0]") else f"{float(wanted)}"
+        with pytest.raises(ShrinkflowError, match=r"is not of type integer$") as info:
+            load_params([PARAMS], [f"{dotted}={raw}"])
+        assert str(info.value).startswith(key), info.value
+
+
+def test_every_bounded_integer_explains_its_bound():
+    """A maximum that stops a run before it asks for too much memory or time says why."""
+
+    def walk(node: dict, path: str) -> None:
+        if node.get("type") == "integer" and "maximum" in node:
+            assert node.get("description"), f"{path}: maximum without a description"
+        for name, child in node.get("properties", {}).items():
+            walk(child, f"{path}.{name}")
+        if isinstance(node.get("items"), dict):
+            walk(node["items"], f"{path}[]")
+
+    walk(schema(), "params")
+
+
+def test_keys_that_are_not_text_are_one_line(tmp_path):
+    """YAML reads `1:` as an int and `on:` as a bool; mixed with text keys, sorting them used to
+    raise TypeError. Now one line names the key."""
+    mixed = tmp_path / "mixed.yaml"
+    mixed.write_text("1: a\nfoo: b\n")
+    with pytest.raises(ShrinkflowError, match=r"^params: key 1 is not text .*quote it"):
+        load_params([PARAMS, mixed])
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("train:\n  on: 3\n")
+    with pytest.raises(ShrinkflowError, match=r"^train: key True is not text"):
+        load_params([PARAMS, nested])
+
+
+def test_cli_validate_rejects_nan_and_mixed_keys_in_one_line(tmp_path):
+    bad = run_cli("validate", "--params", str(PARAMS), "--set", "train.lr=.nan")
+    assert bad.returncode == 2
+    assert bad.stderr == "error: train.lr: nan is not a finite number\n", bad.stderr
+    mixed = tmp_path / "mixed.yaml"
+    mixed.write_text("1: a\nfoo: b\n")
+    bad = run_cli("validate", "--params", str(PARAMS), "--params", str(mixed))
+    assert bad.returncode == 2, bad.stderr
+    assert bad.stderr.startswith("error: params: key 1 is not text"), bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "sqlite:///mlflow.db",
+        "postgresql://u:p@host:5432/db",
+        "postgresql+psycopg2://u@host/db",
+        "mysql+pymysql://u@host/db",
+        "mssql://u@host/db",
+        "http://127.0.0.1:5000",
+        "https://mlflow.example.org",
+        "file:///tmp/mlruns",
+        "mlruns",
+        "databricks",
+        "databricks://profile",
+    ],
+)
+def test_tracking_uris_mlflow_can_store_runs_in_are_accepted(uri):
+    assert load_params([PARAMS], [f"tracking.uri={uri}"])["tracking"]["uri"] == uri
+
+
+def test_a_bad_tracking_uri_in_the_environment_names_the_variable(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "foo://host/x")
+    with pytest.raises(ShrinkflowError, match=r"^MLFLOW_TRACKING_URI: 'foo://host/x' has scheme"):
+        load_params([PARAMS])
+    # tracking.uri wins over the variable, so a good one in params is enough
+    load_params([PARAMS], ["tracking.uri=sqlite:///x.db"])
+    from shrinkflow.tracking import tracking_uri
+
+    with pytest.raises(ShrinkflowError, match=r"^MLFLOW_TRACKING_URI: "):
+        tracking_uri({"tracking": {"uri": None}})

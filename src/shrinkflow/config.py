@@ -9,6 +9,7 @@ command validate through ``validate_params`` so the two can never disagree.
 from __future__ import annotations
 
 import copy
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cache
@@ -86,8 +87,8 @@ def load_params(files: Sequence[Path], overrides: Iterable[str] = ()) -> dict:
     cfg: dict = {}
     for path in files:
         content = read_yaml(path)
-        if content is None:
-            content = {}
+        if content is None:  # as Snakemake refuses an empty --configfile
+            raise ShrinkflowError(f"{path}: empty (expected a mapping of keys at the top level)")
         if not isinstance(content, Mapping):
             raise ShrinkflowError(f"{path}: expected a mapping of keys at the top level")
         cfg = merge(cfg, content)
@@ -103,11 +104,14 @@ def schema() -> dict:
 
 
 def validate_params(cfg: Mapping) -> None:
-    """Raise ShrinkflowError with one line for the first problem in ``cfg`` (by key path)."""
-    from jsonschema import Draft202012Validator
+    """Raise ShrinkflowError with one line for the first problem in ``cfg`` (by key path).
 
+    First one walk over every key and value (``check_plain_values``: text keys, finite numbers,
+    plain JSON types), then the schema, then the rules that involve several keys.
+    """
+    check_plain_values(cfg)
     errors = sorted(
-        Draft202012Validator(schema()).iter_errors(cfg),
+        _validator()(schema()).iter_errors(cfg),
         key=lambda e: (_key_path(e.absolute_path), e.validator != "additionalProperties"),
     )
     if errors:
@@ -148,6 +152,61 @@ def _check_cross_keys(cfg: Mapping) -> None:
             check_prune_method(backend, name, key=f"prune.methods[{i}]")
         for i, name in enumerate(cfg["quantize"]["methods"]):
             check_quant_method(backend, name, key=f"quantize.methods[{i}]")
+    # The store every job will log to: tracking.uri, else $MLFLOW_TRACKING_URI (both checked).
+    from shrinkflow.tracking import tracking_uri
+
+    tracking_uri(cfg)
+
+
+def check_plain_values(cfg: Any, where: str = "") -> None:
+    """One walk over every key and value of a loaded config, whatever the schema says of it.
+
+    Raises ShrinkflowError naming the key path of the first: key that is not text (YAML reads
+    ``1:`` as an int and ``on:`` as a bool, and mixing them with text keys breaks sorting);
+    float that is NaN or infinite (YAML's ``.nan`` and ``.inf``: no parameter means either, and
+    one NaN learning rate trains a NaN model); value of a type JSON has not (a date, bytes, a
+    set), which could be neither validated as text nor passed on to a job with ``--set``.
+    """
+    if isinstance(cfg, Mapping):
+        for key, value in cfg.items():
+            if not isinstance(key, str):
+                raise ShrinkflowError(
+                    f"{where or 'params'}: key {key!r} is not text (YAML reads unquoted numbers, "
+                    "true/false/yes/no/on/off and dates as other types; quote it)"
+                )
+            check_plain_values(value, f"{where}.{key}" if where else key)
+    elif isinstance(cfg, list):
+        for i, value in enumerate(cfg):
+            check_plain_values(value, f"{where}[{i}]")
+    elif isinstance(cfg, float):
+        if not math.isfinite(cfg):
+            raise ShrinkflowError(f"{where}: {cfg} is not a finite number")
+    elif not (cfg is None or isinstance(cfg, str | bool | int)):
+        raise ShrinkflowError(
+            f"{where}: {cfg} is read by YAML as a {_type_name(cfg)}; quote it to give text"
+        )
+
+
+def _type_name(value: Any) -> str:
+    import datetime
+
+    if isinstance(value, datetime.datetime):
+        return "timestamp"
+    if isinstance(value, datetime.date):
+        return "date"
+    return type(value).__name__
+
+
+@cache
+def _validator() -> type:
+    """Draft 2020-12 with a strict ``integer``: JSON Schema counts 16.0 as an integer, but
+    ``range(16.0)`` and ``torch.zeros(16.0)`` fail mid-run, so only an int (not a bool) is one."""
+    from jsonschema import Draft202012Validator, validators
+
+    checker = Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _checker, value: isinstance(value, int) and not isinstance(value, bool)
+    )
+    return validators.extend(Draft202012Validator, type_checker=checker)
 
 
 def _key_path(path: Iterable) -> str:
@@ -178,7 +237,9 @@ def describe(error: Any) -> str:
         wanted = " or ".join(wanted) if isinstance(wanted, list) else wanted
         return f"{where}: {value!r} is not of type {wanted}"
     if kind in {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}:
-        return f"{where}: {value!r} is not in {_interval(schema_)}"
+        # An upper bound says why it is there (its description's first sentence).
+        why = schema_.get("description", "").split(". ")[0].rstrip(".") if kind == "maximum" else ""
+        return f"{where}: {value!r} is not in {_interval(schema_)}" + (f" ({why})" if why else "")
     if kind == "minItems":
         return f"{where}: needs at least {error.validator_value} item(s)"
     if kind == "uniqueItems":

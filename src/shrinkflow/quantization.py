@@ -31,7 +31,10 @@ ALLOWED = (
     f"{FIXED_PREFIX}<bits> with bits {MIN_BITS}..{MAX_BITS}"
 )
 
-_FIXED = re.compile(rf"{FIXED_PREFIX}(\d+)")
+# ASCII digits only, without leading zeros: ``\d`` would also take ``fixed_w٤`` (an Arabic-Indic 4,
+# which int() reads as 4) into a node name no DAG path pattern matches, and ``fixed_w04`` would be
+# a second node for the same 4-bit weights.
+_FIXED = re.compile(rf"{FIXED_PREFIX}([1-9][0-9]*)", re.ASCII)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from shrinkflow.errors import ShrinkflowError
+
+# What a null stands for in the JSON a stage writes (train.json, prune.json, quantize.json,
+# metrics.json): a score of the validation split, which is empty when data.val_fraction leaves
+# no image in it. The only NaN a stage may write (as null, ``outputs.write_json(nan_means=...)``);
+# a NaN loss stops training first (``diverged``).
+NO_VALIDATION_IMAGES = (
+    "no validation images (data.val_fraction leaves none): val_loss, val_top1 and "
+    "best_val_top1 are undefined"
+)
+
 
 @dataclass
 class TrainResult:
@@ -53,3 +64,35 @@ def model_spec(model_name: str, data: Any) -> dict[str, Any]:
         "std": [float(s) for s in data.std],
         "classes": [str(c) for c in data.classes],
     }
+
+
+def diverged(
+    value: float,
+    *,
+    epoch: int,
+    step: int | None,
+    steps: int,
+    lr_key: str,
+    lr: float,
+    mixed_precision: bool,
+    what: str = "loss",
+) -> ShrinkflowError:
+    """The one-line error that stops a job whose training diverged (both backends, every loop).
+
+    ``value`` is the first non-finite loss; ``step`` its optimizer step within ``epoch``
+    (1-based, of ``steps``), None when this process did not see it (another data-parallel process
+    did, or only the validation loss shows it); ``lr_key`` the params key of the peak LR the loop
+    ran with (``train.lr``, ``finetune.lr``, ``prune.gradual.lr``, ``quantize.qat.lr``). Raising
+    it inside the job's MLflow run ends the run FAILED, and the atomic output is never written.
+    """
+    where = f"epoch {epoch} step {step} of {steps}" if step is not None else f"epoch {epoch}"
+    tries = [f"lower {lr_key} (now {lr:g})"]
+    if lr_key == "train.lr":
+        tries.append("raise train.warmup_epochs")
+    if mixed_precision:
+        tries.append("set train.mixed_precision: false (float16 overflows)")
+    tries.append("check the data")
+    return ShrinkflowError(
+        f"{lr_key.split('.')[0]}: {what} became {value} at {where}; "
+        f"{', '.join(tries[:-1])} or {tries[-1]}"
+    )

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from shrinkflow import dag, invocation
-from shrinkflow.config import validate_params
+from shrinkflow.config import load_params
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.quantization import parse_quant_method
 
@@ -22,24 +22,45 @@ for _name, _value in envvars_defaults.items():
     os.environ.setdefault(_name, _value)
 
 
-try:
-    validate_params(config)
-except ShrinkflowError as exc:
-    sys.exit(f"error: {exc}")
-
-
-def params_args():
-    """`--params` (and `--set`) arguments that make every CLI job see exactly this config."""
+# ---- params (issue 14): one loader for Snakemake and every job ----
+# Snakemake's own loader (PyYAML's YAML 1.1 via yte) reads `1e-4` as text and names neither file
+# nor line for a syntax error, so the Snakefile has no `configfile:` directive. Instead `config`
+# becomes what every job's CLI loads from the same arguments: params.yaml, each --configfile in
+# order, each --config entry as a --set override; all through shrinkflow.config, then validated.
+# (Snakemake has already parsed --configfile files itself by then: an unparsable or empty one
+# stops it before this runs, with its own message.)
+def params_files():
+    """params.yaml, then each --configfile as a job is told it (relative inside the project)."""
     files = ["params.yaml"]
     for path in workflow.config_settings.configfiles:
         inside = Path(path).resolve().is_relative_to(Path.cwd())
         shown = os.path.relpath(path) if inside else str(path)
         if shown not in files:
             files.append(shown)
-    args = [f"--params {shlex.quote(f)}" for f in files]
-    for key, value in workflow.config_settings.config.items():
-        args.append("--set " + shlex.quote(f"{key}={json.dumps(value)}"))
+    return files
+
+
+def params_overrides():
+    """Each --config entry as a --set override (its value as JSON, which the loader reads)."""
+    return [f"{key}={json.dumps(value)}" for key, value in workflow.config_settings.config.items()]
+
+
+def params_args():
+    """`--params` (and `--set`) arguments that make every CLI job see exactly this config."""
+    args = [f"--params {shlex.quote(f)}" for f in params_files()]
+    args += ["--set " + shlex.quote(o) for o in params_overrides()]
     return " ".join(args)
+
+
+try:
+    _loaded = load_params([Path(f) for f in params_files()], params_overrides())
+except ShrinkflowError as exc:
+    sys.exit(f"error: {exc}")
+config.clear()
+config.update(_loaded)
+if "params.yaml" not in workflow.configfiles:
+    workflow.configfiles.insert(0, "params.yaml")  # listed in --report and --archive, as before
+# ---- end params ----
 
 
 PARAMS = params_args()
@@ -175,7 +196,7 @@ onsuccess:
 # get this process's environment through `sbatch --export=ALL`, this default included.
 from shrinkflow.tracking import tracking_uri
 
-envvars_defaults["MLFLOW_TRACKING_URI"] = tracking_uri(config)
+envvars_defaults["MLFLOW_TRACKING_URI"] = tracking_uri(config)  # checked by load_params above
 os.environ.setdefault("MLFLOW_TRACKING_URI", envvars_defaults["MLFLOW_TRACKING_URI"])
 
 

@@ -134,7 +134,7 @@ def _fetch(url: str, dest: Path) -> None:
     try:
         with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response, open(dest, "wb") as f:
             length = response.headers.get("Content-Length", "")
-            expected = int(length) if length.isdigit() else None
+            expected = int(length) if length.isascii() and length.isdigit() else None
             chunks = iter(lambda: response.read(CHUNK), b"")
             total = -(-expected // CHUNK) if expected else None
             received = 0

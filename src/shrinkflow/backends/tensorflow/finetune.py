@@ -98,6 +98,7 @@ def finetune_model(
         run_id=run_id,
         spec=spec,
         callbacks=[KeepZeros(zero_masks(model))],
+        lr_key="finetune.lr",
     )
 
 

@@ -323,6 +323,7 @@ def _prune_gradually(
         spec=spec,
         # UpdatePruningStep first: it re-applies the masks at an epoch's end, before the probe.
         callbacks=[tfmot.sparsity.keras.UpdatePruningStep(), probe],
+        lr_key="prune.gradual.lr",
         select_from_epoch=math.ceil(end / per_epoch),
         save=save,
     )

@@ -18,14 +18,12 @@ weights) plus ``state.json``, which is written last and names its checkpoint.
 
 Distribution: with more than one GPU visible every model and optimizer lives in one
 ``MirroredStrategy`` (see ``distribution_strategy``); ``cfg["train"]["batch_size"]`` is the
-global batch, split over the replicas. In a worker started by ``distributed.launch``
-(``train.distributed.processes`` > 1) it is a ``MultiWorkerMirroredStrategy`` instead: every
-worker draws the same batches from the seed and takes an interleaved share of each global batch,
-with sample weights that make the summed gradient that of the whole batch's mean loss. Every
-worker runs the same steps (reading a variable can be a collective), but only the chief (worker
-0) writes the resume state and the model where asked; the others write theirs into a temporary
-folder (tf-keras' rule for multi-worker saving) that is then deleted. BatchNorm statistics are
-per worker while training and averaged over the workers when read.
+global batch, split over the replicas. In the worker started by ``distributed.launch``
+(``train.distributed.processes`` = N > 1) it is a ``MirroredStrategy`` over N devices (N GPUs,
+or N logical CPUs), and each replica takes an interleaved share of each global batch, with
+sample weights that make the summed gradient that of the whole batch's mean loss. BatchNorm
+statistics are per replica while training and averaged over the replicas when read. (Why one
+process rather than one per replica: see ``distributed``.)
 """
 
 from __future__ import annotations
@@ -39,10 +37,8 @@ import hashlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import shutil  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Callable, Iterator, Sequence  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -53,13 +49,16 @@ import tf_keras as keras  # noqa: E402
 from shrinkflow.backends.tensorflow import distributed  # noqa: E402
 from shrinkflow.backends.tensorflow.artifact import save_model  # noqa: E402
 from shrinkflow.backends.tensorflow.models import OUTPUT_LAYER, create_model  # noqa: E402
+from shrinkflow.backends.workers import collectives_on_loopback  # noqa: E402
 from shrinkflow.data.prepared import PreparedData  # noqa: E402
 from shrinkflow.errors import ShrinkflowError  # noqa: E402
 from shrinkflow.outputs import atomic_dir, read_json, write_json  # noqa: E402
 from shrinkflow.progress import say, track  # noqa: E402
+from shrinkflow.training import NO_VALIDATION_IMAGES as NO_VAL  # noqa: E402
 from shrinkflow.training import (  # noqa: E402
     TrainResult,
     batch_bounds,
+    diverged,
     global_batches,
     model_spec,
 )
@@ -104,26 +103,37 @@ def steps_per_epoch(cfg: dict, data: PreparedData) -> int:
 
 @functools.cache
 def distribution_strategy() -> tf.distribute.Strategy:
-    """The process's one strategy: ``MultiWorkerMirroredStrategy`` in a worker started by
-    ``distributed.launch`` (one GPU each where there are GPUs), else ``MirroredStrategy`` over
-    all GPUs when there are several, else the default (single-device) strategy.
+    """The process's one strategy: ``MirroredStrategy`` over ``distributed.replicas()`` devices
+    in the worker started by ``distributed.launch`` (one GPU each where there are GPUs, else
+    logical CPUs), else ``MirroredStrategy`` over all GPUs when there are several, else the
+    default (single-device) strategy.
 
     A model given to ``fit`` must have been created in ``distribution_strategy().scope()``
     (Keras compiles a model only in the strategy that owns its variables); ``train_model`` and
     ``finetune_model`` do so. Cached, because a second ``MirroredStrategy`` would be another
     strategy than the one the model was built in.
     """
-    rank, size = distributed.rank_and_size()
+    replicas = distributed.replicas()
     gpus = tf.config.list_physical_devices("GPU")
-    if size > 1:
+    if replicas > 1 or len(gpus) > 1:
+        collectives_on_loopback()  # NCCL's bootstrap sockets, before its first use
+    if replicas > 1:
         if gpus:
-            if size > len(gpus):
+            if replicas > len(gpus):
                 raise ShrinkflowError(
-                    f"train.distributed.processes: {size} is more than the {len(gpus)} GPU(s) "
-                    "of this node (one GPU per worker)"
+                    f"train.distributed.processes: {replicas} is more than the {len(gpus)} "
+                    "GPU(s) of this node (one GPU per replica)"
                 )
-            tf.config.set_visible_devices(gpus[rank], "GPU")
-        return tf.distribute.MultiWorkerMirroredStrategy()
+            devices = [f"/gpu:{i}" for i in range(replicas)]
+        else:
+            # Before TensorFlow's runtime starts, which nothing in a train worker has made it do.
+            tf.config.set_logical_device_configuration(
+                tf.config.list_physical_devices("CPU")[0],
+                [tf.config.LogicalDeviceConfiguration() for _ in range(replicas)],
+            )
+            devices = [f"/cpu:{i}" for i in range(replicas)]
+        say(f"train: {replicas} data-parallel replicas in one process ({', '.join(devices)})")
+        return tf.distribute.MirroredStrategy(devices)
     if len(gpus) > 1:
         return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()
@@ -185,6 +195,7 @@ def fit(
     select_from_epoch: int = 1,
     save: Callable[[keras.Model, Path], None] | None = None,
     prepare: Callable[[keras.Model], None] | None = None,
+    lr_key: str = "train.lr",
 ) -> TrainResult:
     """Train ``model`` for ``epochs`` and save its best-on-val epoch to ``out_dir``.
 
@@ -212,6 +223,8 @@ def fit(
         prepare: called once with the model to train, compiled, inside the strategy scope and
             before the resume state is restored: the place to create variables that the
             checkpoint must hold.
+        lr_key: the params key ``lr`` comes from, named by the error that stops a run whose
+            loss becomes NaN or infinite (``training.diverged``).
 
     ``model`` holds the best epoch's weights (all of them: BN statistics, masks) when this
     returns.
@@ -231,13 +244,13 @@ def fit(
         )
     _reproducible(cfg["seed"])
     amp = _mixed_precision(t)
-    rank, world = distributed.rank_and_size()
-    if batch_size % world:
+    replicas = distributed.replicas()
+    if batch_size % replicas:
         raise ShrinkflowError(
-            f"train.batch_size: {batch_size} does not divide among {world} processes "
+            f"train.batch_size: {batch_size} does not divide among {replicas} processes "
             "(train.distributed.processes)"
         )
-    bounds = global_batches(len(data.train), batch_size, world)
+    bounds = global_batches(len(data.train), batch_size, replicas)
     strategy = distribution_strategy()
     with strategy.scope():
         trained = _with_policy(model, "mixed_float16") if amp else model
@@ -246,81 +259,103 @@ def fit(
         if prepare is not None:
             prepare(trained)
     run = _ResumeState(trained, strategy, recompile=lambda: _compile(trained, t, schedule, amp))
-    state = run.load(Path(resume_dir), fingerprint, owner=rank == 0)
-    # Where this process writes its resume state: a worker's copy is thrown away.
-    with _write_dir(Path(resume_dir), chief=rank == 0) as save_dir:
-        start_epoch, best_val_top1, best_epoch, history = 0, -1.0, 0, []
-        if state is not None:
-            start_epoch = int(state["epoch"])
-            if start_epoch < epochs:
-                say(f"resuming from epoch {start_epoch + 1}/{epochs}")
-            else:
-                say(f"all {epochs} epochs already trained (resume state); saving the best one")
-            best_val_top1, best_epoch = float(state["best_val_top1"]), int(state["best_epoch"])
-            history = list(state["history"])
-        val_size = len(data.val)
-        if val_size == 0:
-            say("no validation images, so the last epoch is kept instead of the best one")
-
-        epoch_data = _EpochData(
-            data, batch_size, bool(t["augment"]), bool(t["hflip"]), cfg["seed"], (rank, world)
-        )
-        for epoch in range(start_epoch + 1, epochs + 1):
-            label = f"epoch {epoch}/{epochs}"
-            epoch_start = time.perf_counter()
-            fitted = trained.fit(
-                epoch_data.batches(epoch),
-                epochs=epoch,
-                initial_epoch=epoch - 1,
-                steps_per_epoch=len(bounds) if world > 1 else None,  # a distributed data set's
-                verbose=0,
-                callbacks=[*callbacks, _Progress(len(bounds), label)],
-            ).history
-            val_loss, val_top1 = evaluate_split(trained, data, "val", batch_size)
-            metrics = {
-                "train_loss": float(fitted["loss"][-1]),
-                "train_top1": float(fitted["top1"][-1]),
-                "val_loss": val_loss,
-                "val_top1": val_top1,
-                "lr": float(schedule(trained.optimizer.iterations - 1)),
-                "epoch_seconds": time.perf_counter() - epoch_start,
-            }
-            history.append({"epoch": epoch, **metrics})
-            # Ties go to the later epoch: equally accurate, but trained longer.
-            if epoch >= select_from_epoch and (val_size == 0 or val_top1 >= best_val_top1):
-                best_val_top1, best_epoch = val_top1, epoch
-                run.keep_best()
-            _say_epoch(label, metrics)
-            on_epoch(epoch, metrics)
-            run.save(
-                save_dir,
-                epoch,
-                {
-                    "format": STATE_FORMAT,
-                    "fingerprint": fingerprint,
-                    "run_id": run_id,
-                    "epoch": epoch,
-                    "best_val_top1": best_val_top1,
-                    "best_epoch": best_epoch,
-                    "history": history,
-                },
-            )
-
-        run.load_best()
-        if trained is not model:
-            model.set_weights(trained.get_weights())
-        if save is None:
-            save_model(model, spec, Path(out_dir))
+    state = run.load(Path(resume_dir), fingerprint)
+    start_epoch, best_val_top1, best_epoch, history = 0, -1.0, 0, []
+    if state is not None:
+        start_epoch = int(state["epoch"])
+        if start_epoch < epochs:
+            say(f"resuming from epoch {start_epoch + 1}/{epochs}")
         else:
-            save(model, Path(out_dir))
-        return TrainResult(
-            epochs=epochs,
-            best_epoch=best_epoch,
-            best_val_top1=best_val_top1,
-            resumed_from_epoch=start_epoch,
-            history=history,
-            seconds=time.perf_counter() - started,
+            say(f"all {epochs} epochs already trained (resume state); saving the best one")
+        best = state["best_val_top1"]  # null for NaN: no validation images (_ResumeState.save)
+        best_val_top1 = math.nan if best is None else float(best)
+        best_epoch, history = int(state["best_epoch"]), list(state["history"])
+    val_size = len(data.val)
+    if val_size == 0:
+        say("no validation images, so the last epoch is kept instead of the best one")
+
+    epoch_data = _EpochData(
+        data, batch_size, bool(t["augment"]), bool(t["hflip"]), cfg["seed"], replicas
+    )
+
+    def stop(value: float, epoch: int, step: int | None, what: str = "loss") -> ShrinkflowError:
+        return diverged(
+            value,
+            epoch=epoch,
+            step=step,
+            steps=len(bounds),
+            lr_key=lr_key,
+            lr=lr,
+            mixed_precision=amp,
+            what=what,
         )
+
+    for epoch in range(start_epoch + 1, epochs + 1):
+        label = f"epoch {epoch}/{epochs}"
+        epoch_start = time.perf_counter()
+        guard = _StopOnNonFinite()
+        fitted = trained.fit(
+            epoch_data.batches(epoch),
+            epochs=epoch,
+            initial_epoch=epoch - 1,
+            steps_per_epoch=len(bounds) if replicas > 1 else None,  # a distributed data set's
+            verbose=0,
+            callbacks=[*callbacks, _Progress(len(bounds), label), guard],
+        ).history
+        if guard.bad is not None:
+            raise stop(guard.bad[1], epoch, guard.bad[0])
+        val_loss, val_top1 = evaluate_split(trained, data, "val", batch_size)
+        if val_size and not math.isfinite(val_loss):
+            # The last steps' updates broke the weights after their losses were computed.
+            raise stop(val_loss, epoch, None, what="validation loss")
+        metrics = {
+            "train_loss": float(fitted["loss"][-1]),
+            "train_top1": float(fitted["top1"][-1]),
+            "val_loss": val_loss,
+            "val_top1": val_top1,
+            "lr": float(schedule(trained.optimizer.iterations - 1)),
+            "epoch_seconds": time.perf_counter() - epoch_start,
+        }
+        history.append({"epoch": epoch, **metrics})
+        # Ties go to the later epoch: equally accurate, but trained longer.
+        if epoch >= select_from_epoch and (val_size == 0 or val_top1 >= best_val_top1):
+            best_val_top1, best_epoch = val_top1, epoch
+            run.keep_best()
+        _say_epoch(label, metrics)
+        on_epoch(epoch, metrics)
+        run.save(
+            Path(resume_dir),
+            epoch,
+            {
+                "format": STATE_FORMAT,
+                "fingerprint": fingerprint,
+                "run_id": run_id,
+                "epoch": epoch,
+                "best_val_top1": best_val_top1,
+                "best_epoch": best_epoch,
+                "history": history,
+            },
+        )
+
+    run.load_best()
+    for weight in trained.trainable_weights:
+        values = weight.numpy()
+        if not np.isfinite(values).all():
+            raise stop(float(values[~np.isfinite(values)][0]), epochs, None, what="a weight")
+    if trained is not model:
+        model.set_weights(trained.get_weights())
+    if save is None:
+        save_model(model, spec, Path(out_dir))
+    else:
+        save(model, Path(out_dir))
+    return TrainResult(
+        epochs=epochs,
+        best_epoch=best_epoch,
+        best_val_top1=best_val_top1,
+        resumed_from_epoch=start_epoch,
+        history=history,
+        seconds=time.perf_counter() - started,
+    )
 
 
 def evaluate_split(
@@ -466,20 +501,16 @@ class _ResumeState:
         name = f"{CHECKPOINT_PREFIX}{epoch:04d}"
         with atomic_dir(resume_dir / name) as tmp:
             self.checkpoint.write(str(tmp / "ckpt"))
-        write_json(resume_dir / STATE_FILE, {**state, "checkpoint": name})
+        write_json(resume_dir / STATE_FILE, {**state, "checkpoint": name}, nan_means=NO_VAL)
         _remove_checkpoints(resume_dir, keep=name)
 
-    def load(self, resume_dir: Path, fingerprint: str, owner: bool = True) -> dict | None:
+    def load(self, resume_dir: Path, fingerprint: str) -> dict | None:
         """Restore the resume state in ``resume_dir`` saved for ``fingerprint`` and return its
-        ``state.json``; None when there is none to continue, and then the ``owner`` (the chief)
-        deletes any state there."""
+        ``state.json``; None when there is none to continue, and then any state there is
+        deleted."""
         state = _read_state(resume_dir)
         if state is not None and state.get("fingerprint") != fingerprint:
-            if owner:
-                say(
-                    f"{resume_dir / STATE_FILE}: saved for other params, data or model; "
-                    "starting over"
-                )
+            say(f"{resume_dir / STATE_FILE}: saved for other params, data or model; starting over")
             state = None
         if state is not None:
             prefix = resume_dir / state["checkpoint"] / "ckpt"
@@ -491,7 +522,7 @@ class _ResumeState:
                 say(f"{prefix}: unreadable resume checkpoint ignored ({reason}); starting over")
                 self._undo_restore()
                 state = None
-        if state is None and owner:
+        if state is None:
             # A stale state must not be resumed by a later run either.
             (resume_dir / STATE_FILE).unlink(missing_ok=True)
             _remove_checkpoints(resume_dir, keep=None)
@@ -505,16 +536,6 @@ class _ResumeState:
         with self.strategy.scope():
             self.recompile()
         self.checkpoint = self._checkpoint()
-
-
-@contextmanager
-def _write_dir(resume_dir: Path, chief: bool) -> Iterator[Path]:
-    """``resume_dir`` for the chief; for another worker a temporary folder, deleted after."""
-    if chief:
-        yield resume_dir
-        return
-    with tempfile.TemporaryDirectory(prefix="shrinkflow-worker-") as scratch:
-        yield Path(scratch)
 
 
 def _remove_checkpoints(resume_dir: Path, keep: str | None) -> None:
@@ -549,8 +570,8 @@ class _EpochData:
     """The training split as one tensor, and each epoch's batches: order, crops and flips drawn
     from ``(seed, epoch)`` alone, so epoch e is the same batches in every run and resume.
 
-    ``share=(rank, processes)``: the batches of one of that many data-parallel workers, its
-    interleaved share of each global batch, weighted by its share (see the module docstring).
+    ``replicas`` > 1: each global batch as that many interleaved shares, one per replica of
+    ``distribution_strategy()``, each weighted by its share (see the module docstring).
     """
 
     def __init__(
@@ -560,14 +581,14 @@ class _EpochData:
         augment: bool,
         hflip: bool,
         seed: int,
-        share: tuple[int, int] = (0, 1),
+        replicas: int = 1,
     ) -> None:
         with tf.device("/CPU:0"):  # the input pipeline runs on the host
             self.images = tf.constant(data.images[data.train])
             self.labels = tf.constant(data.labels[data.train])
         self.num_classes = data.num_classes
-        self.rank, self.processes = share
-        self.bounds = global_batches(len(data.train), batch_size, self.processes)
+        self.replicas = replicas
+        self.bounds = global_batches(len(data.train), batch_size, replicas)
         self.pad = data.image_size // CROP_PAD_DIVISOR if augment else 0
         self.hflip = augment and hflip
         self.seed = int(seed)
@@ -581,10 +602,10 @@ class _EpochData:
         starts = tf.constant([s for s, _ in self.bounds], tf.int64)
         stops = tf.constant([s for _, s in self.bounds], tf.int64)
 
-        def batch(i: tf.Tensor) -> tuple[tf.Tensor, ...]:
+        def batch(i: tf.Tensor, replica: tf.Tensor | int = 0) -> tuple[tf.Tensor, ...]:
             idx = order[starts[i] : stops[i]]
-            if self.processes > 1:
-                idx = idx[self.rank :: self.processes]
+            if self.replicas > 1:
+                idx = idx[replica :: self.replicas]
             x = augment_batch(
                 tf.gather(self.images, idx),
                 tf.gather(shifts, idx),
@@ -592,20 +613,24 @@ class _EpochData:
                 self.pad,
             )
             y = tf.one_hot(tf.gather(self.labels, idx), self.num_classes)
-            if self.processes == 1:
+            if self.replicas == 1:
                 return _to_float(x), y
-            # Keras divides each worker's loss sum by its batch and by the number of workers.
-            share = tf.cast(tf.size(idx) * self.processes, tf.float32) / tf.cast(
+            # Keras divides each replica's loss sum by its batch and by the number of replicas.
+            share = tf.cast(tf.size(idx) * self.replicas, tf.float32) / tf.cast(
                 stops[i] - starts[i], tf.float32
             )
             return _to_float(x), y, tf.fill(tf.shape(idx), share)
 
-        batches = tf.data.Dataset.range(len(self.bounds)).map(batch).prefetch(tf.data.AUTOTUNE)
-        if self.processes == 1:
-            return batches
-        # This worker's batches as they are: a plain data set would be re-split by tf.distribute
-        # (sharded by worker and rebatched per replica), but each batch already is one share.
-        return distribution_strategy().distribute_datasets_from_function(lambda _: batches)
+        steps = tf.data.Dataset.range(len(self.bounds))
+        if self.replicas == 1:
+            return steps.map(batch).prefetch(tf.data.AUTOTUNE)
+        # Every batch as its shares in replica order: the strategy hands consecutive elements to
+        # its replicas in turn (a plain data set would be rebatched into contiguous halves,
+        # unweighted).
+        shares = steps.flat_map(
+            lambda i: tf.data.Dataset.range(self.replicas).map(lambda r: batch(i, r))
+        ).prefetch(tf.data.AUTOTUNE)
+        return distribution_strategy().distribute_datasets_from_function(lambda _: shares)
 
 
 def augment_batch(x: tf.Tensor, shifts: tf.Tensor, flips: tf.Tensor | None, pad: int) -> tf.Tensor:
@@ -629,6 +654,27 @@ def augment_batch(x: tf.Tensor, shifts: tf.Tensor, flips: tf.Tensor | None, pad:
 def _to_float(x: tf.Tensor) -> tf.Tensor:
     """uint8 pixels -> the float32 0..255 the models take."""
     return tf.cast(x, tf.float32)
+
+
+class _StopOnNonFinite(keras.callbacks.Callback):
+    """Stops ``model.fit`` after the first batch whose loss is NaN or infinite and keeps
+    ``bad = (step, loss)``, its 1-based step in the epoch; ``fit`` then raises.
+
+    The logged loss is the epoch's running mean, which turns non-finite at exactly that batch and
+    stays so. With several workers it is the mean over all of them, so every worker stops at the
+    same batch. Reading it costs no extra host sync: ``_Progress`` already has Keras convert
+    every batch's logs.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bad: tuple[int, float] | None = None
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        loss = float((logs or {}).get("loss", 0.0))
+        if self.bad is None and not math.isfinite(loss):
+            self.bad = (batch + 1, loss)
+            self.model.stop_training = True
 
 
 class _Progress(keras.callbacks.Callback):

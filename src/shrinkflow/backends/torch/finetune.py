@@ -99,4 +99,5 @@ def finetune_model(
         spec=spec,
         step_hook=keep_zeros if masks else None,
         device=str(dev),
+        lr_key="finetune.lr",
     )

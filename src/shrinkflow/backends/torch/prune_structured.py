@@ -389,6 +389,7 @@ def prune_structured(
                 epochs=round_epochs,
                 lr=float(cfg["finetune"]["lr"]),
                 device=str(dev),
+                lr_key="finetune.lr",
             )
 
     model.eval()

@@ -252,6 +252,7 @@ def _prune_gradually(
         step_hook=pruner,
         select_from_epoch=math.ceil(pruner.end / per_epoch),
         device=str(dev),
+        lr_key="prune.gradual.lr",
     )
     return {
         "epochs": result.epochs,

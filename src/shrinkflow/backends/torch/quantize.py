@@ -195,6 +195,7 @@ def _train_qat(job: _Job, model: nn.Module, spec: dict) -> tuple[torch.fx.GraphM
         run_id=job.run_id,
         spec=spec,
         step_hook=keep_zeros if masks else None,
+        lr_key="quantize.qat.lr",
         # Training may run on CUDA (fake quantization is ordinary tensor arithmetic); the
         # int8 graph it converts to runs on x86 CPUs, so the result comes back to the CPU.
         save=lambda trained, folder: None,

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import pickle
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,14 +37,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from shrinkflow.backends.torch import distributed
-from shrinkflow.backends.torch.artifact import save_model
+from shrinkflow.backends.torch.artifact import load_tensor_file, save_model
 from shrinkflow.backends.torch.models import create_model
 from shrinkflow.backends.torch.tensors import to_device_tensors
 from shrinkflow.data.prepared import PreparedData
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.outputs import atomic_file
 from shrinkflow.progress import say, track
-from shrinkflow.training import TrainResult, batch_bounds, global_batches, model_spec
+from shrinkflow.training import TrainResult, batch_bounds, diverged, global_batches, model_spec
 
 STATE_FILE = "state.pt"
 # Bumped whenever the resume state's layout or the training procedure changes, so that an old
@@ -154,6 +153,7 @@ def fit(
     select_from_epoch: int = 1,
     device: str = "auto",
     save: Callable[[nn.Module, Path], None] | None = None,
+    lr_key: str = "train.lr",
 ) -> TrainResult:
     """Train ``model`` for ``epochs`` and save its best-on-val epoch to ``out_dir``.
 
@@ -179,6 +179,8 @@ def fit(
         save: writes the best model into ``out_dir`` instead of ``artifact.save_model`` (a
             model that is not a registry model, such as a QAT graph, has its own format);
             ``model`` holds the best epoch's weights when it returns.
+        lr_key: the params key ``lr`` comes from, named by the error that stops a run whose
+            loss becomes NaN or infinite (``training.diverged``).
 
     In a process group (DDP) only rank 0 writes the resume state and the model; the others
     read rank 0's resume state and write nothing.
@@ -189,7 +191,7 @@ def fit(
     select_from_epoch = min(select_from_epoch, epochs)
     dev = resolve_device(device)
     with _deterministic_on_cpu(dev):
-        run = _Run.build(model, cfg, data, epochs, lr, warmup_epochs, dev, step_hook)
+        run = _Run.build(model, cfg, data, epochs, lr, warmup_epochs, dev, step_hook, lr_key)
         state_path = Path(resume_dir) / STATE_FILE
         state = _matching_state(state_path, fingerprint, dev, owner=run.rank == 0)
         if run.world > 1:
@@ -234,6 +236,7 @@ def fit(
                     torch.save(state, tmp)
 
     model.load_state_dict(best_model)
+    run.check_finite_weights(epochs)
     if run.rank == 0:
         if save is None:
             save_model(model, spec, Path(out_dir))
@@ -258,15 +261,18 @@ def fit_in_memory(
     lr: float,
     step_hook: StepHook | None = None,
     device: str = "auto",
+    lr_key: str = "finetune.lr",
 ) -> nn.Module:
     """``fit`` without warm-up, resume state, saving or best-epoch selection: ``model`` trains
     in place for ``epochs`` (0: unchanged) and is returned in eval mode on the device, its last
     epoch kept. Meant for the short recoveries between rounds of iterative pruning."""
     dev = resolve_device(device)
     with _deterministic_on_cpu(dev):
-        run = _Run.build(model, cfg, data, max(epochs, 1), lr, 0, dev, step_hook)
+        run = _Run.build(model, cfg, data, max(epochs, 1), lr, 0, dev, step_hook, lr_key)
         for epoch in range(1, epochs + 1):
             _say_epoch(f"epoch {epoch}/{epochs}", run.epoch(epoch, f"epoch {epoch}/{epochs}"))
+        if epochs:
+            run.check_finite_weights(epochs)
     return model.eval()
 
 
@@ -317,6 +323,8 @@ class _Run:
     augment: _Augment
     loss_fn: nn.Module
     step_hook: StepHook | None
+    lr_key: str  # the params key of the peak LR, named when the loss diverges
+    peak_lr: float
 
     @classmethod
     def build(
@@ -329,6 +337,7 @@ class _Run:
         warmup_epochs: int,
         dev: torch.device,
         step_hook: StepHook | None,
+        lr_key: str = "train.lr",
     ) -> _Run:
         """The optimizer, schedule, data and RNGs of a run from ``cfg``, with ``model`` moved
         to ``dev`` and the global RNG (dropout) seeded from ``cfg["seed"]``."""
@@ -387,6 +396,8 @@ class _Run:
             ),
             loss_fn=nn.CrossEntropyLoss(label_smoothing=float(t["label_smoothing"])),
             step_hook=step_hook,
+            lr_key=lr_key,
+            peak_lr=lr,
         )
 
     @property
@@ -410,7 +421,12 @@ class _Run:
         lr = 0.0
         bounds = self.bounds
         step = (epoch - 1) * len(bounds)  # every epoch has the same number of steps
-        for start, stop in track(bounds, total=len(bounds), description=description):
+        # Every step's loss, kept on the device (no host sync per step) and checked once the
+        # epoch ends: a NaN or infinite one stops the run, naming its step.
+        step_losses = torch.empty(len(bounds), device=dev)
+        for i, (start, stop) in enumerate(
+            track(bounds, total=len(bounds), description=description)
+        ):
             idx = order[start:stop]
             if self.world > 1:
                 idx = idx[self.rank :: self.world]  # this process's share of the global batch
@@ -432,12 +448,17 @@ class _Run:
                 self.step_hook(step)
             lr = self.optimizer.param_groups[0]["lr"]
             self.scheduler.step()  # per iteration: warm-up and cosine are smooth within epochs
+            step_losses[i] = loss.detach().float()
             loss_sum += loss.detach().float() * len(yb)
             correct += (logits.detach().argmax(1) == yb).sum()
+        self._check_finite_losses(epoch, step_losses)
         if self.world > 1:
             loss_sum = distributed.sum_over_processes(loss_sum)
             correct = distributed.sum_over_processes(correct)
         val_loss, val_top1 = evaluate_split(self.model, *self.val, self.batch_size, self.amp)
+        if self.val_size and not math.isfinite(val_loss):
+            # The last steps' updates broke the weights after their losses were computed.
+            raise self._diverged(val_loss, epoch, None, what="validation loss")
         return {
             "train_loss": loss_sum.item() / n,
             "train_top1": correct.item() / n,
@@ -446,6 +467,45 @@ class _Run:
             "lr": lr,
             "epoch_seconds": time.perf_counter() - epoch_start,
         }
+
+    def _diverged(
+        self, value: float, epoch: int, step: int | None, what: str = "loss"
+    ) -> ShrinkflowError:
+        return diverged(
+            value,
+            epoch=epoch,
+            step=step,
+            steps=len(self.bounds),
+            lr_key=self.lr_key,
+            lr=self.peak_lr,
+            mixed_precision=self.amp,
+            what=what,
+        )
+
+    def _check_finite_losses(self, epoch: int, step_losses: torch.Tensor) -> None:
+        """Raise ``training.diverged`` if a step's loss in this epoch was NaN or infinite.
+
+        Decided on the count over all processes, so that every data-parallel process stops at
+        the same epoch (one that raised alone would leave the others waiting in a collective).
+        """
+        bad = ~torch.isfinite(step_losses)
+        count = bad.sum()
+        if self.world > 1:
+            count = distributed.sum_over_processes(count)
+        if not int(count):
+            return
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0])
+            raise self._diverged(float(step_losses[first]), epoch, first + 1)
+        raise self._diverged(math.nan, epoch, None)  # another process saw it first
+
+    def check_finite_weights(self, epoch: int) -> None:
+        """Raise ``training.diverged`` if a parameter of the model to keep is NaN or infinite
+        (the last step of the last epoch can break them with no validation split to show it)."""
+        for p in self.model.parameters():
+            broken = p.detach()[~torch.isfinite(p.detach())]
+            if broken.numel():
+                raise self._diverged(float(broken[0]), epoch, None, what="a weight")
 
     def snapshot(self) -> dict[str, Any]:
         """The run's state as tensors and plain values (loadable with weights_only=True)."""
@@ -613,10 +673,10 @@ def _read_state(path: Path, dev: torch.device | str) -> dict | None:
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location=dev, weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        say(f"{path}: unreadable resume state ignored ({reason})")
+        # The weights-only unpickler: a planted state must not run code (it is refused).
+        state = load_tensor_file(path, dev, "resume state")
+    except ShrinkflowError as e:
+        say(f"{e}; ignored, starting over")
         return None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         say(f"{path}: resume state of another format ignored")
