@@ -6,7 +6,9 @@
 # dvc.yaml expresses the same DAG; both call the `shrinkflow` CLI with the same arguments
 # (tests/test_dag_parity.py). Run: snakemake --cores 2 [--configfile configs/<preset>.yaml]
 
-configfile: "params.yaml"
+# `config` is params.yaml, then each --configfile, then --config, read and validated by
+# shrinkflow.config exactly as every `shrinkflow` job reads them (workflow/rules/common.smk): not
+# by a `configfile:` directive, whose YAML loader differs from the CLI's (1e-4 would be text).
 
 
 report: "workflow/report/workflow.rst"
@@ -29,3 +31,24 @@ rule all:
     default_target: True
     input:
         REPORT_HTML,
+
+
+# ---- crash recovery (issue 14): plain `snakemake` resumes after a kill ----
+# A killed snakemake leaves .snakemake/locks behind; it is removed here (before Snakemake checks
+# it) only when no run that could hold it is alive (src/shrinkflow/recovery.py). Killed jobs
+# are re-run by `rerun-incomplete` in profiles/default (loaded by every plain `snakemake`), and
+# each continues or closes its MLflow run (shrinkflow.tracking.run_marker).
+from shrinkflow import recovery
+
+if workflow.is_main_process:
+    _stale = recovery.release_stale_locks(Path.cwd())
+    if _stale:
+        print(_stale, file=sys.stderr)
+    recovery.register_run(Path.cwd(), sys.argv)
+
+
+# A failed job's one-line reason is in its log file; say it here too, whatever the profile.
+onerror:
+    for _line in recovery.failed_job_errors(getattr(workflow.scheduler, "failed", ())):
+        print(_line, file=sys.stderr)
+# ---- end crash recovery ----

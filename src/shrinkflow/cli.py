@@ -6,7 +6,9 @@ Every bad input ends as one line `error: ...` and exit status 2, never a traceba
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -249,7 +251,77 @@ def remote_push(remote: RemoteOption = None) -> None:
     push(Path.cwd(), remote)
 
 
+# The batch-size key each stage's memory use scales with (evaluate times several batch sizes).
+_BATCH_KEYS = {"evaluate": "evaluate.batch_sizes", "report": None, "summarize": None}
+_BATCH_KEY_DEFAULT = "train.batch_size"
+# Writers that report a failed write (a full disk, most often) without the errno: torch's zip
+# writer (a RuntimeError) and numpy's tofile (an OSError "N requested and M written").
+_SHORT_WRITES = re.compile(
+    r"unexpected pos|PytorchStreamWriter failed|file write failed|\d+ requested and \d+ written"
+)
+_OOM_TYPES = {"OutOfMemoryError", "ResourceExhaustedError"}  # torch (CUDA) and TensorFlow
+_OOM_TEXTS = ("out of memory", "can't allocate memory", "OOM when allocating")
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from or while handling, outermost first."""
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen
+
+
+def _argv_value(argv: list[str], flag: str) -> str | None:
+    """The value of ``flag`` (``--out X`` or ``--out=X``) on the command line, if given."""
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(f"{flag}="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _command(argv: list[str]) -> str:
+    return next((arg for arg in argv if not arg.startswith("-")), "shrinkflow")
+
+
+def environment_failure(exc: BaseException, argv: list[str]) -> str | None:
+    """One line for a failure the user fixes outside the params' logic: a full disk, a read-only
+    or forbidden output location, a batch too large for memory. None for anything else.
+
+    Looks through the exception chain, since libraries wrap the OSError they hit.
+    """
+    from shrinkflow.outputs import describe_write_failure, is_write_failure
+
+    out = _argv_value(argv, "--out")
+    command = _command(argv)
+    for seen in _chain(exc):
+        if is_write_failure(seen):
+            return describe_write_failure(seen, out)
+        text = str(seen)
+        if isinstance(seen, RuntimeError | OSError) and _SHORT_WRITES.search(text):
+            return describe_write_failure(OSError(errno.ENOSPC, "write failed"), out)
+        if "No space left on device" in text:  # TensorFlow's writers: a status, not an errno
+            return describe_write_failure(OSError(errno.ENOSPC, "write failed"), out)
+        if "database or disk is full" in text:  # SQLite, under MLflow's store
+            return "cannot write the MLflow tracking store: the disk is full: free space and re-run"
+        if isinstance(seen, MemoryError) or (
+            isinstance(seen, Exception)
+            and (type(seen).__name__ in _OOM_TYPES or any(t in text for t in _OOM_TEXTS))
+        ):
+            key = _BATCH_KEYS.get(command, _BATCH_KEY_DEFAULT)
+            lower = f": lower {key} (--set {key}=...)" if key else ""
+            return f"out of memory in `shrinkflow {command}`{lower}"
+    return None
+
+
 def main() -> None:
+    """Run the CLI; every failure the user can act on ends as one ``error: ...`` line.
+
+    Exit status 2: bad input (params, paths, arguments). 1: the environment (a full disk, a
+    read-only folder, too little memory). 130: interrupted.
+    """
     try:
         app()
     except ShrinkflowError as exc:
@@ -258,6 +330,12 @@ def main() -> None:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as exc:
+        message = environment_failure(exc, sys.argv[1:])
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,12 @@ A tracking server (``http(s)://``, e.g. ``make mlflow-server``) may restart whil
 MLflow's HTTP client retries with the backoff set in ``_MLFLOW_ENV``, a job checks the server
 answers before it starts (``shrinkflow.tracking_health``), and a job that failed and is re-run in
 the same invocation continues its earlier attempt's run instead of leaving it behind.
+
+A job killed outright (SIGKILL, a lost node, the OOM killer) runs no cleanup, so its run would stay
+RUNNING forever. Each job therefore names its open run in a scratch file beside its output
+(``run_marker``: ``.<output name>.mlflow-run``, hidden from DVC by ``.dvcignore`` and declared by
+neither tool); the next attempt at that output, in whatever invocation, continues that run (same
+params) or closes it as KILLED (changed params) before it opens its own.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from urllib.parse import unquote
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.invocation import TAG as INVOCATION_TAG
 from shrinkflow.invocation import invocation_id
-from shrinkflow.outputs import read_json, write_json
+from shrinkflow.outputs import check_writable, read_json, write_json
 from shrinkflow.progress import say
 
 if TYPE_CHECKING:
@@ -44,6 +50,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 RUN_REF = "run.json"  # the file in each result folder naming the MLflow run that produced it
+RUN_MARKER_SUFFIX = ".mlflow-run"  # `.<output name>.mlflow-run` beside an output: its open run
 ARTIFACT_DIR = "mlartifacts"  # beside a SQLite store, so artifacts never land in a random cwd
 BUSY_TIMEOUT_S = 60  # SQLite waits this long for another job's write lock before giving up
 RETRY_BUDGET_S = 60  # then calls are retried for about this long before the job fails
@@ -98,11 +105,50 @@ def _import_mlflow() -> None:
 
 
 def tracking_uri(cfg: dict) -> str:
-    """``tracking.uri`` if set, else ``$MLFLOW_TRACKING_URI``, else ``mlflow.db`` in the cwd."""
-    return (
-        cfg["tracking"]["uri"]
-        or os.environ.get("MLFLOW_TRACKING_URI")
-        or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+    """``tracking.uri`` if set, else ``$MLFLOW_TRACKING_URI``, else ``mlflow.db`` in the cwd.
+
+    A URI whose scheme MLflow builds no tracking store for is a one-line ShrinkflowError naming
+    the key or the variable it came from (``check_store_uri``).
+    """
+    if cfg["tracking"]["uri"]:
+        return check_store_uri(cfg["tracking"]["uri"], "tracking.uri")
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return check_store_uri(os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI")
+    return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+# The schemes MLflow 3.17 builds a tracking store for (mlflow/tracking/_tracking_service/utils.py,
+# _register_tracking_stores): a plain path and file: (file store), http(s) (a tracking server),
+# databricks, and the SQLAlchemy databases of mlflow/store/db/db_types.py, each optionally with
+# a driver (postgresql+psycopg2://). Plugins add schemes through the entry point group below.
+# Unity Catalog URIs (databricks-uc, uc) are registered but refuse to be tracking stores.
+_STORE_SCHEMES = ("", "file", "http", "https", "databricks")
+_DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+_STORE_PLUGIN_GROUP = "mlflow.tracking_store"
+_STORE_URI_HELP = (
+    "sqlite:///<file>.db, postgresql[+driver]://..., mysql[+driver]://..., "
+    "mssql[+driver]://..., http(s)://<server>, file:///<folder> or a plain folder, databricks"
+)
+
+
+def check_store_uri(uri: str, where: str) -> str:
+    """``uri`` if MLflow can keep runs there (judged by its scheme alone, without importing
+    MLflow), else a ShrinkflowError naming ``where`` (the key or environment variable)."""
+    from urllib.parse import urlparse
+
+    scheme = uri if uri in ("databricks-uc", "uc") else urlparse(uri).scheme
+    if len(scheme) == 1 and scheme.isalpha():
+        scheme = ""  # a Windows drive letter: a path, as MLflow reads it
+    base, _, driver = scheme.partition("+")
+    if scheme in _STORE_SCHEMES or (base in _DATABASE_SCHEMES and "+" not in driver):
+        return uri
+    from importlib.metadata import entry_points
+
+    if scheme in {ep.name for ep in entry_points(group=_STORE_PLUGIN_GROUP)}:
+        return uri
+    raise ShrinkflowError(
+        f"{where}: {uri!r} has scheme {scheme!r}, which MLflow cannot keep runs in "
+        f"(use {_STORE_URI_HELP})"
     )
 
 
@@ -365,14 +411,60 @@ def _unfinished_attempt(
         )
     )
     for run in candidates:
-        same_tags = all(run.data.tags.get(k) == v for k, v in run_tags.items())
-        logged = run.data.params
-        same_params = all(
-            logged.get(k, _param_value(v)) == _param_value(v) for k, v in params.items()
-        )
-        if same_tags and same_params and (run_name is None or run.info.run_name == run_name):
+        same_parent = run.data.tags.get(PARENT_TAG) == run_tags.get(PARENT_TAG)
+        if same_parent and _same_job(run, run_tags, run_name, params):
             return run
     return None
+
+
+def _same_job(
+    run: Run, run_tags: Mapping[str, str], run_name: str | None, params: Mapping[str, object]
+) -> bool:
+    """Whether ``run`` was opened by this job with these params: same tags (the invocation, the
+    parent and the git commit aside: a re-run may be a new invocation of newer code), the same
+    name, and no param logged with another value (MLflow params are final)."""
+    loose = {INVOCATION_TAG, PARENT_TAG, GIT_COMMIT_TAG}
+    same_tags = all(run.data.tags.get(k) == v for k, v in run_tags.items() if k not in loose)
+    logged = run.data.params
+    same_params = all(logged.get(k, _param_value(v)) == _param_value(v) for k, v in params.items())
+    return same_tags and same_params and (run_name is None or run.info.run_name == run_name)
+
+
+def run_marker(out: Path) -> Path:
+    """The scratch file beside a job's output that names the MLflow run the job has open.
+
+    ``results/.../baseline/metrics.json`` -> ``results/.../baseline/.metrics.json.mlflow-run``.
+    Outside the output itself, so Snakemake and DVC never delete it with the output before a
+    re-run, and ``.dvcignore`` keeps it out of every hash.
+    """
+    out = Path(out)
+    return out.parent / f".{out.name}{RUN_MARKER_SUFFIX}"
+
+
+def _marked_run(client: MlflowClient, marker: Path | None) -> Run | None:
+    """The unfinished run a killed earlier attempt at this output left open, if any.
+
+    A marker that cannot be read, names a run this store lacks (another store), or names a
+    finished run (killed between ending the run and removing the marker) is ignored.
+    """
+    if marker is None or not marker.is_file():
+        return None
+    try:
+        run_id = read_json(marker)["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(run_id, str):
+        return None
+    run = _existing_run(client, run_id)
+    return None if run is None or run.info.status == "FINISHED" else run
+
+
+def _remove_marker(marker: Path | None) -> None:
+    if marker is not None:
+        try:
+            marker.unlink(missing_ok=True)
+        except OSError as exc:  # scratch: a later attempt copes with a stale one
+            say(f"warning: could not remove {marker}: {exc}")
 
 
 @contextmanager
@@ -397,6 +489,7 @@ def job_run(
     cfg: dict,
     stage: str,
     *,
+    out: Path | None = None,
     tags: dict[str, str] | None = None,
     parent_run_id: str | None = None,
     run_id: str | None = None,
@@ -407,15 +500,24 @@ def job_run(
     Args:
         cfg: the resolved params; all of them are logged, flattened to dotted keys.
         stage: the pipeline stage, tagged ``shrinkflow.stage``.
+        out: the job's output path. Checked writable before the store is opened, and the open
+            run is named in ``run_marker(out)`` until it ends FINISHED or FAILED, so that an
+            attempt killed outright is continued (same params) or closed as KILLED (changed
+            params) by the next attempt, whichever invocation runs it.
         tags: more tags (``shrinkflow.backend``, ``shrinkflow.model``, ...).
         parent_run_id: the run that produced this job's input; the MLflow UI nests under it.
         run_id: continue this run if the store has it (a resumed job keeps its run); without
-            it, an unfinished run of an earlier attempt at this job in this invocation continues.
+            it, a killed attempt's run (``out``), else an unfinished run of an earlier attempt
+            at this job in this invocation continues.
         run_name: shown in the MLflow UI; MLflow picks a random one when None.
 
     The run ends FINISHED when the block succeeds, FAILED when it raises, KILLED on Ctrl-C or
     SIGTERM; the exception is re-raised (SIGTERM exits with status 143).
     """
+    marker = None
+    if out is not None:
+        check_writable(out)
+        marker = run_marker(out)
     client, experiment_id = _open_store(cfg)
     run_tags = {
         STAGE_TAG: stage,
@@ -429,6 +531,13 @@ def job_run(
     params = flatten(cfg)
     with _sigterm_raises():
         existing = _existing_run(client, run_id) if run_id else None
+        killed = _marked_run(client, marker)
+        if killed is not None and (existing is None or killed.info.run_id != existing.info.run_id):
+            if existing is None and _same_job(killed, run_tags, run_name, params):
+                existing = killed
+            elif killed.info.status == "RUNNING":
+                say(f"MLflow run {killed.info.run_id} of a killed earlier attempt: marked KILLED")
+                _retry(lambda: client.set_terminated(killed.info.run_id, "KILLED"))
         if existing is None:
             existing = _unfinished_attempt(client, experiment_id, run_tags, run_name, params)
         if existing is None:
@@ -449,15 +558,20 @@ def job_run(
                 say(f"MLflow run {job.run_id} keeps its first values of {', '.join(changed)}")
             params = {k: v for k, v in params.items() if k not in logged}
         try:
+            if marker is not None:
+                write_json(marker, {"run_id": job.run_id})
             job.log_params(params)
             yield job
         except (KeyboardInterrupt, _Terminated):
+            # The marker stays: the next attempt continues this run.
             _end_quietly(job, "KILLED")
             raise
         except BaseException:
             _end_quietly(job, "FAILED")
+            _remove_marker(marker)
             raise
         job._end("FINISHED")
+        _remove_marker(marker)
 
 
 def _end_quietly(job: JobRun, status: str) -> None:

@@ -11,6 +11,7 @@ from shrinkflow.data.prepared import load_prepared
 from shrinkflow.outputs import write_json
 from shrinkflow.progress import say
 from shrinkflow.stages import read_node
+from shrinkflow.training import NO_VALIDATION_IMAGES
 
 
 def run(
@@ -25,6 +26,7 @@ def run(
     with tracking.job_run(
         cfg,
         "evaluate",
+        out=out,
         tags=node_tags(node),
         parent_run_id=tracking.read_run_ref(model_dir),
         run_name=f"evaluate {node_label(node)}",
@@ -36,7 +38,7 @@ def run(
         job.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
         job.set_tags({k: str(v) for k, v in metrics.items() if isinstance(v, str)})
         record = {**node, **metrics, "run_id": job.run_id, "artifact": str(model_dir)}
-        write_json(out, record)
+        write_json(out, record, nan_means=NO_VALIDATION_IMAGES)
         say(
             f"evaluate {node_label(node)}: "
             f"top-1 {metrics['top1']:.4f}, {metrics['size_bytes']} bytes, "

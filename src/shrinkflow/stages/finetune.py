@@ -12,6 +12,7 @@ from shrinkflow.data.prepared import load_prepared
 from shrinkflow.outputs import atomic_dir, write_json
 from shrinkflow.progress import say
 from shrinkflow.stages import read_node, write_node
+from shrinkflow.training import NO_VALIDATION_IMAGES
 
 
 def run(cfg: dict, model_dir: Path, data_dir: Path, out: Path) -> None:
@@ -25,6 +26,7 @@ def run(cfg: dict, model_dir: Path, data_dir: Path, out: Path) -> None:
     with tracking.job_run(
         cfg,
         "finetune",
+        out=out,
         tags=node_tags(node),
         parent_run_id=tracking.read_run_ref(model_dir),
         run_id=backend.resumable_run_id(resume_dir, fingerprint),
@@ -40,7 +42,7 @@ def run(cfg: dict, model_dir: Path, data_dir: Path, out: Path) -> None:
                 on_epoch=lambda epoch, metrics: job.log_metrics(metrics, step=epoch),
                 run_id=job.run_id,
             )
-            write_json(staging / "train.json", asdict(result))
+            write_json(staging / "train.json", asdict(result), nan_means=NO_VALIDATION_IMAGES)
             write_node(staging, node, job.run_id, "finetune")
         job.log_metrics({"best_val_top1": result.best_val_top1, "train_seconds": result.seconds})
         job.log_artifact(out)  # a folder keeps its name: artifacts/model/...

@@ -14,7 +14,11 @@ def run(cfg: dict, raw: Path, out: Path) -> None:
         raise ShrinkflowError(f"--in {raw}: no such folder (run `shrinkflow download` first)")
     name = cfg["data"]["name"]
     with tracking.job_run(
-        cfg, "prepare", tags={"shrinkflow.dataset": name}, parent_run_id=tracking.read_run_ref(raw)
+        cfg,
+        "prepare",
+        out=out,
+        tags={"shrinkflow.dataset": name},
+        parent_run_id=tracking.read_run_ref(raw),
     ) as job:
         facts = prepare(cfg, raw, out)
         tracking.write_run_ref(out, job.run_id, "prepare")

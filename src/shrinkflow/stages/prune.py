@@ -12,6 +12,7 @@ from shrinkflow.errors import ShrinkflowError
 from shrinkflow.outputs import atomic_dir, write_json
 from shrinkflow.progress import say
 from shrinkflow.stages import read_node, write_node
+from shrinkflow.training import NO_VALIDATION_IMAGES
 
 
 def check_point(method: str, sparsity: float) -> None:
@@ -57,6 +58,7 @@ def run(
     with tracking.job_run(
         cfg,
         "prune",
+        out=out,
         tags=node_tags(node),
         parent_run_id=tracking.read_run_ref(model_dir),
         run_id=backend.resumable_prune_run_id(
@@ -77,7 +79,7 @@ def run(
                 run_id=job.run_id,
                 sensitivity_dir=sensitivity_dir,
             )
-            write_json(staging / "prune.json", facts)
+            write_json(staging / "prune.json", facts, nan_means=NO_VALIDATION_IMAGES)
             write_node(staging, node, job.run_id, "prune")
         job.log_metrics({k: v for k, v in facts.items() if isinstance(v, int | float)})
         job.log_artifact(out)  # a folder keeps its name: artifacts/model/...

@@ -13,6 +13,7 @@ from shrinkflow.outputs import atomic_dir, write_json
 from shrinkflow.progress import say
 from shrinkflow.quantization import parse_quant_method
 from shrinkflow.stages import read_node, write_node
+from shrinkflow.training import NO_VALIDATION_IMAGES
 
 
 def run(cfg: dict, method: str, model_dir: Path, data_dir: Path, out: Path) -> None:
@@ -33,6 +34,7 @@ def run(cfg: dict, method: str, model_dir: Path, data_dir: Path, out: Path) -> N
     with tracking.job_run(
         cfg,
         "quantize",
+        out=out,
         tags=node_tags(node),
         parent_run_id=tracking.read_run_ref(model_dir),
         run_id=backend.resumable_quantize_run_id(cfg, method, model_dir, data, resume_dir),
@@ -49,7 +51,7 @@ def run(cfg: dict, method: str, model_dir: Path, data_dir: Path, out: Path) -> N
                 on_epoch=lambda epoch, metrics: job.log_metrics(metrics, step=epoch),
                 run_id=job.run_id,
             )
-            write_json(staging / "quantize.json", facts)
+            write_json(staging / "quantize.json", facts, nan_means=NO_VALIDATION_IMAGES)
             write_node(staging, node, job.run_id, "quantize")
         job.log_metrics({k: v for k, v in facts.items() if isinstance(v, int | float)})
         job.log_artifact(out)  # a folder keeps its name: artifacts/model/model.pt2

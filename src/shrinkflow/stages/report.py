@@ -43,7 +43,7 @@ def run(cfg: dict, summary: Path, models_dir: Path, out: Path) -> None:
     layers = _layer_sparsity(models_dir, df, chosen)
     curves = _sensitivity_curves(models_dir, df)
     invocation = invocation_id()
-    with tracking.job_run(cfg, "report", run_name="report") as job:
+    with tracking.job_run(cfg, "report", out=out, run_name="report") as job:
         with atomic_dir(out) as staging:
             figures = _draw(staging, df, chosen, layers, curves, budget)
             notes = _notes(df, layers, curves)

@@ -20,6 +20,7 @@ def run(cfg: dict, model_dir: Path, data_dir: Path, out: Path) -> None:
     with tracking.job_run(
         cfg,
         "sensitivity",
+        out=out,
         tags=node_tags(node),
         parent_run_id=tracking.read_run_ref(model_dir),
         run_name=f"sensitivity {node['backend']}/{node['model']}",

@@ -22,6 +22,7 @@ from shrinkflow.data.prepared import PreparedData, load_prepared
 from shrinkflow.outputs import atomic_dir, write_json
 from shrinkflow.progress import say
 from shrinkflow.stages import write_node
+from shrinkflow.training import NO_VALIDATION_IMAGES
 
 
 def resume_dir_for(out: Path) -> Path:
@@ -49,6 +50,7 @@ def run(cfg: dict, backend_name: str, model_name: str, data_dir: Path, out: Path
     with tracking.job_run(
         cfg,
         "train",
+        out=out,
         tags=node_tags(node),
         parent_run_id=tracking.read_run_ref(data_dir),
         run_id=backend.resumable_run_id(resume_dir, fingerprint),
@@ -65,7 +67,7 @@ def run(cfg: dict, backend_name: str, model_name: str, data_dir: Path, out: Path
                 run_id=job.run_id,
             )
             summary = asdict(result)
-            write_json(staging / "train.json", summary)
+            write_json(staging / "train.json", summary, nan_means=NO_VALIDATION_IMAGES)
             write_node(staging, node, job.run_id, "train")
         job.log_metrics(
             {
