@@ -33,7 +33,7 @@ rule all:
         REPORT_HTML,
 
 
-# ---- crash recovery (issue 14): plain `snakemake` resumes after a kill ----
+# ---- crash recovery: plain `snakemake` resumes after a kill ----
 # A killed snakemake leaves .snakemake/locks behind; it is removed here (before Snakemake checks
 # it) only when no run that could hold it is alive (src/shrinkflow/recovery.py). Killed jobs
 # are re-run by `rerun-incomplete` in profiles/default (loaded by every plain `snakemake`), and

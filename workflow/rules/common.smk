@@ -22,7 +22,7 @@ for _name, _value in envvars_defaults.items():
     os.environ.setdefault(_name, _value)
 
 
-# ---- params (issue 14): one loader for Snakemake and every job ----
+# ---- params: one loader for Snakemake and every job ----
 # Snakemake's own loader (PyYAML's YAML 1.1 via yte) reads `1e-4` as text and names neither file
 # nor line for a syntax error, so the Snakefile has no `configfile:` directive. Instead `config`
 # becomes what every job's CLI loads from the same arguments: params.yaml, each --configfile in

@@ -1,7 +1,8 @@
 """`shrinkflow train`: train one baseline model, resuming from the last completed epoch.
 
-With ``train.distributed.processes`` > 1 the command re-runs itself in that many worker
-processes of the backend's launcher (torchrun; TensorFlow's multi-worker TF_CONFIG), each
+With ``train.distributed.processes`` > 1 the command re-runs itself under the backend's
+launcher (torchrun with that many processes; for TensorFlow one worker with that many
+``MirroredStrategy`` replicas, since its multi-worker servers cannot bind loopback), each
 given the resolved params, so Snakemake and DVC keep one command line. Rank 0 then does what a
 single process does (MLflow run, resume state, model); the others only train with it.
 """
