@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from artifact_fixtures import CLASSES, SPEC
 
 from shrinkflow import cli
 from shrinkflow.backends.torch import pt2e
@@ -28,16 +29,6 @@ from shrinkflow.nodes import NODE_FILE, read_node
 
 ROOT = Path(__file__).resolve().parents[1]
 SHRINKFLOW = str(Path(sys.executable).parent / "shrinkflow")
-CLASSES = [str(i) for i in range(10)]
-SPEC = {
-    "arch": "resnet20",
-    "num_classes": 10,
-    "in_channels": 1,
-    "image_size": 8,
-    "mean": [0.4],
-    "std": [0.3],
-    "classes": CLASSES,
-}
 BASELINE = {"backend": "torch", "model": "resnet20", "stage": "baseline"}
 
 

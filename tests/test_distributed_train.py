@@ -44,7 +44,8 @@ WEIGHT_TOLERANCE = 1e-6
 # |val top-1 (2 processes) - val top-1 (1 process)| after 2 epochs of resnet20 on the 8x8 digits
 # (144 val images). Measured for seeds 0, 1, 2: torch 0.000, 0.069, 0.014; TensorFlow 0.076,
 # 0.007 (seeds 0, 1; measured with the earlier multi-worker setup, which the single-process
-# replicas replaced with the same batch split). Changing only the seed of a one-process run moves it by up to 0.146
+# replicas replaced with the same batch split). Changing only the seed of a one-process run
+# moves it by up to 0.146
 # (torch: 0.743, 0.785, 0.639): the bound says that training in two processes changes the result
 # no more than another seed does.
 TOP1_TOLERANCE = 0.15

@@ -130,13 +130,6 @@ def test_a_killed_evaluate_job_is_continued_by_the_next_invocation(project: Path
 # ---- in-process: the marker's life cycle, on a store copied from a migrated template ----
 
 
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    db = tmp_path_factory.mktemp("template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{db}")
-    return db
-
-
 @pytest.fixture
 def cfg(tmp_path: Path, empty_store: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

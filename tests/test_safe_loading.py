@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from artifact_fixtures import SPEC
 from torch import nn
 
 from shrinkflow.backends.torch import evaluate as torch_evaluate
@@ -26,17 +27,6 @@ from shrinkflow.backends.torch import pt2e
 from shrinkflow.backends.torch.artifact import FORMAT, MODEL_FILE, load_model
 from shrinkflow.backends.torch.models import create_model
 from shrinkflow.errors import ShrinkflowError
-
-CLASSES = [str(i) for i in range(10)]
-SPEC = {
-    "arch": "resnet20",
-    "num_classes": 10,
-    "in_channels": 1,
-    "image_size": 8,
-    "mean": [0.4],
-    "std": [0.3],
-    "classes": CLASSES,
-}
 
 
 def marker_code(marker: Path) -> str:

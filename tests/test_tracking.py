@@ -35,14 +35,6 @@ def make_cfg(tmp_path: Path, experiment: str = "test") -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A migrated database without experiments: creating the schema takes seconds, copying not."""
-    db = tmp_path_factory.mktemp("template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{db}")
-    return db
-
-
 @pytest.fixture
 def cfg(tmp_path: Path, empty_store: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
