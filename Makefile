@@ -53,6 +53,7 @@ test: venv services
 
 lint: venv
 	ruff check .
+	ruff format --check .
 	pytest -q tests/test_workflow_lint.py
 
 repro: venv
