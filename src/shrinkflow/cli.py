@@ -300,9 +300,9 @@ def environment_failure(exc: BaseException, argv: list[str]) -> str | None:
         if is_write_failure(seen):
             return describe_write_failure(seen, out)
         text = str(seen)
-        if isinstance(seen, RuntimeError | OSError) and _SHORT_WRITES.search(text):
-            return describe_write_failure(OSError(errno.ENOSPC, "write failed"), out)
-        if "No space left on device" in text:  # TensorFlow's writers: a status, not an errno
+        short_write = isinstance(seen, RuntimeError | OSError) and _SHORT_WRITES.search(text)
+        # TensorFlow's writers report a full disk as a status in words, not an errno.
+        if short_write or "No space left on device" in text:
             return describe_write_failure(OSError(errno.ENOSPC, "write failed"), out)
         if "database or disk is full" in text:  # SQLite, under MLflow's store
             return "cannot write the MLflow tracking store: the disk is full: free space and re-run"
