@@ -25,3 +25,43 @@ def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     db = tmp_path_factory.mktemp("template") / "mlflow.db"
     MlflowClient(f"sqlite:///{db}")
     return db
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with whole-DAG runs (marked slow) first, each module's tests kept together and in
+    order. Under pytest-xdist's ``--dist loadfile`` a module is one unit of work and the units are
+    handed out in this order, so the minutes-long modules start at once and the quick ones fill
+    the gaps at the end instead of leaving one worker alone with a long module."""
+    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ not in slow_modules)
+
+
+@pytest.fixture(scope="session")
+def torch_digits_baseline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    """(model folder, PreparedData): a torch resnet20 trained for two epochs on the 8x8 digits
+    (``torch_prune_fixtures.train_baseline``), once per session (per xdist worker) for every
+    module that prunes, fine-tunes or quantizes it. Read only: a test that changes the model
+    works on a copy."""
+    from torch_prune_fixtures import train_baseline
+
+    return train_baseline(tmp_path_factory.mktemp("torch-digits"))
+
+
+@pytest.fixture(scope="session")
+def tf_digits_baseline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    """(model folder, PreparedData): a Keras resnet20 trained for three epochs on the 8x8 digits
+    (``tf_fixtures.trained_baseline``), once per session (per xdist worker) for every TensorFlow
+    module that converts, measures, analyses or prunes it. Read only: a test that changes the
+    model works on a copy."""
+    from tf_fixtures import DATA, trained_baseline
+
+    return trained_baseline(tmp_path_factory.mktemp("tf-digits") / "baseline"), DATA
+
+
+@pytest.fixture(scope="session")
+def tf_digits_conversions(tf_digits_baseline, tmp_path_factory: pytest.TempPathFactory):
+    """``method -> (folder, facts)``: the TFLite conversions of ``tf_digits_baseline``, each
+    made once per session when first asked for (read only)."""
+    from tf_fixtures import Conversions
+
+    return Conversions(*tf_digits_baseline, tmp_path_factory.mktemp("tf-digits-tflite"))

@@ -1,11 +1,13 @@
-"""Helpers shared by the tests: data-stage configs, file snapshots, and a PreparedData in a file
-(so a worker process can train on exactly the test's data)."""
+"""Helpers shared by the tests: data-stage configs, file snapshots, the 8x8 digits as prepared
+data, and a PreparedData in a file (so a worker process can train on exactly the test's data).
+No framework imports: torch and TensorFlow test modules both use it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+from sklearn.datasets import load_digits
 
 from shrinkflow.data.prepared import PreparedData
 
@@ -37,6 +39,44 @@ def make_cfg(
 def file_bytes(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` by relative path, for byte-for-byte comparisons."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def digits_data(train: slice = slice(540, None)) -> PreparedData:
+    """scikit-learn's 8x8 digits as prepared data: 1 channel, 360 test, 180 val, 1257 train (or
+    the ``train`` slice of the shuffled order instead: ``slice(540, 700)`` is 160 images)."""
+    digits = load_digits()
+    images = np.round(digits.images * (255 / 16)).astype(np.uint8)[..., None]
+    order = np.random.default_rng(0).permutation(len(images))
+    train_idx = order[train]
+    pixels = images[train_idx] / 255.0 if len(train_idx) else np.zeros(1)
+    return PreparedData(
+        images=images,
+        labels=digits.target.astype(np.int64),
+        train=train_idx,
+        val=order[360:540],
+        test=order[:360],
+        classes=[str(c) for c in range(10)],
+        mean=(float(pixels.mean()),),
+        std=(float(pixels.std()) or 1.0,),
+        manifest={"fingerprint": "digits-8x8-test"},
+    )
+
+
+def write_data_file(path: Path, data: PreparedData) -> Path:
+    """``data`` as the ``.npz`` that ``load_data_file`` (a worker process) reads back."""
+    np.savez(
+        path,
+        images=data.images,
+        labels=data.labels,
+        train=data.train,
+        val=data.val,
+        test=data.test,
+        classes=np.array(data.classes),
+        mean=np.array(data.mean),
+        std=np.array(data.std),
+        fingerprint=np.array(data.fingerprint),
+    )
+    return path
 
 
 def load_data_file(path: Path) -> PreparedData:

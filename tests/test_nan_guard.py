@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_torch_train import digits_data, with_train
+from data_fixtures import digits_data
+from torch_fixtures import with_train
 
 from shrinkflow.backends.torch.models import create_model
 from shrinkflow.backends.torch.train import fit, fit_in_memory, train_model
@@ -152,14 +153,13 @@ def test_the_message_suggests_mixed_precision_only_when_it_is_on():
 
 def test_tensorflow_fit_stops_at_the_step_whose_loss_became_nan(tmp_path):
     import tf_keras as keras
-    from test_tf_train import digits_data as tf_digits
-    from test_tf_train import with_train as tf_with_train
+    from tf_fixtures import with_train as tf_with_train
 
     from shrinkflow.backends.tensorflow.models import create_model as tf_create_model
     from shrinkflow.backends.tensorflow.train import distribution_strategy
     from shrinkflow.backends.tensorflow.train import fit as tf_fit
 
-    data = tf_digits(SMALL)
+    data = digits_data(SMALL)
 
     class Poison(keras.callbacks.Callback):
         """NaN into the output layer's kernel after the 7th batch: the 8th (epoch 2 step 3) has
@@ -275,12 +275,11 @@ def test_write_json_writes_a_declared_nan_as_null_and_says_why(tmp_path):
 
 def test_tensorflow_resume_state_without_a_validation_split_is_valid_json(tmp_path):
     """The TensorFlow resume state (state.json) holds the epochs' val scores: null, not NaN."""
-    from test_tf_train import digits_data as tf_digits
-    from test_tf_train import with_train as tf_with_train
+    from tf_fixtures import with_train as tf_with_train
 
     from shrinkflow.backends.tensorflow.train import train_model as tf_train_model
 
-    data = dataclasses.replace(tf_digits(SMALL), val=np.array([], dtype=np.int64))
+    data = dataclasses.replace(digits_data(SMALL), val=np.array([], dtype=np.int64))
     out = tmp_path / "out"
     out.mkdir()
     cfg = tf_with_train(epochs=1, augment=False)

@@ -10,14 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras as keras
-from test_tf_tflite import (
-    CFG,
-    check_layer_sparsity,
-    interpreter_top1,
-    keras_top1,
-    quantize,
-    shared_baseline,
-)
+from tf_fixtures import TFLITE_CFG as CFG
+from tf_fixtures import check_layer_sparsity, interpreter_top1, keras_top1, quantize
 
 from shrinkflow import metrics
 from shrinkflow.backends.tensorflow import evaluate, tflite
@@ -77,10 +71,11 @@ def _device_cfg(device: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def nodes(tmp_path_factory):
-    """The trained float node, its static int8 TFLite file, the data and the Keras model."""
-    folder, data = shared_baseline(tmp_path_factory)
-    int8, _ = quantize("static_int8", folder, data, tmp_path_factory.mktemp("evaluate"))
+def nodes(tf_digits_baseline, tf_digits_conversions):
+    """The trained float node, its static int8 TFLite file, the data and the Keras model (from
+    conftest's session fixtures: read only)."""
+    folder, data = tf_digits_baseline
+    int8, _ = tf_digits_conversions["static_int8"]
     return folder, int8, data, load_model(folder)[0]
 
 

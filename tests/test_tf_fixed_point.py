@@ -5,8 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tf_keras as keras
-from test_tf_sensitivity import DATA, trained_baseline
-from test_tf_tflite import check_layer_sparsity
+from tf_fixtures import DATA, check_layer_sparsity, trained_baseline
 
 from shrinkflow import bitpack
 from shrinkflow.backends.tensorflow import BACKEND, evaluate

@@ -17,7 +17,6 @@ from shrinkflow.backends.tensorflow.artifact import (  # noqa: E402
     load_model,
     save_model,
 )
-from shrinkflow.backends.tensorflow.models import create_model  # noqa: E402
 from shrinkflow.backends.tensorflow.prune import (  # noqa: E402
     gradual_fingerprint,
     magnitude_prune,
@@ -34,7 +33,6 @@ from shrinkflow.backends.tensorflow.weights import (  # noqa: E402
 )
 from shrinkflow.data.prepared import PreparedData  # noqa: E402
 from shrinkflow.errors import ShrinkflowError  # noqa: E402
-from shrinkflow.training import model_spec
 
 # Other jobs share the 2 CI cores; one thread each keeps TensorFlow from oversubscribing them.
 # Setting it fails once TensorFlow has run an op, i.e. when another test module of this
@@ -111,21 +109,10 @@ def digits_data() -> PreparedData:
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory):
-    """A resnet20 trained for one short epoch, saved as a baseline node."""
-    data = digits_data()
-    keras.utils.set_random_seed(0)
-    model = create_model("resnet20", 10, 1, 8, data.mean, data.std)
-    model.compile(
-        keras.optimizers.SGD(0.05, momentum=0.9),
-        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    x = data.images[data.train].astype(np.float32)
-    model.fit(x, data.labels[data.train], batch_size=BATCH, epochs=1, verbose=0)
-    folder = tmp_path_factory.mktemp("tf-prune") / "baseline"
-    folder.mkdir()
-    save_model(model, model_spec("resnet20", data), folder)
-    return folder, data
+def baseline(tf_digits_baseline):
+    """conftest's trained resnet20 (read only), pruned here on the 384-image ``digits_data``:
+    (model folder, data)."""
+    return tf_digits_baseline[0], digits_data()
 
 
 def fresh(baseline) -> keras.Model:
@@ -136,10 +123,20 @@ def kernels(model: keras.Model) -> dict[str, np.ndarray]:
     return {layer.name: layer.kernel.numpy() for layer in prunable_layers(model)}
 
 
-def prune(baseline, tmp_path, method="l1_unstructured", sparsity=0.7, cfg=CFG):
+def prune(
+    baseline, tmp_path, method="l1_unstructured", sparsity=0.7, cfg=CFG, run_id=None, watch=None
+):
+    """``prune_model`` into ``tmp_path/out``: (out, facts, on_epoch calls). ``watch(epoch)`` is
+    called from on_epoch too."""
     out = tmp_path / "out"
     out.mkdir()
     epochs = []
+
+    def on_epoch(epoch, metrics):
+        epochs.append((epoch, metrics))
+        if watch is not None:
+            watch(epoch)
+
     facts = prune_model(
         cfg,
         method,
@@ -148,8 +145,8 @@ def prune(baseline, tmp_path, method="l1_unstructured", sparsity=0.7, cfg=CFG):
         baseline[1],
         out,
         tmp_path / "resume",
-        lambda epoch, metrics: epochs.append((epoch, metrics)),
-        None,
+        on_epoch,
+        run_id,
         None,
     )
     return out, facts, epochs
@@ -349,12 +346,31 @@ PLAIN_LAYERS = {
 
 
 @pytest.fixture(scope="module")
-def gradual_runs(baseline, tmp_path_factory):
+def polynomial_run(baseline, tmp_path_factory) -> dict:
+    """gradual_polynomial to 60 % (MLflow run "run-1"): its out folder, facts and on_epoch calls,
+    and what a job killed while epoch 2 reports leaves behind: a copy of the resume folder taken
+    then (epoch 1's state is the last saved; epoch 2's is written after on_epoch) and the files
+    in the out folder then."""
+    root = tmp_path_factory.mktemp("gradual_polynomial")
+    killed = {}
+
+    def snapshot(epoch: int) -> None:
+        if epoch == 2:
+            killed["resume"] = shutil.copytree(root / "resume", root / "killed-resume")
+            killed["out_files"] = sorted(p.name for p in (root / "out").iterdir())
+
+    out, facts, epochs = prune(
+        baseline, root, "gradual_polynomial", 0.6, run_id="run-1", watch=snapshot
+    )
+    return {"out": out, "facts": facts, "epochs": epochs, "killed": killed}
+
+
+@pytest.fixture(scope="module")
+def gradual_runs(baseline, polynomial_run, tmp_path_factory):
     """Both gradual methods to 60 %: (out folder, facts, on_epoch calls) by method."""
-    runs = {}
-    for method in ("gradual_polynomial", "gradual_constant"):
-        runs[method] = prune(baseline, tmp_path_factory.mktemp(method), method, 0.6)
-    return runs
+    polynomial = tuple(polynomial_run[key] for key in ("out", "facts", "epochs"))
+    constant = prune(baseline, tmp_path_factory.mktemp("gradual_constant"), "gradual_constant", 0.6)
+    return {"gradual_polynomial": polynomial, "gradual_constant": constant}
 
 
 @pytest.mark.parametrize("method", ["gradual_polynomial", "gradual_constant"])
@@ -392,46 +408,35 @@ class Killed(Exception):
     """Stands for the job being killed."""
 
 
-def test_gradual_resumes_mid_schedule_to_the_same_model(baseline, gradual_runs, tmp_path):
+def test_gradual_resumes_mid_schedule_to_the_same_model(baseline, polynomial_run, tmp_path):
     """A run killed after epoch 1 resumes there: tfmot's masks and step counter come back
     from fit's checkpoint, so the schedule continues at step 9 and the saved model is the one
-    of the uninterrupted run, bit for bit (CPU, one thread, deterministic ops)."""
-    uninterrupted, facts, _ = gradual_runs["gradual_polynomial"]
-    out, resume = tmp_path / "out", tmp_path / "resume"
+    of the uninterrupted run, bit for bit (CPU, one thread, deterministic ops). The killed job
+    is the uninterrupted run's resume folder as it was while epoch 2 reported (before epoch 2's
+    state was written): what a kill at that moment leaves on disk."""
+    killed = polynomial_run["killed"]
+    assert killed["out_files"] == []  # nothing is written under the output before the end
+    resume = shutil.copytree(killed["resume"], tmp_path / "resume")
+    fingerprint = gradual_fingerprint(CFG, "gradual_polynomial", 0.6, baseline[0], baseline[1])
+    assert resumable_run_id(resume, fingerprint) == "run-1"
+    out = tmp_path / "out"
     out.mkdir()
-
-    def run(on_epoch) -> dict:
-        return prune_model(
-            CFG,
-            "gradual_polynomial",
-            0.6,
-            baseline[0],
-            baseline[1],
-            out,
-            resume,
-            on_epoch,
-            "run-1",
-            None,
-        )
-
-    def kill_at_epoch_2(epoch: int, metrics: dict) -> None:
-        if epoch == 2:  # before fit saves epoch 2's state: epoch 1's is the last one
-            raise Killed
-
-    with pytest.raises(Killed):
-        run(kill_at_epoch_2)
-    assert list(out.iterdir()) == []
-    assert (
-        resumable_run_id(
-            resume, gradual_fingerprint(CFG, "gradual_polynomial", 0.6, baseline[0], baseline[1])
-        )
-        == "run-1"
-    )
     epochs = []
-    resumed = run(lambda epoch, metrics: epochs.append((epoch, metrics["sparsity"])))
-    assert resumed == {**facts, "resumed_from_epoch": 1}
+    resumed = prune_model(
+        CFG,
+        "gradual_polynomial",
+        0.6,
+        baseline[0],
+        baseline[1],
+        out,
+        resume,
+        lambda epoch, metrics: epochs.append((epoch, metrics["sparsity"])),
+        "run-1",
+        None,
+    )
+    assert resumed == {**polynomial_run["facts"], "resumed_from_epoch": 1}
     assert [e for e, _ in epochs] == [2] and epochs[0][1] == pytest.approx(0.6, abs=1e-3)
-    before, after = load_model(uninterrupted)[0], load_model(out)[0]
+    before, after = load_model(polynomial_run["out"])[0], load_model(out)[0]
     for a, b in zip(before.get_weights(), after.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
 

@@ -3,22 +3,16 @@ the plot."""
 
 import csv
 import dataclasses
-import functools
 import hashlib
+import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-import tensorflow as tf
-import tf_keras as keras
-from sklearn.datasets import load_digits
+from tf_fixtures import DATA
 
 from shrinkflow.backends.tensorflow import sensitivity
-from shrinkflow.backends.tensorflow.artifact import KERAS_FILE, save_model
-from shrinkflow.backends.tensorflow.models import create_model
-from shrinkflow.data.prepared import PreparedData
+from shrinkflow.backends.tensorflow.artifact import KERAS_FILE
 from shrinkflow.errors import ShrinkflowError
-from shrinkflow.training import model_spec
 
 RATIOS = [0.1, 0.5, 0.9]
 CFG = {
@@ -26,30 +20,6 @@ CFG = {
     "prune": {"exclude": ["output", "layer2_0_downsample_0"]},
     "sensitivity": {"ratios": RATIOS, "max_drop": 0.02},
 }
-
-
-def digits_data() -> PreparedData:
-    """scikit-learn's 8x8 digits as prepared data: 1 channel, 360 test, 180 val, 1257 train
-    (the split of the torch tests, which cannot be imported here: their torch modules must
-    load before TensorFlow)."""
-    digits = load_digits()
-    images = np.round(digits.images * (255 / 16)).astype(np.uint8)[..., None]
-    order = np.random.default_rng(0).permutation(len(images))
-    pixels = images[order[540:]] / 255.0
-    return PreparedData(
-        images=images,
-        labels=digits.target.astype(np.int64),
-        train=order[540:],
-        val=order[360:540],
-        test=order[:360],
-        classes=[str(c) for c in range(10)],
-        mean=(float(pixels.mean()),),
-        std=(float(pixels.std()),),
-        manifest={"fingerprint": "digits-8x8-test"},
-    )
-
-
-DATA = digits_data()
 # resnet20's Conv2D and Dense layers, in model order.
 LAYERS = (
     ["conv1"]
@@ -63,49 +33,16 @@ LAYERS = (
 SWEPT = [n for n in LAYERS if n not in ("fc", "layer2_0_downsample_0")]
 
 
-def two_threads() -> None:
-    """Other jobs share the 2 CI cores. The settings only apply before TensorFlow's runtime
-    starts; a test module imported earlier in the session may have started it already."""
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(2)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
-    except RuntimeError:
-        return
-
-
-@functools.cache
-def _trained_weights() -> tuple[np.ndarray, ...]:
-    """Three epochs of plain Keras fit on ``DATA`` (~0.9 val top-1), once per test session."""
-    two_threads()
-    keras.utils.set_random_seed(0)
-    model = create_model("resnet20", 10, 1, 8, DATA.mean, DATA.std)
-    model.compile(
-        keras.optimizers.SGD(0.05, momentum=0.9),
-        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    train = np.asarray(DATA.train)
-    model.fit(DATA.images[train].astype(np.float32), DATA.labels[train], 32, 3, verbose=0)
-    return tuple(model.get_weights())
-
-
-def trained_baseline(folder: Path) -> Path:
-    """A resnet20 trained on ``DATA``, saved as a baseline node in ``folder``."""
-    model = create_model("resnet20", 10, 1, 8, DATA.mean, DATA.std)
-    model.set_weights(list(_trained_weights()))
-    folder.mkdir(parents=True)
-    save_model(model, model_spec("resnet20", DATA), folder)
-    return folder
-
-
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")
-def analysis(tmp_path_factory) -> tuple[Path, Path, dict, str]:
-    """A resnet20 trained briefly on the 8x8 digits, and its sensitivity analysis."""
+def analysis(tf_digits_baseline, tmp_path_factory) -> tuple[Path, Path, dict, str]:
+    """A resnet20 trained briefly on the 8x8 digits (a copy of conftest's), and its sensitivity
+    analysis."""
     root = tmp_path_factory.mktemp("tf_sensitivity")
-    baseline = trained_baseline(root / "baseline")
+    baseline = shutil.copytree(tf_digits_baseline[0], root / "baseline")
     before = digest(baseline / KERAS_FILE)
     out = root / "sensitivity"
     out.mkdir()

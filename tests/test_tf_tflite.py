@@ -4,162 +4,42 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow as tf
-import tf_keras as keras
 from ai_edge_litert.interpreter import Interpreter
-from sklearn.datasets import load_digits
+from tf_fixtures import TFLITE_CFG as CFG
+from tf_fixtures import check_layer_sparsity, interpreter_top1, keras_top1, quantize
 
 from shrinkflow.backends.tensorflow import tflite
 from shrinkflow.backends.tensorflow.artifact import (
     KERAS_FILE,
-    SPEC_FILE,
     TFLITE_FILE,
     load_model,
     read_spec,
-    save_model,
 )
 from shrinkflow.backends.tensorflow.evaluate import count_macs
-from shrinkflow.backends.tensorflow.models import create_model
 from shrinkflow.backends.tensorflow.quantize import (
     METHODS,
     calibration_batches,
-    quantize_model,
     resumable_quantize_run_id,
 )
-from shrinkflow.backends.tensorflow.weights import prunable_layers, unwrap
-from shrinkflow.data.prepared import PreparedData
 from shrinkflow.errors import ShrinkflowError
-from shrinkflow.training import model_spec
 
-CFG = {
-    "seed": 0,
-    "train": {"batch_size": 32},
-    "quantize": {"methods": list(METHODS), "calibration_batches": 4},
-    "evaluate": {"device": "cpu", "batch_sizes": [1, 16], "warmup": 1, "repeats": 3},
-}
 # resnet20: the stem, 9 blocks of two convs, two projection shortcuts and the output layer.
 WEIGHT_LAYERS = 1 + 9 * 2 + 2 + 1
 
 
-def one_thread() -> None:
-    """Compute with one thread, as every test here does (TensorFlow fixes its thread pools
-    when it first runs an op; an earlier test module of the session may have done so)."""
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(1)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
-    except RuntimeError:
-        pass
-
-
-def tiny_digits() -> PreparedData:
-    """scikit-learn's 8x8 digits as prepared data: 1 channel, 600 train, 100 val, 200 test."""
-    digits = load_digits()
-    images = np.round(digits.images * (255 / 16)).astype(np.uint8)[..., None]
-    order = np.random.default_rng(0).permutation(len(images))[:900]
-    train = order[300:]
-    pixels = images[train] / 255.0
-    return PreparedData(
-        images=images,
-        labels=digits.target.astype(np.int64),
-        train=train,
-        val=order[200:300],
-        test=order[:200],
-        classes=[str(c) for c in range(10)],
-        mean=(float(pixels.mean()),),
-        std=(float(pixels.std()),),
-        manifest={"fingerprint": "digits-8x8-tflite-test"},
-    )
-
-
-def train_baseline(folder: Path, data: PreparedData) -> None:
-    """A resnet20 fitted for two epochs (about 93 % test top-1), saved as a float node."""
-    keras.utils.set_random_seed(0)
-    model = create_model("resnet20", 10, 1, 8, data.mean, data.std)
-    model.compile(
-        keras.optimizers.Adam(3e-3),
-        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    model.fit(
-        data.images[data.train].astype(np.float32),
-        data.labels[data.train],
-        batch_size=32,
-        epochs=2,
-        verbose=0,
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    save_model(model, model_spec("resnet20", data), folder)
-
-
-def shared_baseline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, PreparedData]:
-    """``train_baseline``'s node and its data, trained once per session for every TensorFlow
-    test module that asks (training is most of a module's time)."""
-    one_thread()
-    data = tiny_digits()
-    folder = tmp_path_factory.getbasetemp() / "tf-digits-resnet20"
-    if not (folder / SPEC_FILE).is_file():  # save_model writes the spec last
-        train_baseline(folder, data)
-    return folder, data
-
-
-def keras_top1(model: keras.Model, data: PreparedData, split: str = "test") -> float:
-    index = getattr(data, split)
-    predicted = model.predict(data.images[index].astype(np.float32), verbose=0).argmax(axis=1)
-    return float(np.mean(predicted == data.labels[index]))
-
-
-def interpreter_top1(path, data: PreparedData, split: str = "test") -> float:
-    """Top-1 of a .tflite file computed without shrinkflow's runner: the split in one batch,
-    pixels fed as they are (uint8 for a uint8 input, float32 otherwise)."""
-    index = getattr(data, split)
-    interpreter = Interpreter(model_path=str(path), num_threads=1)
-    source = interpreter.get_input_details()[0]
-    interpreter.resize_tensor_input(source["index"], [len(index), 8, 8, 1])
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(source["index"], data.images[index].astype(source["dtype"]))
-    interpreter.invoke()
-    scores = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
-    return float(np.mean(scores.argmax(axis=1) == data.labels[index]))
-
-
-def check_layer_sparsity(counts: dict, model: keras.Model) -> None:
-    """``layer_sparsity`` names ``model``'s conv and dense layers in order, with their kernel
-    sizes, and sums to the prunable totals."""
-    layers = counts["layer_sparsity"]
-    kernels = {unwrap(layer).name: unwrap(layer).kernel for layer in prunable_layers(model)}
-    assert all(set(entry) == {"layer", "weights", "nonzero"} for entry in layers)
-    assert [entry["layer"] for entry in layers] == list(kernels)
-    assert [entry["weights"] for entry in layers] == [
-        int(np.prod(k.shape)) for k in kernels.values()
-    ]
-    assert all(0 <= entry["nonzero"] <= entry["weights"] for entry in layers)
-    assert sum(entry["weights"] for entry in layers) == counts["prunable_weights"]
-    assert sum(entry["nonzero"] for entry in layers) == counts["prunable_nonzero"]
-
-
-def quantize(method: str, source, data: PreparedData, root, cfg: dict = CFG):
-    out = root / method
-    out.mkdir(parents=True)
-    facts = quantize_model(
-        cfg, method, source, data, out, root / "resume", lambda epoch, m: None, run_id=None
-    )
-    return out, facts
-
-
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory):
-    folder, data = shared_baseline(tmp_path_factory)
+def baseline(tf_digits_baseline):
+    """conftest's trained resnet20 (read only), its data and the Keras model."""
+    folder, data = tf_digits_baseline
     return folder, data, load_model(folder)[0]
 
 
 @pytest.fixture(scope="module")
-def converted(baseline, tmp_path_factory):
-    folder, data, _ = baseline
-    root = tmp_path_factory.mktemp("converted")
-    return {method: quantize(method, folder, data, root) for method in METHODS}
+def converted(tf_digits_conversions):
+    return {method: tf_digits_conversions[method] for method in METHODS}
 
 
 def test_every_method_writes_a_tflite_node_with_the_source_spec(baseline, converted):
@@ -261,7 +141,8 @@ def test_calibration_takes_every_batch_a_small_split_has(baseline):
     data = baseline[1]
     cfg = {**CFG, "quantize": {**CFG["quantize"], "calibration_batches": 100}}
     batches = calibration_batches(cfg, data)
-    assert len(batches) == 19 and sum(len(b) for b in batches) == len(data.train) == 600
+    assert len(data.train) == 1257 < 100 * 32
+    assert len(batches) == 40 and sum(len(b) for b in batches) == len(data.train)
 
 
 def test_empty_calibration_is_refused(baseline, tmp_path):

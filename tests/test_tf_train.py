@@ -18,7 +18,9 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_model_optimization as tfmot  # noqa: E402
 import tf_keras as keras  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
+from data_fixtures import digits_data, write_data_file  # noqa: E402
+from tf_fixtures import TRAIN_CFG as CFG  # noqa: E402
+from tf_fixtures import one_thread, with_train  # noqa: E402
 
 from shrinkflow.backends.tensorflow import train  # noqa: E402
 from shrinkflow.backends.tensorflow.artifact import (  # noqa: E402
@@ -49,60 +51,14 @@ from shrinkflow.backends.tensorflow.train import (  # noqa: E402
 )
 from shrinkflow.data.prepared import PreparedData  # noqa: E402
 from shrinkflow.errors import ShrinkflowError  # noqa: E402
-from shrinkflow.training import model_spec
+from shrinkflow.training import model_spec  # noqa: E402
 
 # CPU kernels are bit-exact only for a fixed thread count. Set at import, before any test
 # initialises TensorFlow; if another module initialised it first, its counts hold, and the
 # worker processes are given whatever counts this process has.
-try:
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
-except RuntimeError:
-    pass
+one_thread()
 
 WORKER = Path(__file__).with_name("tf_train_worker.py")
-CFG = {
-    "seed": 0,
-    "train": {
-        "epochs": 2,
-        "batch_size": 32,
-        "lr": 0.05,
-        "momentum": 0.9,
-        "nesterov": True,
-        "weight_decay": 5e-4,
-        "warmup_epochs": 1,
-        "schedule": "cosine",
-        "augment": True,
-        "hflip": False,
-        "label_smoothing": 0.1,
-        "mixed_precision": False,
-    },
-    "finetune": {"epochs": 1, "lr": 0.01},
-}
-
-
-def digits_data(train: slice = slice(540, None)) -> PreparedData:
-    """scikit-learn's 8x8 digits as prepared data: 1 channel, 360 test, 180 val, 1257 train."""
-    digits = load_digits()
-    images = np.round(digits.images * (255 / 16)).astype(np.uint8)[..., None]
-    order = np.random.default_rng(0).permutation(len(images))
-    train_idx = order[train]
-    pixels = images[train_idx] / 255.0 if len(train_idx) else np.zeros(1)
-    return PreparedData(
-        images=images,
-        labels=digits.target.astype(np.int64),
-        train=train_idx,
-        val=order[360:540],
-        test=order[:360],
-        classes=[str(c) for c in range(10)],
-        mean=(float(pixels.mean()),),
-        std=(float(pixels.std()) or 1.0,),
-        manifest={"fingerprint": "digits-8x8-test"},
-    )
-
-
-def with_train(**changes) -> dict:
-    return {**CFG, "train": {**CFG["train"], **changes}}
 
 
 def weights(folder: Path) -> list[np.ndarray]:
@@ -174,20 +130,12 @@ def test_same_seed_gives_bit_identical_weights(reference, data, tmp_path):
     assert_same_weights(weights(out), weights(reference["out"]))
 
 
-def test_killed_job_resumes_to_the_uninterrupted_weights(reference, data, tmp_path):
-    data_file, cfg_file = tmp_path / "data.npz", tmp_path / "cfg.json"
-    np.savez(
-        data_file,
-        images=data.images,
-        labels=data.labels,
-        train=data.train,
-        val=data.val,
-        test=data.test,
-        classes=np.array(data.classes),
-        mean=np.array(data.mean),
-        std=np.array(data.std),
-        fingerprint=np.array(data.fingerprint),
-    )
+def test_killed_job_resumes_to_the_uninterrupted_weights(reference, data, tmp_path, capsys):
+    """A training process killed outright (SIGKILL: no handler, no clean-up) after its epoch-1
+    checkpoint was saved: the next run of the job continues from that checkpoint to the weights
+    of the uninterrupted run. The kill needs a process of its own; the resumed run is this one
+    (with this process's thread counts, which the worker was given too)."""
+    data_file, cfg_file = write_data_file(tmp_path / "data.npz", data), tmp_path / "cfg.json"
     cfg_file.write_text(json.dumps(CFG))
     out, resume = tmp_path / "out", tmp_path / "resume"
     out.mkdir()
@@ -215,13 +163,12 @@ def test_killed_job_resumes_to_the_uninterrupted_weights(reference, data, tmp_pa
     assert not (out / KERAS_FILE).exists()
     assert resumable_run_id(resume, train_fingerprint(CFG, "resnet20", data)) == "run-7"
 
-    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "resuming from epoch 2/2" in done.stderr
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["resumed_from_epoch"] == 1
+    capsys.readouterr()
+    result = train_model(CFG, "resnet20", data, out, resume, no_epochs, "run-7")
+    assert "resuming from epoch 2/2" in capsys.readouterr().err
+    assert result.resumed_from_epoch == 1
     timeless = [{**h, "epoch_seconds": 0} for h in reference["result"].history]
-    assert [{**h, "epoch_seconds": 0} for h in result["history"]] == timeless
+    assert [{**h, "epoch_seconds": 0} for h in result.history] == timeless
     assert_same_weights(weights(out), weights(reference["out"]))
 
 

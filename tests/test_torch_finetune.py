@@ -6,11 +6,9 @@ import pytest
 import torch
 from torch_prune_fixtures import (  # noqa: F401 (fixed_threads: an autouse fixture)
     PRUNE_CFG,
-    THREADS,
     conv_linear_weights,
     fixed_threads,
     saved_weights,
-    train_baseline,
 )
 
 from shrinkflow.backends.torch.artifact import MODEL_FILE, load_model, save_model
@@ -25,11 +23,11 @@ from shrinkflow.backends.torch.train import fit_in_memory
 
 
 @pytest.fixture(scope="module")
-def pruned(tmp_path_factory):
+def pruned(torch_digits_baseline, tmp_path_factory):
     """The baseline pruned one-shot to 70 %, with a few output-layer weights zeroed by hand:
     prune.exclude protects that layer, yet its zeros must survive fine-tuning too."""
     root = tmp_path_factory.mktemp("finetune")
-    model_dir, data = train_baseline(root)
+    model_dir, data = torch_digits_baseline
     out = root / "pruned"
     out.mkdir()
     prune_unstructured(

@@ -4,14 +4,12 @@ import math
 
 import pytest
 import torch
-from test_torch_train import digits_data
+from data_fixtures import digits_data
 from torch_prune_fixtures import (  # noqa: F401 (fixed_threads: an autouse fixture)
     PRUNE_CFG,
-    THREADS,
     conv_linear_weights,
     fixed_threads,
     saved_weights,
-    train_baseline,
     with_gradual,
 )
 
@@ -31,8 +29,9 @@ GRADUAL = PRUNE_CFG["prune"]["gradual"]
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory):
-    return train_baseline(tmp_path_factory.mktemp("gradual"))
+def baseline(torch_digits_baseline):
+    """conftest's trained resnet20 and its data (read only)."""
+    return torch_digits_baseline
 
 
 def test_polynomial_schedule_by_hand():

@@ -1,160 +1,30 @@
 """Structured (filter) pruning with Torch-Pruning: smaller models that still run, ratio plans,
 filter choice, rounds, and the pruned model file."""
 
-import copy
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch_prune_fixtures import (  # noqa: F401 (fixed_threads: an autouse fixture)
+    CLASSES,
+    fixed_threads,
+    group_ratios,
+    groups_of,
+    make_cfg,
+    out_channels,
+    save_baseline,
+)
+from torch_prune_fixtures import QUADRANTS as DATA
+from torch_prune_fixtures import STRUCTURED_CFG as CFG
+from torch_prune_fixtures import prune_structured as prune
 
 from shrinkflow.backends.torch import prune_structured as ps
 from shrinkflow.backends.torch.artifact import MODEL_FILE, load_model, save_model
 from shrinkflow.backends.torch.models import create_model
-from shrinkflow.data.prepared import PreparedData
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.training import model_spec
 
-CLASSES = 4
 STUDY2_PROFILE = [0.1, 0.1, 0.2, 0.2, 0.2, 0.2, 0.3, 0.3]
-CFG = {
-    "seed": 0,
-    "train": {
-        "epochs": 1,
-        "batch_size": 32,
-        "lr": 0.05,
-        "momentum": 0.9,
-        "nesterov": True,
-        "weight_decay": 5e-4,
-        "warmup_epochs": 0,
-        "schedule": "cosine",
-        "augment": False,
-        "hflip": False,
-        "label_smoothing": 0.0,
-        "mixed_precision": False,
-    },
-    "prune": {
-        "methods": ["structured_l1"],
-        "sparsities": [0.5],
-        "scope": "global",
-        "exclude": ["output"],
-        "structured": {
-            "rounds": 1,
-            "round_epochs": 0,
-            "layer_ratios": None,
-            "max_layer_ratio": 0.9,
-        },
-    },
-    "finetune": {"epochs": 1, "lr": 0.01},
-    "sensitivity": {"ratios": [0.25, 0.5, 0.75], "max_drop": 0.02},
-}
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Torch on one thread: other jobs may share the 2 CI cores, and more threads than free
-    cores make torch's CPU kernels spin and run many times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    with one_thread():
-        yield
-
-
-def make_cfg(scope: str = "global", **structured) -> dict:
-    cfg = copy.deepcopy(CFG)
-    cfg["prune"]["scope"] = scope
-    cfg["prune"]["structured"].update(structured)
-    return cfg
-
-
-def synthetic_data(n: int = 240, seed: int = 0) -> PreparedData:
-    """8x8 greyscale noise with one bright quadrant; the class is which quadrant."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, CLASSES, n)
-    images = rng.integers(0, 60, (n, 8, 8, 1)).astype(np.uint8)
-    for i, label in enumerate(labels):
-        row, col = divmod(int(label), 2)
-        images[i, row * 4 : row * 4 + 4, col * 4 : col * 4 + 4, 0] += 150
-    index = np.arange(n)
-    return PreparedData(
-        images=images,
-        labels=labels.astype(np.int64),
-        train=index[: n // 2],
-        val=index[n // 2 : 3 * n // 4],
-        test=index[3 * n // 4 :],
-        classes=[f"q{i}" for i in range(CLASSES)],
-        mean=(0.3,),
-        std=(0.3,),
-        manifest={"fingerprint": f"quadrants-{n}-{seed}"},
-    )
-
-
-DATA = synthetic_data()
-
-
-def save_baseline(folder: Path, arch: str = "resnet20", model: nn.Module | None = None) -> Path:
-    """A freshly initialised (or the given) ``arch`` saved as a baseline model folder."""
-    if model is None:
-        torch.manual_seed(0)
-        model = create_model(arch, CLASSES, in_channels=1, image_size=8)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_model(model, model_spec(arch, DATA), folder)
-    return folder
-
-
-def prune(
-    tmp_path: Path,
-    cfg: dict,
-    sparsity: float,
-    method: str = "structured_l1",
-    baseline: Path | None = None,
-    sensitivity_dir: Path | None = None,
-) -> tuple[dict, nn.Module, list]:
-    """Run prune_structured from ``baseline`` (default: a fresh resnet20); return the facts,
-    the pruned model and the round metrics passed to on_epoch."""
-    baseline = baseline or save_baseline(tmp_path / "baseline")
-    out = tmp_path / f"out-{method}-{sparsity}"
-    out.mkdir(parents=True)
-    rounds = []
-    facts = ps.prune_structured(
-        cfg,
-        method,
-        sparsity,
-        baseline,
-        DATA,
-        out,
-        tmp_path / "resume",
-        lambda step, metrics: rounds.append((step, metrics)),
-        None,
-        sensitivity_dir,
-    )
-    model, _ = load_model(out)
-    return facts, model, rounds
-
-
-def out_channels(model: nn.Module) -> dict[str, int]:
-    return {n: m.weight.shape[0] for n, m in model.named_modules() if isinstance(m, ps.PRUNABLE)}
-
-
-def groups_of(model: nn.Module) -> list[ps.LayerGroup]:
-    return ps.layer_groups(model, torch.zeros(1, 1, 8, 8), ps.ignored_layers(model, ["output"]))
-
-
-def group_ratios(baseline: nn.Module, pruned: nn.Module) -> dict[str, float]:
-    """The share of filters each layer group of ``baseline`` lost in ``pruned``."""
-    after = out_channels(pruned)
-    return {g.name: 1 - after[g.name] / g.channels for g in groups_of(baseline)}
 
 
 def baseline_model() -> nn.Module:

@@ -11,11 +11,9 @@ import torch
 from torch import nn
 from torch_prune_fixtures import (  # noqa: F401 (fixed_threads: an autouse fixture)
     PRUNE_CFG,
-    THREADS,
     conv_linear_weights,
     fixed_threads,
     saved_weights,
-    train_baseline,
     with_prune,
 )
 
@@ -34,8 +32,9 @@ from shrinkflow.errors import ShrinkflowError
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory):
-    return train_baseline(tmp_path_factory.mktemp("prune"))
+def baseline(torch_digits_baseline):
+    """conftest's trained resnet20 and its data (read only)."""
+    return torch_digits_baseline
 
 
 def fresh(baseline) -> nn.Module:

@@ -8,17 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_torch_prune_structured import (
-    CFG,
+from torch_prune_fixtures import (
     CLASSES,
-    DATA,
     group_ratios,
     groups_of,
     make_cfg,
     one_thread,
-    prune,
     save_baseline,
 )
+from torch_prune_fixtures import QUADRANTS as DATA
+from torch_prune_fixtures import STRUCTURED_CFG as CFG
+from torch_prune_fixtures import prune_structured as prune
 
 from shrinkflow.backends.torch import sensitivity
 from shrinkflow.backends.torch.artifact import load_model

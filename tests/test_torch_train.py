@@ -10,10 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from sklearn.datasets import load_digits
+from data_fixtures import digits_data, write_data_file
+from torch_fixtures import THREADS, fixed_threads, with_train  # noqa: F401 (an autouse fixture)
+from torch_fixtures import TRAIN_CFG as CFG
 
 from shrinkflow.backends.torch.artifact import MODEL_FILE, load_model, save_model
 from shrinkflow.backends.torch.models import create_model
@@ -27,54 +28,9 @@ from shrinkflow.backends.torch.train import (
     train_fingerprint,
     train_model,
 )
-from shrinkflow.data.prepared import PreparedData
 from shrinkflow.errors import ShrinkflowError
 
-# CPU convolutions are bit-exact only for a fixed thread count: every run here (the worker
-# processes included) uses this one.
-THREADS = 1
 WORKER = Path(__file__).with_name("train_worker.py")
-CFG = {
-    "seed": 0,
-    "train": {
-        "epochs": 3,
-        "batch_size": 32,
-        "lr": 0.05,
-        "momentum": 0.9,
-        "nesterov": True,
-        "weight_decay": 5e-4,
-        "warmup_epochs": 1,
-        "schedule": "cosine",
-        "augment": True,
-        "hflip": False,
-        "label_smoothing": 0.1,
-        "mixed_precision": False,
-    },
-}
-
-
-def digits_data(train: slice = slice(540, None)) -> PreparedData:
-    """scikit-learn's 8x8 digits as prepared data: 1 channel, 360 test, 180 val, 1257 train."""
-    digits = load_digits()
-    images = np.round(digits.images * (255 / 16)).astype(np.uint8)[..., None]
-    order = np.random.default_rng(0).permutation(len(images))
-    train_idx = order[train]
-    pixels = images[train_idx] / 255.0 if len(train_idx) else np.zeros(1)
-    return PreparedData(
-        images=images,
-        labels=digits.target.astype(np.int64),
-        train=train_idx,
-        val=order[360:540],
-        test=order[:360],
-        classes=[str(c) for c in range(10)],
-        mean=(float(pixels.mean()),),
-        std=(float(pixels.std()) or 1.0,),
-        manifest={"fingerprint": "digits-8x8-test"},
-    )
-
-
-def with_train(**changes) -> dict:
-    return {**CFG, "train": {**CFG["train"], **changes}}
 
 
 def assert_same_weights(a: dict, b: dict) -> None:
@@ -85,14 +41,6 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 def weights(folder: Path) -> dict:
     return torch.load(folder / MODEL_FILE, weights_only=True)["state_dict"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fixed_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -142,21 +90,12 @@ def test_same_seed_gives_bit_identical_weights(reference, tmp_path):
     assert_same_weights(weights(out), weights(reference["out"]))
 
 
-def test_killed_job_resumes_to_the_uninterrupted_weights(reference, tmp_path):
+def test_killed_job_resumes_to_the_uninterrupted_weights(reference, tmp_path, capsys):
+    """A training process killed outright (SIGKILL: no handler, no clean-up) after its epoch-1
+    state was saved: the next run of the job continues from that state to the weights of the
+    uninterrupted run. The kill needs a process of its own; the resumed run is this one."""
     data = reference["data"]
-    data_file, cfg_file = tmp_path / "data.npz", tmp_path / "cfg.json"
-    np.savez(
-        data_file,
-        images=data.images,
-        labels=data.labels,
-        train=data.train,
-        val=data.val,
-        test=data.test,
-        classes=np.array(data.classes),
-        mean=np.array(data.mean),
-        std=np.array(data.std),
-        fingerprint=np.array(data.fingerprint),
-    )
+    data_file, cfg_file = write_data_file(tmp_path / "data.npz", data), tmp_path / "cfg.json"
     cfg_file.write_text(json.dumps(CFG))
     out, resume = tmp_path / "out", tmp_path / "resume"
     out.mkdir()
@@ -180,9 +119,12 @@ def test_killed_job_resumes_to_the_uninterrupted_weights(reference, tmp_path):
     fingerprint = train_fingerprint(CFG, "resnet20", data)
     assert resumable_run_id(resume, fingerprint) == "run-7"
 
-    done = subprocess.run(list(map(str, args)), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "resuming from epoch 2/3" in done.stderr
+    capsys.readouterr()
+    result = train_model(CFG, "resnet20", data, out, resume, lambda e, m: None, "run-7", "cpu")
+    assert "resuming from epoch 2/3" in capsys.readouterr().err
+    assert result.resumed_from_epoch == 1
+    resumed = [{**h, "epoch_seconds": 0} for h in result.history]
+    assert resumed == [{**h, "epoch_seconds": 0} for h in reference["result"].history]
     assert_same_weights(weights(out), weights(reference["out"]))
 
 
