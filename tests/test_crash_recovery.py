@@ -5,30 +5,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
+from projects import BIN, job_counts, mlflow_runs, tool_env
+from stage_projects import make_tiny_dag_project, running_runs, stopping_cli
 
 from shrinkflow import recovery
-
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def env() -> dict[str, str]:
-    environment = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    environment.pop("MLFLOW_TRACKING_URI", None)
-    environment.pop("SHRINKFLOW_INVOCATION_ID", None)
-    return environment
-
 
 # ---- release_stale_locks: never breaks a lock a live run may hold ----
 
@@ -109,72 +97,32 @@ def test_failed_job_errors_quote_the_logs_error_line(tmp_path: Path) -> None:
 
 # ---- the real thing: kill -9 a tiny `snakemake` run, then the README's recovery ----
 
-TINY = {
-    "backends": ["torch"],
-    "data": {"image_size": 8},
-    "train": {"epochs": 2, "batch_size": 128, "warmup_epochs": 0},
-    "prune": {"methods": [], "sparsities": []},
-    "sensitivity": {"ratios": []},
-    "quantize": {"methods": []},
-    # slow enough to be killed while measuring
-    "evaluate": {"batch_sizes": [1, 32], "warmup": 2, "repeats": 30},
-}
-
-
-def tiny_project(dest: Path) -> Path:
-    """A copy of the project whose whole DAG is download, prepare, train, sensitivity (off),
-    evaluate, summarize and report of one torch model."""
-    for name in ["Snakefile", "workflow", "profiles", "src", ".dvcignore"]:
-        source = ROOT / name
-        if source.is_dir():
-            ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
-            shutil.copytree(source, dest / name, symlinks=True, ignore=ignore)
-        else:
-            shutil.copy(source, dest / name)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for key, value in TINY.items():
-        params[key] = {**params[key], **value} if isinstance(value, dict) else value
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return dest
-
-
-def running_evaluate(db: Path) -> bool:
-    query = (
-        "SELECT count(*) FROM runs JOIN tags ON tags.run_uuid = runs.run_uuid "
-        "JOIN params ON params.run_uuid = runs.run_uuid WHERE runs.status = 'RUNNING' "
-        "AND tags.key = 'shrinkflow.stage' AND tags.value = 'evaluate' AND params.key = 'seed'"
-    )
-    try:
-        with sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=5) as conn:
-            return conn.execute(query).fetchone()[0] > 0
-    except sqlite3.Error:
-        return False
-
-
-def job_counts(output: str) -> dict[str, int]:
-    """Snakemake's "Job stats" table: how many jobs of each rule this run had to do."""
-    table = output.split("Job stats:")[1].split("total")[0]
-    rows = (line.split() for line in table.splitlines())
-    return {words[0]: int(words[1]) for words in rows if len(words) == 2 and words[1].isdigit()}
-
 
 @pytest.mark.slow
 def test_snakemake_killed_mid_run_resumes_with_the_readme_command(tmp_path: Path) -> None:
-    from mlflow import MlflowClient
-
-    project = tiny_project(tmp_path)
-    db = project / "mlflow.db"
+    """`snakemake` and its jobs killed outright (SIGKILL to the process group) while the evaluate
+    job runs, after download, prepare and train finished: plain `snakemake` (the README's
+    recovery, through profiles/default) removes the stale lock, re-runs only the unfinished jobs
+    and leaves every MLflow run FINISHED (the killed evaluate's run continued, not orphaned)."""
+    project = make_tiny_dag_project(tmp_path / "project")
+    # The first run's evaluate job hangs once its MLflow run is open: the kill lands mid-job.
+    hanging = stopping_cli(tmp_path / "bin", hang_in="evaluate")
+    env = tool_env()
     first = subprocess.Popen(
         [str(BIN / "snakemake"), "--cores", "2"],
         cwd=project,
-        env=env(),
+        env={**env, "PATH": f"{hanging}:{env['PATH']}"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,  # its own process group: kill it and its jobs at once
     )
     deadline = time.monotonic() + 300
-    while not running_evaluate(db) and first.poll() is None and time.monotonic() < deadline:
+    while (
+        not running_runs(project / "mlflow.db", "evaluate")
+        and first.poll() is None
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.05)
     assert first.poll() is None, "the run ended before it could be killed"
     os.killpg(first.pid, signal.SIGKILL)
@@ -186,7 +134,7 @@ def test_snakemake_killed_mid_run_resumes_with_the_readme_command(tmp_path: Path
     again = subprocess.run(
         [str(BIN / "snakemake"), "--cores", "2"],
         cwd=project,
-        env=env(),
+        env=tool_env(),
         capture_output=True,
         text=True,
     )
@@ -197,9 +145,7 @@ def test_snakemake_killed_mid_run_resumes_with_the_readme_command(tmp_path: Path
     counts = job_counts(output)
     assert counts["evaluate"] == 1, output[-4000:]  # killed: re-run
     assert not {"download", "prepare", "train"} & set(counts), counts  # finished: kept
-    client = MlflowClient(f"sqlite:///{db}")
-    experiment = client.get_experiment_by_name("shrinkflow")
-    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    runs = mlflow_runs(project)
     stages = sorted(r.data.tags["shrinkflow.stage"] for r in runs)
     statuses = {r.info.status for r in runs}
     assert statuses == {"FINISHED"}, [(r.data.tags, r.info.status) for r in runs]

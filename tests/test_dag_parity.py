@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from projects import BIN, ROOT, job_counts, tool_env
 
 from shrinkflow.config import merge
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 
-
-def snakemake_commands(*extra: str, cwd: Path = ROOT) -> list[str]:
+def snakemake_commands(*extra: str, cwd: Path) -> list[str]:
     """The shell commands of every job, from a forced dry run (`snakemake -n -p --forceall`)."""
     result = subprocess.run(
         [str(BIN / "snakemake"), "-n", "-p", "--forceall", "--cores", "2", *extra],
@@ -32,7 +28,7 @@ def snakemake_commands(*extra: str, cwd: Path = ROOT) -> list[str]:
     return sorted(re.sub(r" 2> \S+$", "", c) for c in commands)
 
 
-def dvc_commands(cwd: Path = ROOT) -> list[str]:
+def dvc_commands(cwd: Path) -> list[str]:
     """The resolved `cmd` of every stage (after matrix expansion and templating)."""
     from dvc.repo import Repo
 
@@ -62,9 +58,19 @@ def project_copy(dest: Path, **params: object) -> Path:
     return dest
 
 
-def test_snakemake_and_dvc_run_the_same_commands():
-    smk = snakemake_commands()
-    dvc = dvc_commands()
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The workflow files with params.yaml as committed, in a git repository of their own: the
+    dry runs (and DVC, which adds .gitignore entries when it opens a repository) leave the real
+    checkout alone, whatever its state and whatever runs there at the same time."""
+    project = project_copy(tmp_path_factory.mktemp("checkout"))
+    shutil.copy(ROOT / "params.yaml", project / "params.yaml")
+    return project
+
+
+def test_snakemake_and_dvc_run_the_same_commands(checkout):
+    smk = snakemake_commands(cwd=checkout)
+    dvc = dvc_commands(cwd=checkout)
     assert smk == dvc
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert params["backends"] == ["torch", "tensorflow"], "the default DAG runs both backends"
@@ -152,22 +158,22 @@ def test_an_empty_method_list_turns_quantization_off_in_both(tmp_path):
     assert counts["finetune"] > 0
 
 
-def test_configfile_reaches_every_job(tmp_path):
+def test_configfile_reaches_every_job(tmp_path, checkout):
     preset = tmp_path / "preset.yaml"
     preset.write_text("train: {epochs: 1}\n")
-    commands = snakemake_commands("--configfile", str(preset))
+    commands = snakemake_commands("--configfile", str(preset), cwd=checkout)
     assert commands
     assert all(f"--params params.yaml --params {preset}" in c for c in commands)
 
 
-def test_config_overrides_are_validated_and_forwarded():
+def test_config_overrides_are_validated_and_forwarded(checkout):
     """`snakemake --config seed=3` reaches every job as `--set`; bad values stop it at start-up."""
-    commands = snakemake_commands("--config", "seed=3", "models=[resnet56]")
+    commands = snakemake_commands("--config", "seed=3", "models=[resnet56]", cwd=checkout)
     assert all("--set seed=3 --set 'models=[\"resnet56\"]'" in c for c in commands)
     assert any("--model resnet56" in c for c in commands)
     bad = subprocess.run(
         [str(BIN / "snakemake"), "-n", "--cores", "1", "--config", "seed=-1"],
-        cwd=ROOT,
+        cwd=checkout,
         capture_output=True,
         text=True,
     )
@@ -176,9 +182,9 @@ def test_config_overrides_are_validated_and_forwarded():
 
 
 @pytest.mark.parametrize("tool", ["snakemake", "dvc"])
-def test_every_command_is_a_valid_cli_invocation(tool):
+def test_every_command_is_a_valid_cli_invocation(tool, checkout):
     """Each command parses: `--help` appended must succeed (catches renamed options)."""
-    commands = snakemake_commands() if tool == "snakemake" else dvc_commands()
+    commands = (snakemake_commands if tool == "snakemake" else dvc_commands)(cwd=checkout)
     options: dict[str, set[str]] = {}  # one `--help` per sub-command: the DAG has dozens of jobs
     for command in commands:
         words = command.split()
@@ -207,15 +213,6 @@ esac
 """
 
 
-def job_counts(dry_run_output: str) -> dict[str, int]:
-    table = dry_run_output.split("Job stats:")[1].split("total")[0]
-    return {
-        words[0]: int(words[1])
-        for words in (line.split() for line in table.splitlines())
-        if len(words) == 2 and words[1].isdigit()
-    }
-
-
 @pytest.mark.parametrize(
     ("change", "rerun"),
     [
@@ -236,7 +233,8 @@ def test_a_changed_quantize_setting_reruns_only_the_methods_that_read_it(tmp_pat
     fake.parent.mkdir()
     fake.write_text(FAKE_CLI)
     fake.chmod(0o755)
-    env = {**os.environ, "PATH": f"{fake.parent}:{BIN}:{os.environ['PATH']}"}
+    env = tool_env()
+    env["PATH"] = f"{fake.parent}:{env['PATH']}"
     snakemake = [str(BIN / "snakemake"), "--cores", "2"]
     done = subprocess.run(snakemake, cwd=project, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr

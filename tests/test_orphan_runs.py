@@ -8,28 +8,24 @@ the killed attempt's run when the params are the same, and closes it as KILLED w
 from __future__ import annotations
 
 import ast
-import os
 import shutil
 import signal
-import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from projects import BIN, ROOT, tool_env
+from stage_projects import make_stage_project, running_runs, stopping_cli
 
 from shrinkflow import tracking
 from shrinkflow.outputs import read_json, write_json
 from shrinkflow.tracking import job_run, run_marker
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 STAGES = ROOT / "src/shrinkflow/stages"
-# Slow enough to be killed mid-measurement, quick enough to finish in seconds when re-run.
 EVALUATE = ["--set", "data.image_size=8", "--set", 'evaluate={"device": "cpu", '
-            '"batch_sizes": [1, 64], "warmup": 2, "repeats": 30}']  # fmt: skip
+            '"batch_sizes": [1, 64], "warmup": 1, "repeats": 3}']  # fmt: skip
 
 
 def runs_of(db: Path, stage: str) -> list:
@@ -39,68 +35,23 @@ def runs_of(db: Path, stage: str) -> list:
     return [r for r in found if r.data.tags.get(tracking.STAGE_TAG) == stage]
 
 
-def running_runs(db: Path) -> int:
-    """RUNNING runs that have logged their params, read with plain sqlite3 (0 until the schema
-    exists)."""
-    if not db.is_file():
-        return 0
-    query = (
-        "SELECT count(*) FROM runs JOIN params ON params.run_uuid = runs.run_uuid "
-        "WHERE runs.status = 'RUNNING' AND params.key = 'seed'"
-    )
-    try:
-        with sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=5) as conn:
-            return conn.execute(query).fetchone()[0]
-    except sqlite3.Error:
-        return 0
-
-
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     return make_stage_project(tmp_path)
 
 
-def make_stage_project(tmp_path: Path) -> Path:
-    """params.yaml, prepared 8x8 digits (``prepared/``) and an untrained resnet20 baseline
-    (``results/models/torch/resnet20/baseline/model``), made in-process without MLflow runs."""
-    import torch
-
-    from shrinkflow.backends.torch.artifact import save_model
-    from shrinkflow.backends.torch.models import create_model
-    from shrinkflow.config import load_params
-    from shrinkflow.data.download import download
-    from shrinkflow.data.prepare import prepare
-    from shrinkflow.data.prepared import load_prepared
-    from shrinkflow.stages import NODE_FILE
-    from shrinkflow.training import model_spec
-
-    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
-    cfg = load_params([tmp_path / "params.yaml"], ["data.image_size=8"])
-    download(cfg, tmp_path / "raw")
-    prepare(cfg, tmp_path / "raw", tmp_path / "prepared")
-    data = load_prepared(tmp_path / "prepared")
-    torch.manual_seed(0)
-    spec = model_spec("resnet20", data)
-    model = create_model("resnet20", len(data.classes), spec["in_channels"], spec["image_size"])
-    folder = tmp_path / "results/models/torch/resnet20/baseline/model"
-    folder.mkdir(parents=True)
-    save_model(model, spec, folder)
-    write_json(folder / NODE_FILE, {"backend": "torch", "model": "resnet20", "stage": "baseline"})
-    return tmp_path
-
-
-def evaluate(project: Path, invocation: str, extra: list[str] = ()) -> subprocess.Popen:
-    """`shrinkflow evaluate` of the baseline as its own invocation (a new snakemake/dvc run)."""
-    env = {**os.environ, "SHRINKFLOW_INVOCATION_ID": invocation}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [str(BIN / "shrinkflow"), "evaluate", *EVALUATE, *extra,
+def evaluate(project: Path, invocation: str, cli: Path = BIN) -> subprocess.Popen:
+    """`shrinkflow evaluate` of the baseline as its own invocation (a new snakemake/dvc run), with
+    the `shrinkflow` in ``cli``."""
+    cmd = [str(cli / "shrinkflow"), "evaluate", *EVALUATE,
            "--in", "results/models/torch/resnet20/baseline/model", "--data", "prepared",
            "--out", "results/models/torch/resnet20/baseline/metrics.json"]  # fmt: skip
+    env = tool_env(SHRINKFLOW_INVOCATION_ID=invocation)
     return subprocess.Popen(cmd, cwd=project, env=env, stderr=subprocess.PIPE, text=True)
 
 
 def kill_once_running(job: subprocess.Popen, db: Path) -> None:
-    """SIGKILL ``job`` as soon as its MLflow run exists (mid-measurement)."""
+    """SIGKILL ``job`` as soon as its MLflow run is open with its params."""
     deadline = time.monotonic() + 120
     while running_runs(db) == 0 and time.monotonic() < deadline and job.poll() is None:
         time.sleep(0.02)
@@ -112,7 +63,9 @@ def kill_once_running(job: subprocess.Popen, db: Path) -> None:
 def test_a_killed_evaluate_job_is_continued_by_the_next_invocation(project: Path) -> None:
     db = project / "mlflow.db"
     metrics = project / "results/models/torch/resnet20/baseline/metrics.json"
-    kill_once_running(evaluate(project, "first"), db)
+    # the first attempt hangs once its run is open (it cannot end before the kill)
+    hanging = stopping_cli(project / "bin", hang_in="evaluate")
+    kill_once_running(evaluate(project, "first", cli=hanging), db)
     (killed,) = runs_of(db, "evaluate")
     assert killed.info.status == "RUNNING" and not metrics.exists()
     assert run_marker(metrics).is_file()
@@ -243,7 +196,7 @@ def test_dvc_ignores_the_marker(tmp_path: Path) -> None:
     leave it out of that hash (and never push it)."""
     shutil.copy(ROOT / ".dvcignore", tmp_path / ".dvcignore")
     dvc = str(BIN / "dvc")
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    env = tool_env(DVC_NO_ANALYTICS="1")
     subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=tmp_path, env=env, check=True)
     marker = run_marker(Path("results/models/torch/resnet20/baseline/metrics.json"))
     result = subprocess.run(

@@ -12,19 +12,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from projects import BIN, tool_env
+from stage_projects import make_stage_project, make_tiny_dag_project
 
 from shrinkflow.cli import environment_failure
 from shrinkflow.outputs import check_writable
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 MODEL = "results/models/torch/resnet20/baseline/model"
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from test_orphan_runs import make_stage_project
-
     return make_stage_project(tmp_path_factory.mktemp("faults"))
 
 
@@ -52,10 +50,8 @@ def mount(tmp_path: Path):
 
 
 def shrinkflow(project: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run([str(BIN / "shrinkflow"), *args, "--set", "data.image_size=8"],
-                          cwd=project, env=env, capture_output=True, text=True)  # fmt: skip
+                          cwd=project, env=tool_env(), capture_output=True, text=True)  # fmt: skip
 
 
 def one_error_line(result: subprocess.CompletedProcess) -> str:
@@ -168,14 +164,12 @@ def test_check_writable_names_the_folder_and_leaves_nothing(tmp_path: Path, moun
     ],
 )
 def test_snakemake_prints_a_failed_jobs_reason(tmp_path: Path, root: str, reason: str) -> None:
-    from test_crash_recovery import env, tiny_project
-
-    project = tiny_project(tmp_path)
+    project = make_tiny_dag_project(tmp_path)
     (project / "images/a").mkdir(parents=True)
     config = f'data={{"name": "imagefolder", "root": "{root}"}}'
     cmd = [str(BIN / "snakemake"), "--cores", "1", "--workflow-profile", "none",
            "--config", config]  # fmt: skip
-    result = subprocess.run(cmd, cwd=project, env=env(), capture_output=True, text=True)
+    result = subprocess.run(cmd, cwd=project, env=tool_env(), capture_output=True, text=True)
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert reason in output, output[-3000:]

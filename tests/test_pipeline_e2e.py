@@ -2,39 +2,21 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
-import os
+import re
 import shutil
+import signal
 import subprocess
-import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
 from browser import chromium_available, render_page
+from projects import BIN, TINY, job_counts, make_project, mlflow_runs, read_summary, run, tool_env
+from stage_projects import prepare_digits, stopping_cli
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-TINY = {  # the smallest DAG that still exercises every stage and every pruning family
-    "data": {"image_size": 8},
-    "train": {"epochs": 2, "batch_size": 128, "warmup_epochs": 0},
-    "prune": {
-        "methods": ["l1_unstructured", "gradual_polynomial", "structured_sensitivity"],
-        "sparsities": [0.5],
-    },
-    "finetune": {"epochs": 1},
-    "sensitivity": {"ratios": [0.25, 0.5], "max_drop": 1.0},  # every ratio passes: smoke only
-    # PT2E int8 and fixed-point, on the baseline and every sweep point. QAT costs ~1 minute a
-    # node (torchao's conv-bn folding), so it runs once, in the kill-and-resume test below.
-    "quantize": {
-        "methods": ["static_int8", "fixed_w4"],
-        "calibration_batches": 1,
-        "qat": {"epochs": 1, "lr": 0.001},  # complete: the sections are updated shallowly
-    },
-    "evaluate": {"batch_sizes": [1, 32], "warmup": 1, "repeats": 3},
-}
 POINTS = [(m, 0.5) for m in TINY["prune"]["methods"]]
 QUANT = TINY["quantize"]["methods"]
 SOURCES = [("", ""), *[(m, str(s)) for m, s in POINTS]]  # (prune method, sparsity) per source
@@ -42,59 +24,8 @@ SOURCES = [("", ""), *[(m, str(s)) for m, s in POINTS]]  # (prune method, sparsi
 pytestmark = pytest.mark.slow
 
 
-def make_project(dest: Path, quantize_methods: list[str] | None = None) -> Path:
-    """A fresh checkout-like copy of the project with the tiny params written into params.yaml
-    (and ``quantize_methods`` instead of TINY's, if given)."""
-    for name in ["Snakefile", "dvc.yaml", "workflow", ".dvc", "src", ".dvcignore"]:
-        source = ROOT / name
-        if source.is_dir():
-            shutil.copytree(
-                source,
-                dest / name,
-                symlinks=True,
-                ignore=shutil.ignore_patterns("tmp", "cache", "__pycache__", "*.egg-info"),
-            )
-        elif source.exists():
-            shutil.copy(source, dest / name)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    params["prune"]["gradual"]["epochs"] = 1
-    # The structured methods are torch's; tests/test_pipeline_tf_e2e.py runs TensorFlow's DAG.
-    params["backends"] = ["torch"]
-    if quantize_methods is not None:
-        params["quantize"]["methods"] = quantize_methods
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (dest / ".gitignore").write_text((ROOT / ".gitignore").read_text())
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    return dest
-
-
-def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, (
-        f"{cmd} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    )
-    return result
-
-
 def md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
-
-
-def read_summary(project: Path) -> list[dict]:
-    with (project / "results/summary.csv").open() as handle:
-        return list(csv.DictReader(handle))
-
-
-def mlflow_runs(project: Path) -> list:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("shrinkflow")
-    return client.search_runs([experiment.experiment_id], max_results=1000)
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +33,13 @@ def snakemake_project(tmp_path_factory) -> Path:
     project = make_project(tmp_path_factory.mktemp("smk"))
     run([str(BIN / "snakemake"), "--profile", "workflow/profiles/local", "--cores", "2"], project)
     return project
+
+
+@pytest.fixture(scope="module")
+def prepared_digits(tmp_path_factory) -> Path:
+    """The prepared data TINY's DAG trains on, made once in-process for the kill-and-resume test
+    (the DAG runs above run `shrinkflow download` and `shrinkflow prepare` for real)."""
+    return prepare_digits(tmp_path_factory.mktemp("prepared") / "digits")
 
 
 def test_snakemake_runs_the_dag_and_writes_the_summary(snakemake_project):
@@ -325,15 +263,6 @@ def test_quantized_nodes_hang_under_the_run_that_wrote_their_source(snakemake_pr
     assert "model/model.pt2" in artifacts
 
 
-def job_counts(dry_run_output: str) -> dict[str, int]:
-    table = dry_run_output.split("Job stats:")[1].split("total")[0]
-    return {
-        words[0]: int(words[1])
-        for words in (line.split() for line in table.splitlines())
-        if len(words) == 2 and words[1].isdigit()
-    }
-
-
 def test_rerun_is_a_no_op_and_a_param_change_reruns_only_its_branch(snakemake_project, tmp_path):
     snakemake = str(BIN / "snakemake")
     dry = run([snakemake, "-n", "--cores", "2"], snakemake_project)
@@ -438,28 +367,49 @@ def test_dvc_push_and_pull_round_trip_the_checkpoint(snakemake_project):
     assert md5(model) == before
 
 
+# Every stage of dvc.yaml (a matrix stage's items all run the same command template).
+DVC_STAGES = [
+    "download", "prepare", "train", "sensitivity", "prune", "finetune", "evaluate",
+    "evaluate_finetuned", "quantize", "quantize_finetuned", "evaluate_quantized",
+    "evaluate_quantized_finetuned", "summarize", "report",
+]  # fmt: skip
+
+
+def dvc_stages_run(output: str) -> dict[str, int]:
+    """How many times `dvc repro` ran each stage (from its "Running stage 'name@item'" lines)."""
+    return dict(Counter(re.findall(r"Running stage '([a-z_]+)[@']", output)))
+
+
 def test_dvc_repro_runs_the_same_dag_from_scratch(tmp_path):
-    # One quantization method: the DVC stages are the same for every method, and each costs
-    # one quantize and one evaluate job per source.
+    """`dvc repro` in a fresh checkout runs every stage of dvc.yaml, each after the stages whose
+    outputs it reads, and tracks each job in MLflow under one invocation; a params change re-runs
+    only the stages that read it, `dvc plots` compares revisions, and a re-run is a no-op.
+
+    One sweep point and one quantization method: every item of a stage's matrix runs the same
+    command, so one item of each stage is enough here (the Snakemake run above covers every
+    pruning family and quantization method). structured_sensitivity is the pruning method
+    that reads the sensitivity stage's output; fixed_w4 is the quickest quantization."""
     quant = ["fixed_w4"]
-    project = make_project(tmp_path, quantize_methods=quant)
+    point = ("structured_sensitivity", "0.5")
+    project = make_project(tmp_path, quantize_methods=quant, prune={"methods": [point[0]]})
     result = run([str(BIN / "dvc"), "repro"], project)
-    for stage in ["download", "prepare", "train", "sensitivity", "evaluate", "summarize"]:
-        assert f"Running stage '{stage}" in result.stdout
-    assert result.stdout.count("Running stage 'prune@") == len(POINTS)
-    assert result.stdout.count("Running stage 'finetune@") == len(POINTS)
-    for stage in ["quantize", "evaluate_quantized"]:  # the baseline's, then the sweep's
-        assert result.stdout.count(f"Running stage '{stage}@") == len(quant)
-        assert result.stdout.count(f"Running stage '{stage}_finetuned@") == len(quant) * len(POINTS)
+    assert dvc_stages_run(result.stdout) == dict.fromkeys(DVC_STAGES, 1), result.stdout
     rows = read_summary(project)
-    assert len(rows) == len(SOURCES) * (1 + len(quant))
-    assert [r["quant_method"] for r in rows[len(SOURCES) :]] == quant * len(SOURCES)
+    keys = [(r["stage"], r["prune_method"], r["target_sparsity"], r["quant_method"]) for r in rows]
+    assert keys == [
+        ("baseline", "", "", ""),
+        ("finetuned", *point, ""),
+        *[("quantized", *source, q) for source in [("", ""), point] for q in quant],
+    ]
     assert (project / "dvc.lock").is_file()
     runs = mlflow_runs(project)
-    assert len(runs) == 7 + 3 * len(POINTS) + 2 * len(quant) * len(SOURCES)
+    assert sorted(r.data.tags["shrinkflow.stage"] for r in runs) == sorted(
+        ["download", "prepare", "train", "sensitivity", "prune", "finetune", "summarize"]
+        + ["report", "quantize", "quantize"]
+        + ["evaluate"] * 4  # the baseline, the fine-tuned point and both quantized nodes
+    )
     # no SHRINKFLOW_INVOCATION_ID here: the stages take the `dvc repro` process's identity
     assert len({r.data.tags["shrinkflow.invocation"] for r in runs}) == 1
-    assert "Running stage 'report'" in result.stdout
     # `dvc plots diff` between a commit and the workspace after a changed budget
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
     run([*git, "add", "-A"], project)
@@ -468,8 +418,7 @@ def test_dvc_repro_runs_the_same_dag_from_scratch(tmp_path):
     params["report"]["max_accuracy_drop"] = 0.5
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     again = run([str(BIN / "dvc"), "repro"], project)
-    assert "Running stage 'report'" in again.stdout
-    assert "Running stage 'train@" not in again.stdout
+    assert dvc_stages_run(again.stdout) == {"report": 1}, again.stdout  # no train@, no other
     dvc_plots = [str(BIN / "dvc"), "plots"]
     diff = json.loads(run([*dvc_plots, "diff", "HEAD", "--json"], project).stdout)["data"]
     for plot in ("Top-1 against target sparsity", "Top-1 against size"):
@@ -485,39 +434,28 @@ def test_dvc_repro_runs_the_same_dag_from_scratch(tmp_path):
     assert "Running stage" not in again.stdout
 
 
-def test_a_killed_train_job_resumes_in_the_same_mlflow_run(tmp_path):
-    """SIGKILL `shrinkflow train` mid-run; the re-run resumes and continues the same MLflow run."""
-    import signal
-    import time
-
+def test_a_killed_train_job_resumes_in_the_same_mlflow_run(tmp_path, prepared_digits):
+    """`shrinkflow train` killed outright (SIGKILL, no cleanup) once it saved epoch 1's resume
+    state: the re-run resumes at epoch 2, continues the same MLflow run (each epoch logged once)
+    and names it in the model's run.json."""
     import torch
 
-    project = make_project(tmp_path)
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    shrinkflow = str(BIN / "shrinkflow")
-    epochs = 12
-    common = ["--set", f"train.epochs={epochs}", "--set", "train.batch_size=32"]
-    run([shrinkflow, "download", "--out", "data/raw/digits"], project)
-    run(
-        [shrinkflow, "prepare", "--in", "data/raw/digits", "--out", "data/prepared/digits"], project
-    )
+    project = make_project(tmp_path / "project")
+    shutil.copytree(prepared_digits, project / "data/prepared/digits")
+    epochs = 3
     out = project / "results/models/torch/resnet20/baseline/model"
-    train = [shrinkflow, "train", *common, "--backend", "torch", "--model", "resnet20",
-             "--in", "data/prepared/digits", "--out", str(out)]  # fmt: skip
+    train = ["train", "--set", f"train.epochs={epochs}", "--backend", "torch",
+             "--model", "resnet20", "--in", "data/prepared/digits", "--out", str(out)]  # fmt: skip
+    killing = stopping_cli(tmp_path / "bin", kill_after=("state.pt", 1)) / "shrinkflow"
+    killed = subprocess.run(
+        [str(killing), *train], cwd=project, env=tool_env(), capture_output=True, text=True
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     state = out.parent / "resume/state.pt"
-    job = subprocess.Popen(train, cwd=project, env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not state.exists() and time.monotonic() < deadline and job.poll() is None:
-        time.sleep(0.05)
-    assert job.poll() is None, "training ended before it could be killed"
-    job.send_signal(signal.SIGKILL)
-    job.wait()
-    done = torch.load(state, weights_only=True)["epoch"]
-    assert 1 <= done < epochs and not out.exists()
+    assert torch.load(state, weights_only=True)["epoch"] == 1 and not out.exists()
 
-    resumed = run(train, project)
-    assert f"resuming from epoch {done + 1}/{epochs}" in resumed.stderr
+    resumed = run([str(BIN / "shrinkflow"), *train], project)
+    assert f"resuming from epoch 2/{epochs}" in resumed.stderr
     runs = [r for r in mlflow_runs(project) if r.data.tags["shrinkflow.stage"] == "train"]
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     from mlflow.tracking import MlflowClient
@@ -531,8 +469,7 @@ def test_a_killed_train_job_resumes_in_the_same_mlflow_run(tmp_path):
 def test_a_bad_quantize_method_stops_the_dag_and_the_cli_with_one_line(snakemake_project):
     """Refused before any job starts: no quantized folder and no MLflow run appear."""
     runs_before = len(mlflow_runs(snakemake_project))
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = tool_env()
     models = "results/models/torch/resnet20"
     commands = [
         [str(BIN / "snakemake"), "--cores", "2", "--config", 'quantize={"methods": ["fixed_w1"]}'],
@@ -554,12 +491,9 @@ def test_a_bad_quantize_method_stops_the_dag_and_the_cli_with_one_line(snakemake
 
 
 def test_a_killed_qat_job_resumes_in_the_same_mlflow_run(snakemake_project, tmp_path):
-    """SIGKILL the `shrinkflow quantize` process of a QAT node while Snakemake runs it; the next
-    `snakemake` resumes its fake-quantized training and continues the same MLflow run."""
-    import signal
-    import time
-
-    import psutil  # a dependency of snakemake and dvc
+    """The `shrinkflow quantize` job of a QAT node, run by Snakemake, is killed outright
+    (SIGKILL) once it saved its first epoch's resume state; the next `snakemake` re-runs only
+    that job, which resumes its fake-quantized training and continues the same MLflow run."""
     import torch
 
     project = tmp_path / "project"  # a copy: the runs added here stay out of the other tests
@@ -572,29 +506,23 @@ def test_a_killed_qat_job_resumes_in_the_same_mlflow_run(snakemake_project, tmp_
     folder = project / "results/models/torch/resnet20/quantized/qat_int8/baseline"
     target = str((folder / "model").relative_to(project))
     snakemake = [str(BIN / "snakemake"), target, "--cores", "2", "--configfile", str(qat)]
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    state = folder / "resume/state.pt"
-    job = subprocess.Popen(
-        snakemake, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    killing = stopping_cli(tmp_path / "bin", kill_after=("state.pt", 1))
+    env = tool_env()
+    killed = subprocess.run(
+        snakemake,
+        cwd=project,
+        env={**env, "PATH": f"{killing}:{env['PATH']}"},  # the jobs' `shrinkflow`
+        capture_output=True,
+        text=True,
     )
-    deadline = time.monotonic() + 300
-    while not state.exists() and time.monotonic() < deadline and job.poll() is None:
-        time.sleep(0.05)
-    assert job.poll() is None, "quantization ended before it could be killed"
-    quantize = [  # the job's own process, not the shell Snakemake started it from
-        p for p in psutil.Process(job.pid).children(recursive=True) if "quantize" in p.cmdline()
-    ]
-    assert len(quantize) == 1
-    quantize[0].send_signal(signal.SIGKILL)
-    assert job.wait(timeout=120) != 0
-    done = torch.load(state, weights_only=True)["epoch"]
-    assert 1 <= done < epochs and not (folder / "model").exists()
+    assert killed.returncode != 0 and "Error in rule quantize" in killed.stderr, killed.stderr
+    assert torch.load(folder / "resume/state.pt", weights_only=True)["epoch"] == 1
+    assert not (folder / "model").exists()
 
     resumed = run(snakemake, project)
     assert job_counts(resumed.stdout + resumed.stderr) == {"quantize": 1}  # nothing upstream
     log = project / "logs/quantize/torch/resnet20/qat_int8/baseline.log"
-    assert f"resuming from epoch {done + 1}/{epochs}" in log.read_text()
+    assert f"resuming from epoch 2/{epochs}" in log.read_text()
     runs = mlflow_runs(project)
     qat_runs = [r for r in runs if r.data.tags.get("shrinkflow.qmethod") == "qat_int8"]
     assert len(qat_runs) == 1 and qat_runs[0].info.status == "FINISHED"
@@ -607,5 +535,5 @@ def test_a_killed_qat_job_resumes_in_the_same_mlflow_run(snakemake_project, tmp_
     assert sorted(steps) == list(range(1, epochs + 1))  # each epoch once, across both processes
     assert json.loads((folder / "model/run.json").read_text())["run_id"] == qat_runs[0].info.run_id
     facts = json.loads((folder / "model/quantize.json").read_text())
-    assert (facts["qat_epochs"], facts["qat_resumed_from_epoch"]) == (epochs, done)
+    assert (facts["qat_epochs"], facts["qat_resumed_from_epoch"]) == (epochs, 1)
     assert (folder / "model/model.pt2").is_file() and facts["quantized_layers"] > 0

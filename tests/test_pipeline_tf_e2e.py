@@ -4,15 +4,23 @@ files and lineage as the torch DAG (tests/test_pipeline_e2e.py), with tfmot and 
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-import yaml
-from test_pipeline_e2e import BIN, make_project, mlflow_runs, read_summary, run
+from projects import (
+    BIN,
+    make_project,
+    mlflow_runs,
+    read_params,
+    read_summary,
+    run,
+    tool_env,
+    write_params,
+)
+from stage_projects import prepare_digits, stopping_cli
 
 TINY_TF = {
     "backends": ["tensorflow"],
@@ -29,15 +37,13 @@ pytestmark = pytest.mark.slow
 
 
 def make_tf_project(dest: Path) -> Path:
-    """tests/test_pipeline_e2e.py's tiny project, switched to TensorFlow's methods."""
-    project = make_project(dest)
-    params = yaml.safe_load((project / "params.yaml").read_text())
+    """The tiny project of tests/projects.py, switched to TensorFlow's methods."""
+    project = make_project(dest, **{k: v for k, v in TINY_TF.items() if k != "backends"})
+    params = read_params(project)
     params["backends"] = TINY_TF["backends"]
-    for section in ("prune", "quantize", "sensitivity"):
-        params[section].update(TINY_TF[section])
     # one epoch of 8x8 digits at batch 128 is ~10 steps: tfmot's default 100 would never fire
     params["prune"]["gradual"]["frequency"] = 1
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_params(project, params)
     return project
 
 
@@ -46,6 +52,13 @@ def tf_project(tmp_path_factory) -> Path:
     project = make_tf_project(tmp_path_factory.mktemp("tf"))
     run([str(BIN / "snakemake"), "--profile", "workflow/profiles/local", "--cores", "2"], project)
     return project
+
+
+@pytest.fixture(scope="module")
+def prepared_digits(tmp_path_factory) -> Path:
+    """The prepared data the tiny project trains on, made once in-process for the
+    kill-and-resume test (the DAG run above runs download and prepare for real)."""
+    return prepare_digits(tmp_path_factory.mktemp("prepared") / "digits")
 
 
 def test_the_tensorflow_dag_writes_every_node_to_the_summary(tf_project):
@@ -125,33 +138,25 @@ def test_every_tensorflow_job_is_an_mlflow_run_tagged_with_its_backend(tf_projec
     }
 
 
-def test_a_killed_tensorflow_train_job_resumes_in_the_same_mlflow_run(tmp_path):
-    project = make_tf_project(tmp_path)
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    shrinkflow = str(BIN / "shrinkflow")
-    epochs = 8
-    run([shrinkflow, "download", "--out", "data/raw/digits"], project)
-    run(
-        [shrinkflow, "prepare", "--in", "data/raw/digits", "--out", "data/prepared/digits"], project
-    )
+def test_a_killed_tensorflow_train_job_resumes_in_the_same_mlflow_run(tmp_path, prepared_digits):
+    """TensorFlow's `shrinkflow train` killed outright (SIGKILL) once it saved epoch 1's resume
+    state: the re-run resumes at epoch 2 and continues the same MLflow run (each epoch once)."""
+    project = make_tf_project(tmp_path / "project")
+    shutil.copytree(prepared_digits, project / "data/prepared/digits")
+    epochs = 3
     out = project / MODELS / "baseline/model"
-    train = [shrinkflow, "train", "--set", f"train.epochs={epochs}", "--set", "train.batch_size=32",
-             "--backend", "tensorflow", "--model", "resnet20",
-             "--in", "data/prepared/digits", "--out", str(out)]  # fmt: skip
-    state = out.parent / "resume/state.json"
-    job = subprocess.Popen(train, cwd=project, env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not state.exists() and time.monotonic() < deadline and job.poll() is None:
-        time.sleep(0.05)
-    assert job.poll() is None, "training ended before it could be killed"
-    job.send_signal(signal.SIGKILL)
-    job.wait()
-    done = json.loads(state.read_text())["epoch"]
-    assert 1 <= done < epochs and not out.exists()
+    train = ["train", "--set", f"train.epochs={epochs}", "--backend", "tensorflow",
+             "--model", "resnet20", "--in", "data/prepared/digits", "--out", str(out)]  # fmt: skip
+    killing = stopping_cli(tmp_path / "bin", kill_after=("state.json", 1)) / "shrinkflow"
+    killed = subprocess.run(
+        [str(killing), *train], cwd=project, env=tool_env(), capture_output=True, text=True
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    state = json.loads((out.parent / "resume/state.json").read_text())
+    assert state["epoch"] == 1 and not out.exists()
 
-    resumed = run(train, project)
-    assert f"resuming from epoch {done + 1}/{epochs}" in resumed.stderr
+    resumed = run([str(BIN / "shrinkflow"), *train], project)
+    assert f"resuming from epoch 2/{epochs}" in resumed.stderr
     runs = [r for r in mlflow_runs(project) if r.data.tags["shrinkflow.stage"] == "train"]
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     from mlflow.tracking import MlflowClient
@@ -173,13 +178,11 @@ def test_a_killed_tensorflow_train_job_resumes_in_the_same_mlflow_run(tmp_path):
 )  # fmt: skip
 def test_a_method_tensorflow_lacks_is_refused_with_one_line(tf_project, args, message):
     runs_before = len(mlflow_runs(tf_project))
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
     out = tf_project / "results/refused/model"
     result = subprocess.run(
         [str(BIN / "shrinkflow"), *args, "--in", f"{MODELS}/baseline/model",
          "--data", "data/prepared/digits", "--out", str(out)],
-        cwd=tf_project, env=env, capture_output=True, text=True,
+        cwd=tf_project, env=tool_env(), capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr
@@ -202,13 +205,11 @@ def test_a_method_tensorflow_lacks_is_refused_with_one_line(tf_project, args, me
 def test_bad_tensorflow_input_is_one_line_and_writes_nothing(tf_project, args, message):
     """An unreachable tfmot schedule (found in the job, so its MLflow run ends FAILED), an empty
     representative data set and an unknown TFLite mode (refused before any run starts)."""
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
     out = tf_project / "results/refused/model"
     result = subprocess.run(
         [str(BIN / "shrinkflow"), *args, "--in", f"{MODELS}/baseline/model",
          "--data", "data/prepared/digits", "--out", str(out)],
-        cwd=tf_project, env=env, capture_output=True, text=True,
+        cwd=tf_project, env=tool_env(), capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
