@@ -2,12 +2,13 @@
 
 Debian's packages (``make services`` installs them): munged authenticates, MariaDB stores the
 accounting that slurmdbd serves (the Slurm executor asks ``sacct`` for job states), slurmctld
-schedules and slurmd runs the jobs on this machine with its real CPUs and memory. Every daemon
-runs in the foreground in its own process group, on free ports on 127.0.0.1, with its state,
-pid files and logs in one folder (munged's socket in a folder of its own under /tmp); the
-context manager cancels what is left and stops them all, whatever happened. Everything runs as
-root (``SlurmUser=root``), as on the test machines. slurmctld registers the cluster with
-slurmdbd itself, with root's default account, so no ``sacctmgr`` step is needed.
+schedules and slurmd runs the jobs on this machine (a node with its CPUs and memory, or more
+where a test asks for a larger node: ``slurm_cluster``). Every daemon runs in the foreground
+in its own process group, on free ports on 127.0.0.1, with its state, pid files and logs in one
+folder (munged's socket in a folder of its own under /tmp); the context manager cancels what is
+left and stops them all, whatever happened. Everything runs as root (``SlurmUser=root``), as on
+the test machines. slurmctld registers the cluster with slurmdbd itself, with root's default
+account, so no ``sacctmgr`` step is needed.
 
 Clients find the cluster through ``SLURM_CONF`` (``SlurmCluster.env``), except ``srun`` inside
 a job: the Slurm executor clears SLURM_CONF there, so the cluster links its folder at
@@ -108,14 +109,23 @@ class SlurmCluster:
         return list(csv.DictReader(io.StringIO(out), delimiter="|"))
 
 
-def _node_line() -> tuple[str, int, int, str]:
-    """(name, CPUs, MiB, NodeName line) of this machine, as ``slurmd -C`` measures it."""
+def _node_line(min_cpus: int, min_memory_mb: int) -> tuple[str, int, int, str]:
+    """(name, CPUs, MiB, NodeName line) of this machine: what ``slurmd -C`` measures, or at
+    least ``min_cpus`` cores and ``min_memory_mb`` MiB (declared; see ``slurm_cluster``)."""
     out = subprocess.run(
         ["slurmd", "-C"], capture_output=True, text=True, check=True, env=_sbin_env()
     ).stdout
     line = next(text for text in out.splitlines() if text.startswith("NodeName="))
     fields = dict(item.split("=", 1) for item in line.split())
-    return fields["NodeName"], int(fields["CPUs"]), int(fields["RealMemory"]), line
+    name, cpus, memory_mb = fields["NodeName"], int(fields["CPUs"]), int(fields["RealMemory"])
+    if cpus < min_cpus or memory_mb < min_memory_mb:
+        cpus, memory_mb = max(cpus, min_cpus), max(memory_mb, min_memory_mb)
+        line = (
+            f"NodeName={name} CPUs={cpus} Boards=1 SocketsPerBoard=1 CoresPerSocket={cpus} "
+            f"ThreadsPerCore=1 RealMemory={memory_mb}"
+        )
+    line = re.sub(r"\s*UpTime=\S+", "", line) + " NodeAddr=127.0.0.1 State=UNKNOWN"
+    return name, cpus, memory_mb, line
 
 
 def _sbin_env() -> dict[str, str]:
@@ -285,6 +295,9 @@ AccountingStoragePass={munge}
 AccountingStoreFlags=job_comment
 MpiDefault=none
 ReturnToService=2
+# The node's CPUs and memory are the ones declared below, even where they exceed the machine's
+# (slurm_cluster's min_cpus and min_memory_mb): slurmd does not refuse to register.
+SlurmdParameters=config_overrides
 SchedulerType=sched/backfill
 {node_line}
 PartitionName={PARTITION} Nodes={node} Default=YES MaxTime=INFINITE State=UP
@@ -292,14 +305,20 @@ PartitionName={PARTITION} Nodes={node} Default=YES MaxTime=INFINITE State=UP
 
 
 @contextmanager
-def slurm_cluster(folder: Path) -> Iterator[SlurmCluster]:
+def slurm_cluster(
+    folder: Path, min_cpus: int = 0, min_memory_mb: int = 0
+) -> Iterator[SlurmCluster]:
     """Start munged, MariaDB, slurmdbd, slurmctld and slurmd with everything under ``folder``;
-    yield the cluster once its node is idle; cancel its jobs and stop them all afterwards."""
+    yield the cluster once its node is idle; cancel its jobs and stop them all afterwards.
+
+    The node has this machine's CPUs and memory, or at least ``min_cpus`` and ``min_memory_mb``
+    where those are more: Slurm then runs as many jobs side by side as their requests fit in,
+    as on a real node of that size, while the jobs share the machine's real cores (task/none
+    binds no job to a core)."""
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("state", "spool"):
         (folder / name).mkdir(exist_ok=True)
-    node, cpus, memory_mb, line = _node_line()
-    line = re.sub(r"\s*UpTime=\S+", "", line) + " NodeAddr=127.0.0.1 State=UNKNOWN"
+    node, cpus, memory_mb, line = _node_line(min_cpus, min_memory_mb)
     # munged wants every folder above its socket searchable by all; pytest's are private.
     munge_dir = Path(tempfile.mkdtemp(prefix="shrinkflow-munge-"))
     munge_dir.chmod(0o755)

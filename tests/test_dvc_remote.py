@@ -1,9 +1,9 @@
-"""The shared DVC remote: a dead one stops a run in one line before any job; a Snakemake run
-pushes its checkpoints there, and a second clone pulls them and re-runs nothing."""
+"""The shared DVC remote: `shrinkflow remote check` and `push`, and a dead one stops a run in
+one line before any job. (A Snakemake run that pushes its checkpoints there, and a second clone
+that pulls them and re-runs nothing: tests/test_report_mlflow_server.py, on its DAG.)"""
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -17,30 +17,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import yaml
 from mlflow_server import free_port
-from test_pipeline_e2e import make_project
-
-BIN = Path(sys.executable).parent
-SMALLEST = {  # one sweep point, no sensitivity sweep, no quantization: 10 DVC stages
-    "prune": {"methods": ["l1_unstructured"]},
-    "sensitivity": {"ratios": []},
-    "quantize": {"methods": []},
-}
-GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+from projects import BIN, make_project, run, tool_env
 
 
 def call(cmd: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    """Run ``cmd`` with the test's venv first on PATH and MLflow's default store."""
-    full = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", **env}
-    full.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run(cmd, cwd=cwd, env=full, capture_output=True, text=True)
-
-
-def ok(cmd: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    result = call(cmd, cwd, **env)
-    assert result.returncode == 0, f"{cmd}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
+    """Run ``cmd`` as :func:`projects.run` does, whatever its exit status."""
+    return subprocess.run(cmd, cwd=cwd, env=tool_env(**env), capture_output=True, text=True)
 
 
 def error_lines(result: subprocess.CompletedProcess) -> list[str]:
@@ -52,14 +35,14 @@ def dvc_project(tmp_path) -> Path:
     """An empty DVC project without git (only its config matters here)."""
     project = tmp_path / "project"
     project.mkdir()
-    ok([str(BIN / "dvc"), "init", "--no-scm", "-q"], project)
+    run([str(BIN / "dvc"), "init", "--no-scm", "-q"], project)
     return project
 
 
 def add_remote(project: Path, name: str, url: str, *extra: str) -> None:
-    ok([str(BIN / "dvc"), "remote", "add", "-d", name, url], project)
+    run([str(BIN / "dvc"), "remote", "add", "-d", name, url], project)
     for key, value in zip(extra[::2], extra[1::2], strict=True):
-        ok([str(BIN / "dvc"), "remote", "modify", name, key, value], project)
+        run([str(BIN / "dvc"), "remote", "modify", name, key, value], project)
 
 
 def check(project: Path, *args: str) -> subprocess.CompletedProcess:
@@ -179,14 +162,14 @@ def test_an_s3_remote_is_checked_pushed_and_pulled(dvc_project, tmp_path, monkey
         checkpoint = dvc_project / "model.pt"
         checkpoint.write_bytes(os.urandom(4096))
         before = checkpoint.read_bytes()
-        ok([str(BIN / "dvc"), "add", "-q", "model.pt"], dvc_project)
-        ok([str(BIN / "shrinkflow"), "remote", "push"], dvc_project)
+        run([str(BIN / "dvc"), "add", "-q", "model.pt"], dvc_project)
+        run([str(BIN / "shrinkflow"), "remote", "push"], dvc_project)
         objects = boto3.client("s3", endpoint_url=endpoint).list_objects_v2(Bucket="shrinkflow")
         keys = [o["Key"] for o in objects["Contents"]]
         assert keys and all(k.startswith("dvc/files/md5/") for k in keys)  # no probe left
         shutil.rmtree(dvc_project / ".dvc/cache")
         checkpoint.unlink()
-        ok([str(BIN / "dvc"), "pull", "-q"], dvc_project)
+        run([str(BIN / "dvc"), "pull", "-q"], dvc_project)
         assert checkpoint.read_bytes() == before
         add_remote(dvc_project, "gone", "s3://no-such-bucket/dvc", "endpointurl", endpoint)
         result = check(dvc_project)
@@ -240,61 +223,3 @@ def test_a_push_of_a_partial_workspace_is_one_line_and_keeps_it(tmp_path):
         "once fixed)"
     ]
     assert not (tmp_path / "store").exists()
-
-
-def md5s(root: Path) -> dict[str, str]:
-    """md5 of every file DVC versions under results/ and data/ (the resume state is scratch)."""
-    return {
-        str(path.relative_to(root)): hashlib.md5(path.read_bytes()).hexdigest()
-        for top in ("results", "data")
-        for path in sorted((root / top).rglob("*"))
-        if path.is_file() and path.name != ".gitignore" and "resume" not in path.parts
-    }
-
-
-@pytest.mark.slow
-def test_a_second_clone_pulls_the_checkpoints_and_reruns_nothing(tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    (tmp_path / "first").mkdir()
-    first = make_project(tmp_path / "first")
-    params = yaml.safe_load((first / "params.yaml").read_text())
-    for section, values in SMALLEST.items():
-        params[section].update(values)
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"  # one tracking store for both clones
-    params["tracking"]["uri"] = store
-    (first / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    shared = tmp_path / "shared-remote"
-    add_remote(first, "shared", str(shared))
-
-    snakemake = [str(BIN / "snakemake"), "--profile", "workflow/profiles/local", "--cores", "2"]
-    result = ok(snakemake, first, SHRINKFLOW_DVC_PUSH="1")
-    assert f"dvc remote 'shared' ({shared}): writable" in result.stderr
-    dvc = str(BIN / "dvc")
-    in_sync = ok([dvc, "status", "--cloud"], first)  # onsuccess committed and pushed it all
-    assert in_sync.stdout.strip() == "Cache and remote 'shared' are in sync.", in_sync.stdout
-    assert (first / "results/models/torch/resnet20/baseline/resume").is_dir()
-    ok([*GIT, "add", "-A"], first)
-    ok([*GIT, "commit", "-q", "-m", "smallest sweep"], first)
-    client = MlflowClient(tracking_uri=store)
-    experiment = client.get_experiment_by_name("shrinkflow").experiment_id
-    runs_before = client.search_runs([experiment], max_results=1000)
-
-    second = tmp_path / "second"
-    ok(["git", "clone", "-q", str(first), str(second)], tmp_path)
-    assert not (second / "results").exists()
-    ok([dvc, "pull", "-q"], second)
-    status = ok([dvc, "status"], second)
-    assert status.stdout.strip() == "Data and pipelines are up to date.", status.stdout
-    repro = ok([dvc, "repro"], second)
-    stages = ok([dvc, "stage", "list", "--name-only"], second).stdout.split()
-    assert "train@torch-resnet20" in stages and len(stages) == 10
-    skipped = [line.split("'")[1] for line in repro.stdout.splitlines() if "skipping" in line]
-    assert sorted(skipped) == sorted(stages) and "Running stage" not in repro.stdout
-    runs_after = client.search_runs([experiment], max_results=1000)
-    assert len(runs_after) == len(runs_before)  # no job ran: no new MLflow run
-    stages_logged = [r.data.tags["shrinkflow.stage"] for r in runs_after]
-    assert stages_logged.count("train") == 1
-    pulled, made = md5s(second), md5s(first)
-    assert "results/models/torch/resnet20/baseline/model/model.pt" in pulled
-    assert pulled == made  # every checkpoint, metric and report file, byte for byte

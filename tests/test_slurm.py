@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from projects import BIN, ROOT, job_counts, make_project, tool_env
 from slurm_cluster import PARTITION, SlurmCluster, slurm_cluster, unavailable
-from test_pipeline_e2e import BIN, ROOT, make_project
 
 from shrinkflow import cluster
 from shrinkflow.errors import ShrinkflowError
@@ -30,12 +30,32 @@ PROFILE = ROOT / "workflow/profiles/slurm"
 UNAVAILABLE = unavailable()
 needs_cluster = pytest.mark.skipif(UNAVAILABLE is not None, reason=UNAVAILABLE or "")
 # The smallest DAG with every rule in it (14 Slurm jobs): TINY with one sweep point (gradual
-# pruning, whose prune job the profile sends to a GPU) and one quantization method. TINY's full
-# sweep has 31 jobs, one after another on a 2-CPU node (each asks for 2), and each pays for two
-# Snakemake start-ups (the job step and the job) besides its own CLI's: measured here, the 14
-# jobs' commands took 130 s of CPU, the jobs 430 s of wall time on a busy machine.
+# pruning, whose prune job the profile sends to a GPU) and one quantization method (TINY's full
+# sweep has 31 jobs). Each job pays for two Snakemake start-ups (the job step and the job)
+# besides its own CLI's. Ten of them follow one another (download, prepare, train, sensitivity,
+# prune, finetune, quantize, evaluate_quantized, summarize, report); the others run beside them.
 METHOD, SPARSITY, QMETHOD = "gradual_polynomial", 0.5, "fixed_w4"
-STATUS_CHECK_S = 1  # the plugin's default of 40 s between sacct polls suits hour-long jobs
+# Snakemake as its console script runs it, except that the Slurm executor asks sacct for its
+# jobs' states every STATUS_CHECK_S seconds. The plugin (2.8.0) waits 40 s before its first
+# check and 10 s longer after each check that finds no job finished, up to 180 s: fine for
+# hour-long jobs, but the tiny DAG's jobs end within seconds and each waited 12-33 s to be
+# noticed, one after another along the DAG's ten-job critical path. Only when Snakemake notices
+# that a job ended changes; what it submits, and what Slurm runs and records, do not.
+STATUS_CHECK_S = 1
+SNAKEMAKE = f"""
+import sys
+from snakemake.cli import main
+from snakemake_executor_plugin_slurm import Executor
+
+Executor.next_seconds_between_status_checks = property(
+    lambda self: {STATUS_CHECK_S}, lambda self, seconds: None
+)
+sys.argv[0] = {str(BIN / "snakemake")!r}
+sys.exit(main())
+"""
+# The most jobs the DAG has ready at once: after train, sensitivity and the baseline's quantize
+# and evaluate. The test node has room for them all (the fixture `slurm`).
+SIDE_BY_SIDE = 3
 
 
 def test_sinfo_rows_become_nodes_of_partitions():
@@ -133,30 +153,22 @@ def profile_without_gpus() -> list[str]:
 
 
 def tiny_project(dest: Path) -> Path:
-    project = make_project(dest, quantize_methods=[QMETHOD])
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["prune"]["methods"] = [METHOD]
-    params["prune"]["sparsities"] = [SPARSITY]
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return project
+    return make_project(
+        dest, quantize_methods=[QMETHOD], prune={"methods": [METHOD], "sparsities": [SPARSITY]}
+    )
 
 
 def snakemake(slurm: SlurmCluster, project: Path, *args: str, env: dict | None = None):
-    environment = {**slurm.env, "PATH": f"{BIN}:{slurm.env['PATH']}", **(env or {})}
-    cmd = [str(BIN / "snakemake"), "--profile", str(PROFILE), *args]
+    path = f"{BIN}:{slurm.env['PATH']}"  # the venv's snakemake, then Slurm's clients
+    environment = tool_env(SLURM_CONF=str(slurm.conf), PATH=path, **(env or {}))
+    cmd = [str(BIN / "python"), "-c", SNAKEMAKE, "--profile", str(PROFILE), *args]
     return subprocess.run(cmd, cwd=project, env=environment, capture_output=True, text=True)
 
 
 def submitted_jobs(output: str) -> Counter:
     """Jobs per rule in the DAG of a run (its "Job stats" table), less `all`: a target with no
     command, which Snakemake finishes itself without submitting it."""
-    table = output[output.index("Job stats:") :].splitlines()[3:]
-    counts = Counter()
-    for line in table:
-        if not line.strip() or line.startswith("total"):
-            break
-        rule, count = line.split()
-        counts[rule] = int(count)
+    counts = Counter(job_counts(output))
     counts.pop("all")
     return counts
 
@@ -166,9 +178,23 @@ def rule_of(comment: str) -> str:
     return comment.removeprefix("rule_").split("_wildcards_")[0]
 
 
+def profile_requests() -> list[dict]:
+    """The resources the profile sets per rule."""
+    return list(yaml.safe_load((PROFILE / "config.yaml").read_text())["set-resources"].values())
+
+
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory) -> SlurmCluster:
-    with slurm_cluster(tmp_path_factory.mktemp("slurm")) as running:
+    """The test cluster, its node large enough for SIDE_BY_SIDE of the profile's largest
+    requests at once, whatever this machine has: independent jobs then run side by side, as
+    on a cluster, instead of one after another on a 2-CPU machine (each 2-CPU job mostly waits
+    for imports on one core)."""
+    requests = profile_requests()
+    with slurm_cluster(
+        tmp_path_factory.mktemp("slurm"),
+        min_cpus=SIDE_BY_SIDE * max(r["cpus_per_task"] for r in requests),
+        min_memory_mb=SIDE_BY_SIDE * max(r["mem_mb"] for r in requests),
+    ) as running:
         yield running
 
 
@@ -180,10 +206,6 @@ def slurm_run(slurm, tmp_path_factory):
     MLFLOW_TRACKING_URI points outside the project: a job that did not get it would log to the
     project's mlflow.db instead.
     """
-    requests = yaml.safe_load((PROFILE / "config.yaml").read_text())["set-resources"].values()
-    memory, cpus = (max(r[key] for r in requests) for key in ("mem_mb", "cpus_per_task"))
-    if slurm.memory_mb < memory or slurm.cpus < cpus:
-        pytest.skip(f"the profile asks for up to {cpus} CPUs and {memory} MB; this node has less")
     project = tiny_project(tmp_path_factory.mktemp("project"))
     store = tmp_path_factory.mktemp("store") / "mlflow.db"
     result = snakemake(
@@ -191,8 +213,6 @@ def slurm_run(slurm, tmp_path_factory):
         project,
         "--set-resources",
         *profile_without_gpus(),
-        "--slurm-init-seconds-before-status-checks",
-        str(STATUS_CHECK_S),
         env={"MLFLOW_TRACKING_URI": f"sqlite:///{store}"},
     )
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from projects import BIN, make_project, tool_env
 
 from shrinkflow import tracking, tracking_health
 from shrinkflow.errors import ShrinkflowError
@@ -254,32 +255,67 @@ def test_lock_conflicts_give_up_after_the_budget(monkeypatch: pytest.MonkeyPatch
     assert tracking.RETRY_BUDGET_S - 10 < clock[0] <= tracking.RETRY_BUDGET_S
 
 
+# Starts tracking_worker.py's workers (argv: WORKER URI COUNT STEPS GO_FILE) as forks of one
+# process that imported the worker's modules (mlflow's SQL store, shrinkflow.tracking) and
+# touched no store: separate processes, each with its own connections as jobs have, without
+# paying ~2.5 s of CPU for those imports each. Worker INDEX writes its output to
+# GO_FILE-INDEX.log; the launcher prints one "INDEX STATUS" line per worker that ended.
+FORKED_WORKERS = """
+import os, sys, traceback
+
+path, uri, count, steps, go = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(path))
+import tracking_worker as worker  # its imports, not its main()
+
+children = {}
+for index in range(int(count)):
+    pid = os.fork()
+    if pid:
+        children[pid] = index
+        continue
+    log = os.open(f"{go}-{index}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    sys.argv = [path, uri, str(index), steps, go]
+    try:
+        worker.main()
+        status = 0
+    except BaseException:  # sys.exit("worker: ...") included
+        traceback.print_exc()
+        status = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+while children:
+    pid, status = os.wait()
+    print(children.pop(pid), os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+
 def test_concurrent_jobs_on_a_fresh_store_lose_nothing(tmp_path: Path) -> None:
     n_workers, n_steps = 8, 50
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     go = tmp_path / "go"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), uri, str(i), str(n_steps), str(go)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
-        for i in range(n_workers)
-    ]
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", FORKED_WORKERS, str(WORKER), uri, str(n_workers), str(n_steps),
+         str(go)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
     ready = [tmp_path / f"ready-{i}" for i in range(n_workers)]
     deadline = time.monotonic() + 120
     while not all(r.exists() for r in ready) and time.monotonic() < deadline:
-        assert all(p.poll() is None for p in procs), "a worker died before the start"
+        assert launcher.poll() is None, launcher.communicate()[0]  # died before the start
         time.sleep(0.05)
     assert not (tmp_path / "store").exists()  # nobody has touched the store before the start
     go.touch()
-    outputs = [p.communicate(timeout=240)[0] for p in procs]
-    for i, (proc, output) in enumerate(zip(procs, outputs, strict=True)):
-        assert proc.returncode == 0, f"worker {i}:\n{output}"
+    launched = launcher.communicate(timeout=240)[0]
+    assert launcher.returncode == 0, launched
+    ended = dict(line.split() for line in launched.splitlines())
+    for i in range(n_workers):
+        output = Path(f"{go}-{i}.log").read_text()
+        assert ended.get(str(i)) == "0", f"worker {i}:\n{output}"
 
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("concurrency")
@@ -444,13 +480,17 @@ def test_a_cli_job_refuses_an_unreachable_server_before_writing(tmp_path: Path) 
 
 
 def test_snakemake_refuses_an_unreachable_server_before_any_job(tmp_path: Path) -> None:
-    from test_pipeline_e2e import BIN, make_project
-
-    project = make_project(tmp_path)
+    project = make_project(tmp_path / "project")
     before = sorted(p.name for p in project.iterdir())
     port = closed_port()
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{port}"
+    env = tool_env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}")
+    # A dry run needs no server. It runs while the run below waits for the server, in a copy of
+    # the project of its own: the run must leave its project as it was.
+    dry = subprocess.Popen(
+        [str(BIN / "snakemake"), "-n", "--cores", "2"],
+        cwd=make_project(tmp_path / "dry-run"), env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
     started = time.monotonic()
     result = subprocess.run(
         [str(BIN / "snakemake"), "--cores", "2"],
@@ -468,9 +508,5 @@ def test_snakemake_refuses_an_unreachable_server_before_any_job(tmp_path: Path) 
     assert "localrule" not in result.stderr + result.stdout  # no job started
     after = sorted(p.name for p in project.iterdir() if p.name != ".snakemake")
     assert after == before  # no data, no results, no store
-    # a dry run needs no server
-    dry = subprocess.run(
-        [str(BIN / "snakemake"), "-n", "--cores", "2"],
-        cwd=project, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert dry.returncode == 0, dry.stderr[-2000:]
+    dry_stderr = dry.communicate(timeout=300)[1]
+    assert dry.returncode == 0, dry_stderr[-2000:]
