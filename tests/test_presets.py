@@ -2,25 +2,41 @@
 
 from __future__ import annotations
 
-import csv
+import gc
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
+from projects import BIN, ROOT, read_summary, tool_env
+from sklearn.datasets import load_digits
 
+from shrinkflow import invocation
+from shrinkflow.cli import app
 from shrinkflow.config import load_params
 from shrinkflow.dag import evaluated_nodes
 from shrinkflow.quantization import parse_quant_method
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
+# The one preset run by Snakemake itself, every job a `shrinkflow` process as in production: the
+# cheapest (torch only, one model, no sensitivity, fine-tuning and quantization), and what it
+# proves about running jobs is the same for every preset. The others run the very jobs Snakemake
+# plans for them in this process (test_preset_jobs_snakemake_plans_run_in_one_process).
+END_TO_END = ROOT / "configs/study3_unstructured_sweep_resnet50.yaml"
+IN_PROCESS = [preset for preset in PRESETS if preset != END_TO_END]
+
+# Runs the DAG's jobs for targets (none: the default target) with these config files; returns the
+# names of the rules whose jobs ran.
+Executor = Callable[[Sequence[str], Sequence[str]], set[str]]
 
 
 def test_there_is_a_preset_per_reference_study():
@@ -104,50 +120,53 @@ def smoke_overrides(preset: Path) -> dict:
         "finetune": {"epochs": min(1, cfg["finetune"]["epochs"])},
         # a one-epoch model loses more than any real budget: let every ratio pass
         "sensitivity": {"ratios": cfg["sensitivity"]["ratios"][:2], "max_drop": 1.0},
-        # Quantization runs in a second, targeted pass (see the smoke test).
+        # Quantization runs in a second, targeted pass (see check_smoke_run).
         "quantize": {"methods": [], "calibration_batches": 1, "qat": {"epochs": 1}},
         "evaluate": {"batch_sizes": [1, 16], "warmup": 1, "repeats": 2},
     }
 
 
-@pytest.mark.slow
-# Study 2 trains, prunes and evaluates two 11-15 M-parameter models at 4 nodes each, then
-# quantizes both baselines: 13.5 minutes measured on 2 busy cores (load average 3), so over the
-# suite's 15-minute default when busier.
-@pytest.mark.timeout(1800)
-@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
-def test_preset_smoke_runs_on_digits_with_one_epoch(preset, tmp_path):
-    """The preset's DAG without quantization, then its first quantization method on each
-    model's baseline only: every preset that quantizes starts with static_int8, whose
-    torch.export capture (or TFLite full-integer conversion) is what differs between
-    architectures (each method on every kind of
-    source is covered in tests/test_pipeline_e2e.py). Quantizing every sweep point as well would
-    add 8 more jobs to study2, minutes on 2 cores."""
+def smoke_project(project: Path, preset: Path, **sections: dict) -> Path:
+    """A copy of the project with the preset as preset.yaml and its smoke overrides, each of
+    ``sections`` updated over its section, as smoke.yaml (later config files win)."""
+    project.mkdir(parents=True, exist_ok=True)
     for name in ["Snakefile", "workflow", "src", "params.yaml"]:
         source = ROOT / name
         if source.is_dir():
-            shutil.copytree(source, tmp_path / name, symlinks=True,
+            shutil.copytree(source, project / name, symlinks=True,
                             ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))  # fmt: skip
         else:
-            shutil.copy(source, tmp_path / name)
-    shutil.copy(preset, tmp_path / "preset.yaml")
-    (tmp_path / "smoke.yaml").write_text(yaml.safe_dump(smoke_overrides(preset)))
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+            shutil.copy(source, project / name)
+    shutil.copy(preset, project / "preset.yaml")
+    overrides = smoke_overrides(preset)
+    for section, values in sections.items():
+        overrides[section].update(values)
+    (project / "smoke.yaml").write_text(yaml.safe_dump(overrides))
+    return project
 
-    def snakemake(*targets: str, configfiles=("preset.yaml", "smoke.yaml")) -> set[str]:
-        """Run Snakemake in the project; return the names of the rules it ran."""
-        result = subprocess.run(
-            [str(BIN / "snakemake"), *targets, "--cores", "2", "--configfile", *configfiles],
-            cwd=tmp_path, env=env, capture_output=True, text=True,
-        )  # fmt: skip
-        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-        return set(re.findall(r"^(?:local)?rule (\w+):", result.stderr, re.MULTILINE))
 
-    snakemake()
-    cfg = load_params([tmp_path / "params.yaml", tmp_path / "preset.yaml", tmp_path / "smoke.yaml"])
-    with (tmp_path / "results/summary.csv").open() as handle:
-        rows = list(csv.DictReader(handle))
+def digits_subset_folder(root: Path, per_class: int) -> Path:
+    """The first ``per_class`` images of each of scikit-learn's 8x8 digits as an image folder
+    (one sub-folder of grayscale PNGs per class), pixels scaled as the digits download does."""
+    digits = load_digits()
+    pixels = np.round(digits.images * (255 / 16)).astype(np.uint8)
+    for label in range(10):
+        (root / str(label)).mkdir(parents=True)
+        for i, index in enumerate(np.flatnonzero(digits.target == label)[:per_class]):
+            Image.fromarray(pixels[index], mode="L").save(root / str(label) / f"{i}.png")
+    return root
+
+
+def check_smoke_run(project: Path, preset: Path, execute: Executor) -> None:
+    """The preset's DAG without quantization, then its first quantization method on each
+    model's baseline only: every preset that quantizes starts with static_int8, whose
+    torch.export capture (or TFLite full-integer conversion) is what differs between
+    architectures (each method on every kind of source is covered in
+    tests/test_pipeline_e2e.py). Quantizing every sweep point as well would add 8 more jobs to
+    study2."""
+    execute((), ("preset.yaml", "smoke.yaml"))
+    cfg = load_params([project / "params.yaml", project / "preset.yaml", project / "smoke.yaml"])
+    rows = read_summary(project)
     points = len(cfg["prune"]["methods"]) * len(cfg["prune"]["sparsities"])
     assert len(rows) == len(cfg["backends"]) * len(cfg["models"]) * (1 + points)
     assert {r["model"] for r in rows} == set(cfg["models"])
@@ -156,21 +175,105 @@ def test_preset_smoke_runs_on_digits_with_one_epoch(preset, tmp_path):
     methods = load_params([ROOT / "params.yaml", preset])["quantize"]["methods"][:1]
     if not methods:  # study3 measures pruning alone
         return
-    (tmp_path / "quantize.yaml").write_text(yaml.safe_dump({"quantize": {"methods": methods}}))
+    (project / "quantize.yaml").write_text(yaml.safe_dump({"quantize": {"methods": methods}}))
     nodes = {
         (b, m): f"results/models/{b}/{m}/quantized/{methods[0]}/baseline"
         for b in cfg["backends"]
         for m in cfg["models"]
     }
-    rules = snakemake(
-        *[f"{node}/metrics.json" for node in nodes.values()],
-        configfiles=("preset.yaml", "smoke.yaml", "quantize.yaml"),
+    rules = execute(
+        [f"{node}/metrics.json" for node in nodes.values()],
+        ("preset.yaml", "smoke.yaml", "quantize.yaml"),
     )
     assert rules == {"quantize", "evaluate_quantized"}  # on the models already trained
     for (backend, model), node in nodes.items():
-        record = json.loads((tmp_path / node / "metrics.json").read_text())
+        record = json.loads((project / node / "metrics.json").read_text())
         assert (record["stage"], record["quant_method"]) == ("quantized", methods[0])
         assert 0.0 <= record["top1"] <= 1.0
         model_file = {"torch": "model.pt", "tensorflow": "model.keras"}[backend]
-        baseline = tmp_path / f"results/models/{backend}/{model}/baseline/model/{model_file}"
+        baseline = project / f"results/models/{backend}/{model}/baseline/model/{model_file}"
         assert record["size_bytes"] < record["reference_size_bytes"] == baseline.stat().st_size
+
+
+@pytest.mark.slow
+def test_preset_runs_end_to_end_through_snakemake(tmp_path):
+    """A preset as `--configfile` through the whole DAG, each job a `shrinkflow` process that
+    Snakemake starts, as a user runs it."""
+    project = smoke_project(tmp_path, END_TO_END)
+
+    def snakemake(targets: Sequence[str], configfiles: Sequence[str]) -> set[str]:
+        """Run Snakemake in the project; return the names of the rules it ran."""
+        result = subprocess.run(
+            [str(BIN / "snakemake"), *targets, "--cores", "2", "--configfile", *configfiles],
+            cwd=project, env=tool_env(), capture_output=True, text=True,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+        return set(re.findall(r"^(?:local)?rule (\w+):", result.stderr, re.MULTILINE))
+
+    check_smoke_run(project, END_TO_END, snakemake)
+
+
+def planned_jobs(project: Path, targets: Sequence[str], configfiles: Sequence[str]) -> list:
+    """(rule, `shrinkflow` arguments) of every job Snakemake would run now for ``targets``, in
+    the order it would start them (each after the jobs it needs), from its dry run's shell
+    commands without their `2> log` redirection. Jobs without a command (rule all) are left out.
+    """
+    result = subprocess.run(
+        [str(BIN / "snakemake"), "-n", "-p", *targets, "--configfile", *configfiles],
+        cwd=project, env=tool_env(), capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    jobs, rule = [], None
+    for line in result.stdout.splitlines():
+        if match := re.match(r"(?:local)?rule (\w+):$", line):
+            rule = match[1]
+        elif line.startswith("Shell command: ") and line != "Shell command: None":
+            words = shlex.split(line.removeprefix("Shell command: "))
+            assert words[0] == "shrinkflow" and words[-2] == "2>", line
+            jobs.append((rule, words[1:-2]))
+    assert jobs, result.stdout[-4000:]
+    return jobs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", IN_PROCESS, ids=[p.stem for p in IN_PROCESS])
+def test_preset_jobs_snakemake_plans_run_in_one_process(preset, tmp_path, monkeypatch, empty_store):
+    """Every job Snakemake plans for the preset, with the very `shrinkflow` arguments it would
+    start it with, run in dependency order by the CLI in this process: the torch (and
+    TensorFlow) import is paid once instead of once a job. The second pass's plan, made after the
+    first pass's outputs exist, also shows that Snakemake takes them for its own."""
+    # 240 images instead of digits' 1,797: every job computes on ~8x fewer, and each epoch of
+    # batches of 32 still has 5 steps (tfmot's schedule updates the masks at several of them).
+    data = digits_subset_folder(tmp_path / "digits", per_class=24)
+    project = smoke_project(
+        tmp_path / "project",
+        preset,
+        data={"name": "imagefolder", "root": str(data)},
+        train={"batch_size": 32},
+    )
+    shutil.copy(empty_store, project / "mlflow.db")  # the store each job would create
+    monkeypatch.chdir(project)
+    # What the Snakefile gives every job (envvars): one invocation id and the project's store.
+    monkeypatch.setenv(invocation.ENV, invocation.new_invocation_id())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    environment = dict(os.environ)
+
+    def in_process(targets: Sequence[str], configfiles: Sequence[str]) -> set[str]:
+        jobs = planned_jobs(project, targets, configfiles)
+        for _, args in jobs:
+            app(args, standalone_mode=False)
+            fresh_process_state(environment)
+        return {rule for rule, _ in jobs}
+
+    check_smoke_run(project, preset, in_process)
+
+
+def fresh_process_state(environment: dict[str, str]) -> None:
+    """Undo what a job leaves behind that its own process would have taken with it: changed
+    environment variables and Keras' graph state (layer-name counters, cached models)."""
+    for name in set(os.environ) - set(environment):
+        del os.environ[name]
+    os.environ.update(environment)
+    if "tf_keras" in sys.modules:
+        sys.modules["tf_keras"].backend.clear_session()
+    gc.collect()
