@@ -54,7 +54,7 @@ test: venv services
 lint: venv
 	ruff check .
 	ruff format --check .
-	pytest -q tests/test_workflow_lint.py
+	pytest -q -n 0 tests/test_workflow_lint.py
 
 repro: venv
 	dvc repro
