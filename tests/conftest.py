@@ -8,9 +8,16 @@ first (DESIGN.md section 2), so torch goes first, whichever tests are selected.
 import os
 from pathlib import Path
 
-import pytest
-import torch  # noqa: F401
-import torchvision  # noqa: F401
+# One OpenMP thread in this process and in every process a test starts (DAG jobs included),
+# before torch loads libgomp: the suite runs two xdist workers, each often with a DAG job beside
+# it, on two cores. A 2-thread torch process that shares its cores spins in libgomp's barriers:
+# measured, three 2-thread training processes at once took 8-11 s of CPU each where 1-thread
+# ones took 1.7 s. What a test checks does not depend on the thread count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402, F401
+import torchvision  # noqa: E402, F401
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # tfmot needs Keras 2 (as the Makefile sets)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -14,7 +14,17 @@ from pathlib import Path
 import pytest
 import yaml
 from browser import chromium_available, render_page
-from projects import BIN, TINY, job_counts, make_project, mlflow_runs, read_summary, run, tool_env
+from projects import (
+    BIN,
+    DAG_CORES,
+    TINY,
+    job_counts,
+    make_project,
+    mlflow_runs,
+    read_summary,
+    run,
+    tool_env,
+)
 from stage_projects import prepare_digits, stopping_cli
 
 POINTS = [(m, 0.5) for m in TINY["prune"]["methods"]]
@@ -31,7 +41,10 @@ def md5(path: Path) -> str:
 @pytest.fixture(scope="module")
 def snakemake_project(tmp_path_factory) -> Path:
     project = make_project(tmp_path_factory.mktemp("smk"))
-    run([str(BIN / "snakemake"), "--profile", "workflow/profiles/local", "--cores", "2"], project)
+    run(
+        [str(BIN / "snakemake"), "--profile", "workflow/profiles/local", "--cores", DAG_CORES],
+        project,
+    )
     return project
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from projects import (
     BIN,
+    DAG_CORES,
     make_project,
     mlflow_runs,
     read_params,
@@ -50,7 +51,10 @@ def make_tf_project(dest: Path) -> Path:
 @pytest.fixture(scope="module")
 def tf_project(tmp_path_factory) -> Path:
     project = make_tf_project(tmp_path_factory.mktemp("tf"))
-    run([str(BIN / "snakemake"), "--profile", "workflow/profiles/local", "--cores", "2"], project)
+    run(
+        [str(BIN / "snakemake"), "--profile", "workflow/profiles/local", "--cores", DAG_CORES],
+        project,
+    )
     return project
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from projects import BIN, ROOT, read_summary, tool_env
+from projects import BIN, DAG_CORES, ROOT, read_summary, tool_env
 from sklearn.datasets import load_digits
 
 from shrinkflow import invocation
@@ -204,7 +204,7 @@ def test_preset_runs_end_to_end_through_snakemake(tmp_path):
     def snakemake(targets: Sequence[str], configfiles: Sequence[str]) -> set[str]:
         """Run Snakemake in the project; return the names of the rules it ran."""
         result = subprocess.run(
-            [str(BIN / "snakemake"), *targets, "--cores", "2", "--configfile", *configfiles],
+            [str(BIN / "snakemake"), *targets, "--cores", DAG_CORES, "--configfile", *configfiles],
             cwd=project, env=tool_env(), capture_output=True, text=True,
         )  # fmt: skip
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

@@ -13,15 +13,6 @@ NUM_CLASSES = 10
 SHAPES = [(3, 32), (1, 8), (2, 20)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _two_threads():
-    """CI has two cores; more threads only add contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("in_channels,image_size", SHAPES)
 @pytest.mark.parametrize("name", models.list_models())
 def test_forward_backward(name, in_channels, image_size):
