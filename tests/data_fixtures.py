@@ -11,6 +11,25 @@ from sklearn.datasets import load_digits
 
 from shrinkflow.data.prepared import PreparedData
 
+# The `train` section the unit tests of both backends start from: one short, deterministic epoch
+# (no warm-up, augmentation or label smoothing); each test module changes what it needs.
+TRAIN = {
+    "epochs": 1,
+    "batch_size": 32,
+    "lr": 0.05,
+    "momentum": 0.9,
+    "nesterov": True,
+    "weight_decay": 5e-4,
+    "warmup_epochs": 0,
+    "schedule": "cosine",
+    "augment": False,
+    "hflip": False,
+    "label_smoothing": 0.0,
+    "mixed_precision": False,
+}
+# What the training tests use: warm-up, augmentation and label smoothing on, as params.yaml has.
+TRAIN_WITH_REGULARISATION = {**TRAIN, "warmup_epochs": 1, "augment": True, "label_smoothing": 0.1}
+
 
 def make_cfg(
     name: str,

@@ -14,10 +14,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's snakemake, dvc and shrinkflow
-# `--cores` of the whole-DAG test runs. Most rules declare `threads: 2`, but in the tests every
-# job computes on one thread (OMP_NUM_THREADS=1, tests/conftest.py) and spends most of its time
-# importing on one core: four cores' worth of Snakemake slots run two such jobs side by side.
-DAG_CORES = "4"
 TINY = {  # the smallest DAG that still exercises every stage and every pruning family
     "data": {"image_size": 8},
     "train": {"epochs": 2, "batch_size": 128, "warmup_epochs": 0},

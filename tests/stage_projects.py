@@ -5,11 +5,13 @@ that stops itself at a chosen point, so a kill lands where a test needs it, neve
 from __future__ import annotations
 
 import shutil
+import signal
 import sqlite3
+import subprocess
 import sys
 from pathlib import Path
 
-from projects import ROOT, make_project
+from projects import ROOT, make_project, tool_env
 
 DIGITS_8X8 = ("data.image_size=8",)  # the data projects.TINY and the stage projects train on
 
@@ -154,3 +156,13 @@ def stopping_cli(
     )
     cli.chmod(0o755)
     return bin_dir
+
+
+def run_killed(project: Path, args: list[str], bin_dir: Path, kill_after: tuple[str, int]) -> None:
+    """`shrinkflow *args` in ``project``, through a :func:`stopping_cli` written to ``bin_dir``
+    that SIGKILLs itself after ``kill_after``; asserts that it died of that signal."""
+    killing = stopping_cli(bin_dir, kill_after=kill_after) / "shrinkflow"
+    killed = subprocess.run(
+        [str(killing), *args], cwd=project, env=tool_env(), capture_output=True, text=True
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]

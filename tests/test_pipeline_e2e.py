@@ -6,7 +6,6 @@ import hashlib
 import json
 import re
 import shutil
-import signal
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -14,18 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 from browser import chromium_available, render_page
-from projects import (
-    BIN,
-    DAG_CORES,
-    TINY,
-    job_counts,
-    make_project,
-    mlflow_runs,
-    read_summary,
-    run,
-    tool_env,
-)
-from stage_projects import prepare_digits, stopping_cli
+from projects import BIN, TINY, job_counts, make_project, mlflow_runs, read_summary, run, tool_env
+from stage_projects import prepare_digits, run_killed, stopping_cli
 
 POINTS = [(m, 0.5) for m in TINY["prune"]["methods"]]
 QUANT = TINY["quantize"]["methods"]
@@ -42,7 +31,7 @@ def md5(path: Path) -> str:
 def snakemake_project(tmp_path_factory) -> Path:
     project = make_project(tmp_path_factory.mktemp("smk"))
     run(
-        [str(BIN / "snakemake"), "--profile", "workflow/profiles/local", "--cores", DAG_CORES],
+        [str(BIN / "snakemake"), "--profile", "workflow/profiles/local", "--cores", "2"],
         project,
     )
     return project
@@ -459,11 +448,7 @@ def test_a_killed_train_job_resumes_in_the_same_mlflow_run(tmp_path, prepared_di
     out = project / "results/models/torch/resnet20/baseline/model"
     train = ["train", "--set", f"train.epochs={epochs}", "--backend", "torch",
              "--model", "resnet20", "--in", "data/prepared/digits", "--out", str(out)]  # fmt: skip
-    killing = stopping_cli(tmp_path / "bin", kill_after=("state.pt", 1)) / "shrinkflow"
-    killed = subprocess.run(
-        [str(killing), *train], cwd=project, env=tool_env(), capture_output=True, text=True
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    run_killed(project, train, tmp_path / "bin", kill_after=("state.pt", 1))
     state = out.parent / "resume/state.pt"
     assert torch.load(state, weights_only=True)["epoch"] == 1 and not out.exists()
 

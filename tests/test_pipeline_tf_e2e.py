@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 from projects import (
     BIN,
-    DAG_CORES,
     make_project,
     mlflow_runs,
     read_params,
@@ -21,7 +19,7 @@ from projects import (
     tool_env,
     write_params,
 )
-from stage_projects import prepare_digits, stopping_cli
+from stage_projects import prepare_digits, run_killed
 
 TINY_TF = {
     "backends": ["tensorflow"],
@@ -52,7 +50,7 @@ def make_tf_project(dest: Path) -> Path:
 def tf_project(tmp_path_factory) -> Path:
     project = make_tf_project(tmp_path_factory.mktemp("tf"))
     run(
-        [str(BIN / "snakemake"), "--profile", "workflow/profiles/local", "--cores", DAG_CORES],
+        [str(BIN / "snakemake"), "--profile", "workflow/profiles/local", "--cores", "2"],
         project,
     )
     return project
@@ -151,11 +149,7 @@ def test_a_killed_tensorflow_train_job_resumes_in_the_same_mlflow_run(tmp_path, 
     out = project / MODELS / "baseline/model"
     train = ["train", "--set", f"train.epochs={epochs}", "--backend", "tensorflow",
              "--model", "resnet20", "--in", "data/prepared/digits", "--out", str(out)]  # fmt: skip
-    killing = stopping_cli(tmp_path / "bin", kill_after=("state.json", 1)) / "shrinkflow"
-    killed = subprocess.run(
-        [str(killing), *train], cwd=project, env=tool_env(), capture_output=True, text=True
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    run_killed(project, train, tmp_path / "bin", kill_after=("state.json", 1))
     state = json.loads((out.parent / "resume/state.json").read_text())
     assert state["epoch"] == 1 and not out.exists()
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from projects import BIN, DAG_CORES, ROOT, read_summary, tool_env
+from projects import BIN, ROOT, read_summary, tool_env
 from sklearn.datasets import load_digits
 
 from shrinkflow import invocation
@@ -157,6 +157,14 @@ def digits_subset_folder(root: Path, per_class: int) -> Path:
     return root
 
 
+def small_data(tmp_path: Path) -> dict[str, dict]:
+    """The smoke runs' data sections: 240 of the digits as an image folder instead of all 1,797.
+    Every job computes on ~8x fewer images, and each epoch of batches of 32 still has 5 steps
+    (tfmot's schedule updates the masks at several of them)."""
+    root = digits_subset_folder(tmp_path / "digits", per_class=24)
+    return {"data": {"name": "imagefolder", "root": str(root)}, "train": {"batch_size": 32}}
+
+
 def check_smoke_run(project: Path, preset: Path, execute: Executor) -> None:
     """The preset's DAG without quantization, then its first quantization method on each
     model's baseline only: every preset that quantizes starts with static_int8, whose
@@ -199,12 +207,12 @@ def check_smoke_run(project: Path, preset: Path, execute: Executor) -> None:
 def test_preset_runs_end_to_end_through_snakemake(tmp_path):
     """A preset as `--configfile` through the whole DAG, each job a `shrinkflow` process that
     Snakemake starts, as a user runs it."""
-    project = smoke_project(tmp_path, END_TO_END)
+    project = smoke_project(tmp_path / "project", END_TO_END, **small_data(tmp_path))
 
     def snakemake(targets: Sequence[str], configfiles: Sequence[str]) -> set[str]:
         """Run Snakemake in the project; return the names of the rules it ran."""
         result = subprocess.run(
-            [str(BIN / "snakemake"), *targets, "--cores", DAG_CORES, "--configfile", *configfiles],
+            [str(BIN / "snakemake"), *targets, "--cores", "2", "--configfile", *configfiles],
             cwd=project, env=tool_env(), capture_output=True, text=True,
         )  # fmt: skip
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
@@ -242,15 +250,7 @@ def test_preset_jobs_snakemake_plans_run_in_one_process(preset, tmp_path, monkey
     start it with, run in dependency order by the CLI in this process: the torch (and
     TensorFlow) import is paid once instead of once a job. The second pass's plan, made after the
     first pass's outputs exist, also shows that Snakemake takes them for its own."""
-    # 240 images instead of digits' 1,797: every job computes on ~8x fewer, and each epoch of
-    # batches of 32 still has 5 steps (tfmot's schedule updates the masks at several of them).
-    data = digits_subset_folder(tmp_path / "digits", per_class=24)
-    project = smoke_project(
-        tmp_path / "project",
-        preset,
-        data={"name": "imagefolder", "root": str(data)},
-        train={"batch_size": 32},
-    )
+    project = smoke_project(tmp_path / "project", preset, **small_data(tmp_path))
     shutil.copy(empty_store, project / "mlflow.db")  # the store each job would create
     monkeypatch.chdir(project)
     # What the Snakefile gives every job (envvars): one invocation id and the project's store.

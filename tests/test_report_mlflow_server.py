@@ -31,7 +31,7 @@ import pytest
 import yaml
 from mlflow_server import Server, TrackingServer, clean_env, tags, wait_for
 from postgres_service import postgres_missing, postgres_service
-from projects import BIN, DAG_CORES, job_counts, make_project, read_summary, run
+from projects import BIN, job_counts, make_project, read_summary, run
 
 pytestmark = pytest.mark.slow
 EXPERIMENT = "shrinkflow"
@@ -96,7 +96,7 @@ def served(tmp_path_factory) -> Iterator[Served]:
             tracking.start()
             with log.open("w") as out:
                 dag = subprocess.Popen(
-                    [str(BIN / "snakemake"), "--cores", DAG_CORES],
+                    [str(BIN / "snakemake"), "--cores", "4"],
                     cwd=project,
                     env=clean_env(MLFLOW_TRACKING_URI=tracking.server.uri, SHRINKFLOW_DVC_PUSH="1"),
                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True,

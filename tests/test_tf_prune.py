@@ -10,6 +10,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
+from data_fixtures import TRAIN  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 from shrinkflow.backends.tensorflow.artifact import (  # noqa: E402
@@ -46,20 +47,7 @@ except RuntimeError:
 BATCH = 32
 CFG = {
     "seed": 0,
-    "train": {
-        "epochs": 1,
-        "batch_size": BATCH,
-        "lr": 0.05,
-        "momentum": 0.9,
-        "nesterov": True,
-        "weight_decay": 5e-4,
-        "warmup_epochs": 0,
-        "schedule": "cosine",
-        "augment": False,
-        "hflip": False,
-        "label_smoothing": 0.0,
-        "mixed_precision": False,
-    },
+    "train": {**TRAIN, "batch_size": BATCH},
     "prune": {
         "scope": "global",
         "exclude": ["output"],

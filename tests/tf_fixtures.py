@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
 from ai_edge_litert.interpreter import Interpreter  # noqa: E402
-from data_fixtures import digits_data  # noqa: E402
+from data_fixtures import TRAIN_WITH_REGULARISATION, digits_data  # noqa: E402
 
 from shrinkflow.backends.tensorflow.artifact import save_model  # noqa: E402
 from shrinkflow.backends.tensorflow.models import create_model  # noqa: E402
@@ -36,20 +36,7 @@ def one_thread() -> None:
 
 TRAIN_CFG = {
     "seed": 0,
-    "train": {
-        "epochs": 2,
-        "batch_size": 32,
-        "lr": 0.05,
-        "momentum": 0.9,
-        "nesterov": True,
-        "weight_decay": 5e-4,
-        "warmup_epochs": 1,
-        "schedule": "cosine",
-        "augment": True,
-        "hflip": False,
-        "label_smoothing": 0.1,
-        "mixed_precision": False,
-    },
+    "train": {**TRAIN_WITH_REGULARISATION, "epochs": 2},
     "finetune": {"epochs": 1, "lr": 0.01},
 }
 

@@ -7,29 +7,14 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from data_fixtures import TRAIN_WITH_REGULARISATION
 
 # CPU convolutions are bit-exact only for a fixed thread count, and other jobs may share the 2
 # CI cores: more threads than free cores make torch's CPU kernels spin and run many times
 # slower. Every run here (the worker processes included) uses this one count.
 THREADS = 1
 
-TRAIN_CFG = {
-    "seed": 0,
-    "train": {
-        "epochs": 3,
-        "batch_size": 32,
-        "lr": 0.05,
-        "momentum": 0.9,
-        "nesterov": True,
-        "weight_decay": 5e-4,
-        "warmup_epochs": 1,
-        "schedule": "cosine",
-        "augment": True,
-        "hflip": False,
-        "label_smoothing": 0.1,
-        "mixed_precision": False,
-    },
-}
+TRAIN_CFG = {"seed": 0, "train": {**TRAIN_WITH_REGULARISATION, "epochs": 3}}
 
 
 def with_train(**changes) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from data_fixtures import digits_data
+from data_fixtures import TRAIN, digits_data
 from torch import nn
 from torch_fixtures import TRAIN_CFG, fixed_threads, one_thread  # noqa: F401 (fixed_threads: re-exported)
 
@@ -81,20 +81,7 @@ def conv_linear_weights(folder: Path) -> dict[str, torch.Tensor]:
 CLASSES = 4
 STRUCTURED_CFG = {
     "seed": 0,
-    "train": {
-        "epochs": 1,
-        "batch_size": 32,
-        "lr": 0.05,
-        "momentum": 0.9,
-        "nesterov": True,
-        "weight_decay": 5e-4,
-        "warmup_epochs": 0,
-        "schedule": "cosine",
-        "augment": False,
-        "hflip": False,
-        "label_smoothing": 0.0,
-        "mixed_precision": False,
-    },
+    "train": dict(TRAIN),
     "prune": {
         "methods": ["structured_l1"],
         "sparsities": [0.5],
