@@ -35,23 +35,30 @@ TINY = {  # the smallest DAG that still exercises every stage and every pruning 
 }
 
 
+# What a checkout holds for the tools to run: the workflow, its profiles, DVC's files and the code.
+CHECKOUT = ("Snakefile", "dvc.yaml", "workflow", "profiles", ".dvc", "src", ".dvcignore")
+
+
+def copy_checkout(dest: Path, names: tuple[str, ...] = CHECKOUT) -> Path:
+    """Copy ``names`` of the checkout into ``dest`` (without caches, DVC's tmp and build
+    metadata); names the checkout lacks are skipped. Returns ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    ignore = shutil.ignore_patterns("tmp", "cache", "__pycache__", "*.egg-info")
+    for name in names:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, dest / name, symlinks=True, ignore=ignore)
+        elif source.exists():
+            shutil.copy(source, dest / name)
+    return dest
+
+
 def make_project(dest: Path, quantize_methods: list[str] | None = None, **sections: dict) -> Path:
     """A fresh checkout-like copy of the project (a git repository) with TINY written into
     params.yaml, the torch backend only (the structured methods are torch's;
     tests/test_pipeline_tf_e2e.py runs TensorFlow's DAG), ``quantize_methods`` instead of TINY's
     if given, and each of ``sections`` updated over its params section last."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in ["Snakefile", "dvc.yaml", "workflow", "profiles", ".dvc", "src", ".dvcignore"]:
-        source = ROOT / name
-        if source.is_dir():
-            shutil.copytree(
-                source,
-                dest / name,
-                symlinks=True,
-                ignore=shutil.ignore_patterns("tmp", "cache", "__pycache__", "*.egg-info"),
-            )
-        elif source.exists():
-            shutil.copy(source, dest / name)
+    copy_checkout(dest)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for section, values in TINY.items():
         params[section].update(values)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from projects import BIN, ROOT, job_counts, tool_env
+from projects import BIN, ROOT, copy_checkout, job_counts, tool_env
 
 from shrinkflow.config import merge
 
@@ -44,14 +44,7 @@ def stage_counts(commands: list[str]) -> dict[str, int]:
 
 def project_copy(dest: Path, **params: object) -> Path:
     """The workflow files in ``dest``, with ``params`` merged over params.yaml (as a preset)."""
-    dest.mkdir(exist_ok=True)
-    for name in ["Snakefile", "dvc.yaml", "workflow", ".dvc", "src"]:
-        source = ROOT / name
-        target = dest / name
-        if source.is_dir():
-            shutil.copytree(source, target, symlinks=True, ignore=shutil.ignore_patterns("tmp"))
-        else:
-            shutil.copy(source, target)
+    copy_checkout(dest, ("Snakefile", "dvc.yaml", "workflow", ".dvc", "src"))
     cfg = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), params)
     (dest / "params.yaml").write_text(yaml.safe_dump(cfg))
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from projects import BIN, ROOT, read_summary, tool_env
+from projects import BIN, ROOT, copy_checkout, read_summary, tool_env
 from sklearn.datasets import load_digits
 
 from shrinkflow import invocation
@@ -129,14 +129,7 @@ def smoke_overrides(preset: Path) -> dict:
 def smoke_project(project: Path, preset: Path, **sections: dict) -> Path:
     """A copy of the project with the preset as preset.yaml and its smoke overrides, each of
     ``sections`` updated over its section, as smoke.yaml (later config files win)."""
-    project.mkdir(parents=True, exist_ok=True)
-    for name in ["Snakefile", "workflow", "src", "params.yaml"]:
-        source = ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, project / name, symlinks=True,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))  # fmt: skip
-        else:
-            shutil.copy(source, project / name)
+    copy_checkout(project, ("Snakefile", "workflow", "src", "params.yaml"))
     shutil.copy(preset, project / "preset.yaml")
     overrides = smoke_overrides(preset)
     for section, values in sections.items():
