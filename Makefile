@@ -72,7 +72,7 @@ mlflow-ui: venv
 # MLFLOW_TRACKING_URI to export; Ctrl-C stops it and PostgreSQL. MLFLOW_SERVER_ARGS passes
 # more options (--host 0.0.0.0, --workers N, --postgres-port N; see its --help).
 mlflow-server: venv
-	python -m shrinkflow.tracking_server $(MLFLOW_SERVER_ARGS)
+	python -m shrinkflow.tracking.server $(MLFLOW_SERVER_ARGS)
 
 bench: venv
 	python benchmarks/pipeline.py

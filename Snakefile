@@ -3,8 +3,9 @@
 # point are also quantized (one node per quantize.methods entry) and evaluated against the model
 # they came from. `snakemake --report report.html` builds Snakemake's report from the captions
 # in workflow/report/.
-# dvc.yaml expresses the same DAG; both call the `shrinkflow` CLI with the same arguments
-# (tests/test_dag_parity.py). Run: snakemake --cores 2 [--configfile configs/<preset>.yaml]
+# dvc.yaml expresses the same DAG: both are fed by the stage table (src/shrinkflow/stage_table.py),
+# dvc.yaml through `shrinkflow dvc-yaml`; tests/test_dag_parity.py compares them job by job.
+# Run: snakemake --cores 2 [--configfile configs/<preset>.yaml]
 
 # `config` is params.yaml, then each --configfile, then --config, read and validated by
 # shrinkflow.config exactly as every `shrinkflow` job reads them (workflow/rules/common.smk): not

@@ -33,7 +33,7 @@ import torch
 from shrinkflow.backends.torch import pt2e
 from shrinkflow.backends.torch.artifact import save_model
 from shrinkflow.backends.torch.models import create_model
-from shrinkflow.metrics import time_interleaved
+from shrinkflow.measure import time_interleaved
 
 SPEC = {
     "in_channels": 3,

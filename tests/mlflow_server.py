@@ -1,4 +1,4 @@
-"""The tracking server for tests: `python -m shrinkflow.tracking_server` (what `make
+"""The tracking server for tests: `python -m shrinkflow.tracking.server` (what `make
 mlflow-server` runs) on a free 127.0.0.1 port, started, stopped as Ctrl-C stops it and started
 again; talk to it through MLflow's REST API."""
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from projects import tool_env
 
-from shrinkflow.tracking_server import free_port
+from shrinkflow.tracking.server import free_port
 
 __all__ = ["READY", "Server", "TrackingServer", "clean_env", "free_port", "tags", "wait_for"]
 READY = "export MLFLOW_TRACKING_URI="  # the line the server prints once it serves
@@ -100,7 +100,7 @@ def _ignore_sigint() -> None:
 
 
 class TrackingServer:
-    """`python -m shrinkflow.tracking_server --folder FOLDER --port PORT` in its own session,
+    """`python -m shrinkflow.tracking.server --folder FOLDER --port PORT` in its own session,
     with ``env`` (MLFLOW_BACKEND_STORE_URI there names an external store; without it the server
     keeps its own PostgreSQL cluster in FOLDER). Its output accumulates in ``log`` over
     restarts."""
@@ -116,7 +116,7 @@ class TrackingServer:
         starts = self.log.read_text().count(READY) if self.log.exists() else 0
         with self.log.open("a") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "shrinkflow.tracking_server", "--folder", str(self.folder),
+                [sys.executable, "-m", "shrinkflow.tracking.server", "--folder", str(self.folder),
                  "--port", str(self.port), "--workers", "1"],
                 stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
                 # As a script's `make mlflow-server &` or nohup leaves it: SIGINT ignored.

@@ -1,7 +1,7 @@
 """A throwaway PostgreSQL for tests: a fresh cluster in a temporary folder on a free port with one
 database, stopped and deleted afterwards.
 
-It is shrinkflow.tracking_server's LocalPostgres (the code `make mlflow-server` runs), without
+It is shrinkflow.tracking.server's LocalPostgres (the code `make mlflow-server` runs), without
 fsync: under root it runs as the postgres system user (PostgreSQL refuses root), in its own
 session, listening on 127.0.0.1 with a generated password.
 """
@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from shrinkflow.errors import ShrinkflowError
-from shrinkflow.tracking_server import LocalPostgres, free_port, postgres_bin
+from shrinkflow.tracking.server import LocalPostgres, free_port, postgres_bin
 
 
 def postgres_missing() -> str | None:

@@ -180,8 +180,8 @@ def tf_nodes(tmp_path_factory) -> dict[str, Path]:
     """An untrained Keras resnet20 as a float, an 8-bit fixed-point and a float32 TFLite node."""
     from shrinkflow.backends.tensorflow import tflite
     from shrinkflow.backends.tensorflow.artifact import TFLITE_FILE, write_spec
+    from shrinkflow.backends.tensorflow.artifact import save_fixed_point as save_fixed
     from shrinkflow.backends.tensorflow.artifact import save_model as save_keras
-    from shrinkflow.backends.tensorflow.fixed_point import save_fixed_point as save_fixed
     from shrinkflow.backends.tensorflow.models import create_model as create_keras
 
     model = create_keras("resnet20", 10, in_channels=1, image_size=8, mean=[0.4], std=[0.3])
@@ -220,7 +220,7 @@ def test_a_keras_file_that_is_not_its_spec_s_model_is_refused(tf_nodes, tmp_path
 
 
 def test_a_fixed_point_file_of_another_width_is_refused(tf_nodes, tmp_path):
-    from shrinkflow.backends.tensorflow.fixed_point import load_fixed_point
+    from shrinkflow.backends.tensorflow.artifact import load_fixed_point
 
     fields = {**TF, "stage": "quantized", "quant_method": "fixed_w4"}
     folder = copy_node(tf_nodes["fixed8"], tmp_path / "m", **fields)

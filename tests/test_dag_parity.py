@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -28,12 +29,88 @@ def snakemake_commands(*extra: str, cwd: Path) -> list[str]:
     return sorted(re.sub(r" 2> \S+$", "", c) for c in commands)
 
 
-def dvc_commands(cwd: Path) -> list[str]:
-    """The resolved `cmd` of every stage (after matrix expansion and templating)."""
+def snakemake_jobs(cwd: Path) -> dict[str, dict]:
+    """Every job Snakemake plans with --forceall, by command: inputs, outputs, params keys."""
+    result = subprocess.run(
+        [str(BIN / "python"), str(Path(__file__).with_name("snakemake_jobs.py"))],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return {job["command"]: job for job in json.loads(result.stdout)}
+
+
+def dvc_jobs(cwd: Path) -> dict[str, dict]:
+    """Every stage DVC resolves (after matrix expansion and templating), by command: its data
+    inputs, code dependencies, outputs (metrics included) and params keys."""
+    from dvc.dependency.param import ParamsDependency
     from dvc.repo import Repo
 
+    jobs = {}
     with Repo(str(cwd)) as repo:
-        return sorted(" ".join(stage.cmd.split()) for stage in repo.index.stages)
+        for stage in repo.index.stages:
+            deps = [d.def_path for d in stage.deps if not isinstance(d, ParamsDependency)]
+            params = [k for d in stage.deps if isinstance(d, ParamsDependency) for k in d.params]
+            jobs[" ".join(stage.cmd.split())] = {
+                "stage": stage.name.split("@")[0],
+                "inputs": sorted(d for d in deps if not d.startswith("src/")),
+                "code": sorted(d for d in deps if d.startswith("src/")),
+                "outputs": sorted(o.def_path for o in stage.outs),
+                "params": sorted(params),
+            }
+    return jobs
+
+
+def dvc_commands(cwd: Path) -> list[str]:
+    """The resolved `cmd` of every stage (after matrix expansion and templating)."""
+    return sorted(dvc_jobs(cwd))
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _covered(key: str, keys: list[str]) -> bool:
+    """A params key read (`train.batch_size`) is tracked by itself or its section (`train`)."""
+    return any(_within(key.replace(".", "/"), k.replace(".", "/")) for k in keys)
+
+
+def graph_differences(cwd: Path) -> list[str]:
+    """Where the two tools' graphs disagree, job by job (empty when they agree).
+
+    The same commands; each Snakemake input (output) lies in a DVC dependency (output) and each
+    DVC data dependency (output) holds a Snakemake one: DVC names a folder (results/models)
+    where Snakemake lists the files in it. A Snakemake job's `params:` hold exactly the
+    keys the stage table says the job reads (its method family's included), and DVC tracks
+    them; a DVC stage tracks exactly the keys some job of the stage may read (DVC cannot pick
+    per method). DVC's code dependencies are those the stage table gives (tests below).
+    """
+    from shrinkflow.stage_table import stage
+
+    smk, dvc = snakemake_jobs(cwd), dvc_jobs(cwd)
+    problems = [f"only Snakemake runs: {c}" for c in sorted(set(smk) - set(dvc))]
+    problems += [f"only DVC runs: {c}" for c in sorted(set(dvc) - set(smk))]
+    for command in sorted(set(smk) & set(dvc)):
+        s, d = smk[command], dvc[command]
+        for kind in ("inputs", "outputs"):
+            for path in s[kind]:
+                if not any(_within(path, p) for p in d[kind]):
+                    problems.append(f"{command}: DVC lacks the {kind[:-1]} {path}")
+            for path in d[kind]:
+                if not any(_within(p, path) for p in s[kind]):
+                    problems.append(f"{command}: Snakemake lacks the {kind[:-1]} {path}")
+        reads = stage(s["rule"]).params_of(s["wildcards"])
+        for key in sorted(set(reads) ^ set(s["params"])):
+            problems.append(f"{command}: Snakemake's params miss or add the key {key}")
+        for key in s["params"]:
+            if not _covered(key, d["params"]):
+                problems.append(f"{command}: DVC does not track the params key {key}")
+    for d in dvc.values():
+        name = d["stage"].removesuffix("_finetuned")  # a stage_table.FLOAT_NODES alternative
+        for key in sorted(set(stage(name).all_params()) ^ set(d["params"])):
+            problems.append(f"{d['stage']}: DVC's params miss or add the key {key}")
+    return sorted(set(problems))
 
 
 def stage_counts(commands: list[str]) -> dict[str, int]:
@@ -61,10 +138,14 @@ def checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return project
 
 
-def test_snakemake_and_dvc_run_the_same_commands(checkout):
-    smk = snakemake_commands(cwd=checkout)
-    dvc = dvc_commands(cwd=checkout)
-    assert smk == dvc
+def same_graph(cwd: Path) -> list[str]:
+    """The commands of the DAG, after checking that both tools plan the same graph."""
+    assert graph_differences(cwd) == []
+    return dvc_commands(cwd)
+
+
+def test_snakemake_and_dvc_plan_the_same_graph(checkout):
+    smk = same_graph(checkout)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert params["backends"] == ["torch", "tensorflow"], "the default DAG runs both backends"
     points = len(params["prune"]["methods"]) * len(params["prune"]["sparsities"])
@@ -91,8 +172,7 @@ def test_snakemake_and_dvc_run_the_same_commands(checkout):
 def test_parity_holds_for_a_sweep_over_models(tmp_path):
     """Both expand backends x models from params.yaml; a second model adds the same jobs."""
     project = project_copy(tmp_path, models=["resnet20", "resnet56"])
-    smk = snakemake_commands(cwd=project)
-    assert smk == dvc_commands(cwd=project)
+    smk = same_graph(project)
     assert sum(" train " in f" {c} " for c in smk) == 2 * 2  # both backends
     assert any("--backend tensorflow --model resnet56" in c for c in smk)
 
@@ -101,8 +181,7 @@ def test_parity_holds_for_a_sweep_over_models(tmp_path):
 def test_parity_holds_for_every_preset(tmp_path, preset):
     """DVC reads only params.yaml, so the preset is merged into it there."""
     project = project_copy(tmp_path, **yaml.safe_load(preset.read_text()))
-    smk = snakemake_commands(cwd=project)
-    assert smk == dvc_commands(cwd=project)
+    smk = same_graph(project)
     cfg = yaml.safe_load((project / "params.yaml").read_text())
     points = len(cfg["prune"]["methods"]) * len(cfg["prune"]["sparsities"])
     quantized = len(cfg["models"]) * (1 + points) * len(cfg["quantize"]["methods"])
@@ -119,8 +198,7 @@ def test_quantized_nodes_have_the_same_commands_in_both(tmp_path):
         prune={"methods": ["l1_unstructured"], "sparsities": [0.5]},
         quantize={"methods": ["static_int8", "fixed_w6"]},
     )
-    smk = snakemake_commands(cwd=project)
-    assert smk == dvc_commands(cwd=project)
+    smk = same_graph(project)
     cfg = yaml.safe_load((project / "params.yaml").read_text())
     quantized = [n for n in dag.evaluated_nodes(cfg) if n.stage == "quantized"]
     assert len(quantized) == 2 * 4  # both backends
@@ -144,11 +222,66 @@ def test_quantized_nodes_have_the_same_commands_in_both(tmp_path):
 def test_an_empty_method_list_turns_quantization_off_in_both(tmp_path):
     """`quantize.methods: []` is an empty DVC matrix, which DVC expands to no stages."""
     project = project_copy(tmp_path, quantize={"methods": []})
-    smk = snakemake_commands(cwd=project)
-    assert smk == dvc_commands(cwd=project)
+    smk = same_graph(project)
     counts = stage_counts(smk)
     assert "quantize" not in counts and "evaluate_quantized" not in counts
     assert counts["finetune"] > 0
+
+
+def test_committed_dvc_yaml_is_what_the_stage_table_writes(tmp_path):
+    """dvc.yaml is generated (`shrinkflow dvc-yaml`); `--check` fails on a stale one."""
+    from shrinkflow import dvc_yaml
+
+    assert (ROOT / "dvc.yaml").read_text() == dvc_yaml.render(), "run `shrinkflow dvc-yaml`"
+    stale = tmp_path / "dvc.yaml"
+    stale.write_text(dvc_yaml.render().replace("    - prune.exclude\n", "", 1))
+    check = subprocess.run(
+        [str(BIN / "shrinkflow"), "dvc-yaml", "--check", "--out", str(stale)],
+        capture_output=True,
+        text=True,
+    )
+    assert check.returncode == 1
+    assert check.stderr.strip() == (
+        f"error: {stale} is not what `shrinkflow dvc-yaml` writes: run it"
+    )
+
+
+def test_dvc_tracks_the_code_each_stage_imports(checkout):
+    """A stage depends on the CLI, its stage module, every shrinkflow module they import and
+    (a backend job) its backend's folder; not on the code of stages it never runs."""
+    code = {}
+    for job in dvc_jobs(checkout).values():
+        code.setdefault(job["stage"], set()).update(job["code"])
+    src = "src/shrinkflow/"
+    for stage in ("train", "finetune", "prune", "quantize", "evaluate", "sensitivity"):
+        assert {f"{src}cli.py", f"{src}config.py", f"{src}stages/{stage.split('_')[0]}.py"} <= (
+            code[stage]
+        )
+        assert any(p.startswith(f"{src}backends/torch") for p in code[stage]), stage
+    for stage in ("train", "finetune", "prune", "quantize"):  # the shared training code
+        assert any(p.startswith(f"{src}training") for p in code[stage]), stage
+    assert f"{src}report/templates" in code["report"]
+    assert not any(p.startswith(f"{src}backends/t") for p in code["report"])  # no framework
+    assert not any(p.startswith(f"{src}stages/train") for p in code["evaluate"])
+
+
+def test_the_graph_check_sees_a_dep_or_params_key_missing_on_one_side(checkout, tmp_path):
+    """Drop one DVC dependency, then one Snakemake params key: each is reported."""
+    project = project_copy(tmp_path / "project")
+    dvc_file = project / "dvc.yaml"
+    head, prune = dvc_file.read_text().split("\n  prune:\n")
+    sensitivity = "    - results/models/${item.backend}/${item.model}/sensitivity\n"
+    dvc_file.write_text(f"{head}\n  prune:\n" + prune.replace(sensitivity, "", 1))
+    missing = graph_differences(project)
+    assert any("DVC lacks the input" in p and "/sensitivity" in p for p in missing)
+    shutil.copy(ROOT / "dvc.yaml", dvc_file)
+    rules = project / "workflow" / "rules" / "prune.smk"
+    rules.write_text(
+        rules.read_text().replace('shrinkflow=TABLE["finetune"].params', "other={}", 1)
+    )
+    assert any(
+        "Snakemake's params miss or add the key finetune" in p for p in graph_differences(project)
+    )
 
 
 def test_configfile_reaches_every_job(tmp_path, checkout):

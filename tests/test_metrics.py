@@ -1,8 +1,8 @@
-"""Tests for the backend-neutral measurements in shrinkflow.metrics."""
+"""Tests for the backend-neutral measurements in shrinkflow.metrics (timing and memory:
+tests/test_measure.py)."""
 
 import gzip
 import os
-import time
 
 import numpy as np
 import pytest
@@ -80,61 +80,6 @@ def test_file_bytes_of_a_file_and_a_folder(tmp_path):
     assert metrics.file_bytes(tmp_path / "m") == 42
     with pytest.raises(FileNotFoundError):
         metrics.file_bytes(tmp_path / "missing")
-
-
-def test_time_calls_counts_warmup_and_repeats():
-    calls, syncs = [], []
-    seconds = metrics.time_calls(
-        lambda: calls.append(1), warmup=3, repeats=7, sync=lambda: syncs.append(1)
-    )
-    assert len(seconds) == 7
-    assert len(calls) == len(syncs) == 10
-    assert all(s >= 0 for s in seconds)
-
-
-def test_time_interleaved_takes_turns_call_by_call():
-    calls = []
-    seconds = metrics.time_interleaved(
-        [lambda: calls.append("a"), lambda: calls.append("b")], warmup=1, repeats=3
-    )
-    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up per function, then alternating
-    assert [len(s) for s in seconds] == [3, 3]
-
-
-def test_time_calls_measures_the_call():
-    seconds = metrics.time_calls(lambda: time.sleep(0.01), warmup=0, repeats=3)
-    assert all(0.009 <= s < 1.0 for s in seconds)
-
-
-def test_time_calls_includes_sync_in_the_timing():
-    seconds = metrics.time_calls(lambda: None, warmup=0, repeats=2, sync=lambda: time.sleep(0.01))
-    assert all(s >= 0.009 for s in seconds)
-
-
-def test_latency_stats_from_seconds():
-    stats = metrics.LatencyStats.from_seconds([0.004, 0.001, 0.003, 0.002, 0.010])
-    assert stats.median_ms == pytest.approx(3.0)
-    assert stats.min_ms == pytest.approx(1.0)
-    # numpy's linear interpolation: rank 0.9 * 4 = 3.6 between 4 ms and 10 ms.
-    assert stats.p90_ms == pytest.approx(4.0 + 0.6 * 6.0)
-    with pytest.raises(ValueError):
-        metrics.LatencyStats.from_seconds([])
-
-
-def test_peak_memory_sees_a_200_mb_array():
-    with metrics.PeakMemory() as peak:
-        block = np.ones(200 * 2**20, dtype=np.uint8)  # ones, not zeros: every page is touched
-        del block
-    assert peak.method in ("vmhwm", "ru_maxrss")
-    if peak.method == "ru_maxrss":
-        pytest.skip("clear_refs not writable: ru_maxrss only sees new lifetime peaks")
-    assert peak.peak_mb >= 190
-
-
-def test_peak_memory_of_a_no_op_block_is_near_zero():
-    with metrics.PeakMemory() as peak:
-        pass
-    assert 0 <= peak.peak_mb < 5
 
 
 def test_topk_accuracy_hand_computed():

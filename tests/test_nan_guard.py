@@ -155,8 +155,8 @@ def test_tensorflow_fit_stops_at_the_step_whose_loss_became_nan(tmp_path):
     import tf_keras as keras
     from tf_fixtures import with_train as tf_with_train
 
+    from shrinkflow.backends.tensorflow.device import distribution_strategy
     from shrinkflow.backends.tensorflow.models import create_model as tf_create_model
-    from shrinkflow.backends.tensorflow.train import distribution_strategy
     from shrinkflow.backends.tensorflow.train import fit as tf_fit
 
     data = digits_data(SMALL)

@@ -16,6 +16,8 @@ from browser import chromium_available, render_page
 from projects import BIN, TINY, job_counts, make_project, mlflow_runs, read_summary, run, tool_env
 from stage_projects import prepare_digits, run_killed, stopping_cli
 
+from shrinkflow.stage_table import STAGES
+
 POINTS = [(m, 0.5) for m in TINY["prune"]["methods"]]
 QUANT = TINY["quantize"]["methods"]
 SOURCES = [("", ""), *[(m, str(s)) for m, s in POINTS]]  # (prune method, sparsity) per source
@@ -369,12 +371,11 @@ def test_dvc_push_and_pull_round_trip_the_checkpoint(snakemake_project):
     assert md5(model) == before
 
 
-# Every stage of dvc.yaml (a matrix stage's items all run the same command template).
+# Every stage of dvc.yaml (a matrix stage's items all run the same command template): one per
+# stage of the stage table, or per alternative source of a stage that has them.
 DVC_STAGES = [
-    "download", "prepare", "train", "sensitivity", "prune", "finetune", "evaluate",
-    "evaluate_finetuned", "quantize", "quantize_finetuned", "evaluate_quantized",
-    "evaluate_quantized_finetuned", "summarize", "report",
-]  # fmt: skip
+    stage.name + suffix for stage in STAGES for suffix in (stage.alternatives or {"": None})
+]
 
 
 def dvc_stages_run(output: str) -> dict[str, int]:

@@ -99,12 +99,17 @@ def test_a_bare_pickle_named_model_pt_is_refused(tmp_path, marker):
 
 
 def test_a_pickled_object_in_the_resume_state_is_ignored(tmp_path, marker, capsys):
-    from shrinkflow.backends.torch import train
+    from shrinkflow.backends.torch import resume_state
+    from shrinkflow.training.resume import matching_state
 
-    path = tmp_path / train.STATE_FILE
-    state = {"format": train.STATE_FORMAT, "fingerprint": "f", "x": Payload(marker_code(marker))}
+    path = tmp_path / resume_state.STATE_FILE
+    state = {
+        "format": resume_state.STATE_FORMAT,
+        "fingerprint": "f",
+        "x": Payload(marker_code(marker)),
+    }
     torch.save(state, path)
-    assert train._matching_state(path, "f", torch.device("cpu")) is None
+    assert matching_state(resume_state.StateFile(tmp_path), "f") is None
     assert not marker.exists()
     said = capsys.readouterr().err
     assert f"{path}: refusing to load" in said and "starting over" in said
@@ -304,8 +309,8 @@ def tf_parts(tmp_path_factory):
     """A tiny untrained Keras resnet20 saved as a float node and as a fixed-point node."""
     import tf_keras as keras  # noqa: F401  (TensorFlow after torch: see conftest)
 
+    from shrinkflow.backends.tensorflow.artifact import save_fixed_point
     from shrinkflow.backends.tensorflow.artifact import save_model as save_keras
-    from shrinkflow.backends.tensorflow.fixed_point import save_fixed_point
     from shrinkflow.backends.tensorflow.models import create_model as create_keras
 
     model = create_keras("resnet20", 10, in_channels=1, image_size=8, mean=[0.4], std=[0.3])
@@ -387,7 +392,7 @@ def test_a_foreign_class_in_model_keras_is_refused(tf_parts, tmp_path, marker, e
 
 
 def test_an_object_array_in_a_fixed_point_file_is_refused(tf_parts, tmp_path, marker):
-    from shrinkflow.backends.tensorflow.fixed_point import FIXED_FILE, load_fixed_point
+    from shrinkflow.backends.tensorflow.artifact import FIXED_FILE, load_fixed_point
 
     with np.load(tf_parts / "fixed" / FIXED_FILE) as archive:
         arrays = {k: archive[k] for k in archive.files}
@@ -400,7 +405,7 @@ def test_an_object_array_in_a_fixed_point_file_is_refused(tf_parts, tmp_path, ma
 
 
 def test_a_lambda_in_a_fixed_point_architecture_is_refused(tf_parts, tmp_path, marker):
-    from shrinkflow.backends.tensorflow.fixed_point import FIXED_FILE, load_fixed_point
+    from shrinkflow.backends.tensorflow.artifact import FIXED_FILE, load_fixed_point
 
     with np.load(tf_parts / "fixed" / FIXED_FILE) as archive:
         arrays = {k: archive[k] for k in archive.files}

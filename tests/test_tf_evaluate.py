@@ -23,7 +23,7 @@ from shrinkflow.backends.tensorflow.artifact import (
     load_model,
     save_model,
 )
-from shrinkflow.backends.tensorflow.fixed_point import quantize_fixed
+from shrinkflow.backends.tensorflow.quantize import quantize_model
 from shrinkflow.backends.tensorflow.weights import count_params, prunable_layers, unwrap
 from shrinkflow.data.prepared import PreparedData
 from shrinkflow.errors import ShrinkflowError
@@ -308,7 +308,7 @@ def test_count_macs_matches_the_hand_formula():
 
 def test_a_fixed_point_node_is_measured_on_its_own_file(nodes, keras_result, tmp_path):
     folder, _, data, _ = nodes
-    quantize_fixed(CFG, 8, folder, data, tmp_path)
+    quantize_model(CFG, "fixed_w8", folder, data, tmp_path, tmp_path, None, None)
     result = evaluate.evaluate_model(QUICK, tmp_path, data)
     assert result["size_bytes"] == (tmp_path / FIXED_FILE).stat().st_size
     assert result["size_bytes"] < 0.5 * keras_result["size_bytes"]

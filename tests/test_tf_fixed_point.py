@@ -1,4 +1,4 @@
-"""TensorFlow fixed-point weights: bit packing, the model.fixed.npz file and quantize_fixed."""
+"""TensorFlow fixed-point weights: bit packing, the model.fixed.npz file and fixed_w<bits>."""
 
 from pathlib import Path
 
@@ -8,15 +8,17 @@ import tf_keras as keras
 from tf_fixtures import DATA, check_layer_sparsity, trained_baseline
 
 from shrinkflow import bitpack
-from shrinkflow.backends.tensorflow import BACKEND, evaluate
-from shrinkflow.backends.tensorflow.artifact import KERAS_FILE, SPEC_FILE, load_model, save_model
-from shrinkflow.backends.tensorflow.fixed_point import (
+from shrinkflow.backends.tensorflow import evaluate
+from shrinkflow.backends.tensorflow.artifact import (
     FIXED_FILE,
-    FORMAT,
+    KERAS_FILE,
+    SPEC_FILE,
     load_fixed_point,
-    quantize_fixed,
-    quantized_kernels,
+    load_model,
+    save_model,
 )
+from shrinkflow.backends.tensorflow.fixed_point import PACKED_FORMAT, quantized_kernels
+from shrinkflow.backends.tensorflow.quantize import quantize_model
 from shrinkflow.errors import ShrinkflowError
 
 CFG = {"seed": 0, "train": {"batch_size": 64}}
@@ -40,13 +42,16 @@ def source(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def quantized(source, tmp_path_factory) -> dict[int, tuple[Path, dict]]:
-    """``bits -> (folder, facts)`` of ``quantize_fixed`` at each of ``BITS``."""
+    """``bits -> (folder, facts)`` of ``fixed_w<bits>`` at each of ``BITS``."""
     root = tmp_path_factory.mktemp("tf_fixed_out")
     result = {}
     for bits in BITS:
         out = root / f"w{bits}"
         out.mkdir()
-        result[bits] = out, quantize_fixed(CFG, bits, source, DATA, out)
+        result[bits] = (
+            out,
+            quantize_model(CFG, f"fixed_w{bits}", source, DATA, out, out, None, None),
+        )
     return result
 
 
@@ -142,7 +147,7 @@ def test_evaluate_counts_zero_codes_per_layer(source, quantized):
 @pytest.mark.parametrize("method", ["fixed_w1", "fixed_w17"])
 def test_bit_widths_outside_2_to_16_are_refused(source, tmp_path, method):
     with pytest.raises(ShrinkflowError, match=r"2\.\.16"):
-        BACKEND.quantize_model(CFG, method, source, DATA, tmp_path, tmp_path, None, None)
+        quantize_model(CFG, method, source, DATA, tmp_path, tmp_path, None, None)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -160,7 +165,7 @@ def lambda_model(arrays: dict) -> None:
     arrays.clear()
     model = keras.Sequential([keras.Input((3,)), keras.layers.Lambda(lambda x: x * 2)])
     arrays.update(
-        format=np.array(FORMAT.encode()), architecture=np.array(model.to_json().encode()),
+        format=np.array(PACKED_FORMAT.encode()), architecture=np.array(model.to_json().encode()),
         bits=np.array(8),
     )  # fmt: skip
 

@@ -25,7 +25,7 @@ from shrinkflow.backends.tensorflow.prune import (  # noqa: E402
     prune_one_shot,
     schedule_steps,
 )
-from shrinkflow.backends.tensorflow.train import resumable_run_id  # noqa: E402
+from shrinkflow.backends.tensorflow.resume_state import resumable_run_id  # noqa: E402
 from shrinkflow.backends.tensorflow.weights import (  # noqa: E402
     count_params,
     prunable_layers,

@@ -154,7 +154,7 @@ def test_empty_calibration_is_refused(baseline, tmp_path):
     assert not (tmp_path / "static_int8" / TFLITE_FILE).exists()
 
 
-@pytest.mark.parametrize("method", ["qat_int8", "fixed_w4", "int4"])
+@pytest.mark.parametrize("method", ["qat_int8", "int4"])  # fixed_w<bits>: test_tf_fixed_point
 def test_other_methods_are_refused_by_name(baseline, tmp_path, method):
     folder, data, _ = baseline
     with pytest.raises(ShrinkflowError) as raised:

@@ -22,12 +22,16 @@ from data_fixtures import digits_data, write_data_file  # noqa: E402
 from tf_fixtures import TRAIN_CFG as CFG  # noqa: E402
 from tf_fixtures import one_thread, with_train  # noqa: E402
 
-from shrinkflow.backends.tensorflow import train  # noqa: E402
+from shrinkflow.backends.tensorflow import trainer  # noqa: E402
 from shrinkflow.backends.tensorflow.artifact import (  # noqa: E402
     KERAS_FILE,
     SPEC_FILE,
     load_model,
     save_model,
+)
+from shrinkflow.backends.tensorflow.augment import (
+    EpochData,  # noqa: E402
+    augment_batch,  # noqa: E402
 )
 from shrinkflow.backends.tensorflow.finetune import (  # noqa: E402
     KeepZeros,
@@ -36,22 +40,25 @@ from shrinkflow.backends.tensorflow.finetune import (  # noqa: E402
     zero_masks,
 )
 from shrinkflow.backends.tensorflow.models import create_model, list_models  # noqa: E402
-from shrinkflow.backends.tensorflow.train import (  # noqa: E402
-    STATE_FILE,
+from shrinkflow.backends.tensorflow.optim import (  # noqa: E402
     LRSchedule,
     TorchSGD,
-    augment_batch,
-    batch_bounds,
-    evaluate_split,
-    fit,
-    resumable_run_id,
-    steps_per_epoch,
-    train_fingerprint,
-    train_model,
+    compile_model,  # noqa: E402
 )
+from shrinkflow.backends.tensorflow.resume_state import (  # noqa: E402
+    STATE_FILE,
+    resumable_run_id,
+    train_fingerprint,
+)
+from shrinkflow.backends.tensorflow.train import fit, train_model  # noqa: E402
+from shrinkflow.backends.tensorflow.trainer import evaluate_split  # noqa: E402
 from shrinkflow.data.prepared import PreparedData  # noqa: E402
 from shrinkflow.errors import ShrinkflowError  # noqa: E402
-from shrinkflow.training import model_spec  # noqa: E402
+from shrinkflow.training import (  # noqa: E402
+    batch_bounds,
+    model_spec,  # noqa: E402
+    steps_per_epoch,
+)
 
 # CPU kernels are bit-exact only for a fixed thread count. Set at import, before any test
 # initialises TensorFlow; if another module initialised it first, its counts hold, and the
@@ -438,7 +445,7 @@ def test_tfmot_wrapped_model_resumes_its_masks_and_steps(tmp_path):
 
 def test_mixed_precision_trains_a_float16_twin_and_saves_float32(data, tmp_path, monkeypatch):
     # float16 runs (slowly) on CPU too, which exercises the GPU path where no GPU exists.
-    monkeypatch.setattr(train, "_mixed_precision", lambda t: True)
+    monkeypatch.setattr(trainer, "mixed_precision", lambda t: True)
     small = digits_data(slice(540, 800))
     keras.utils.set_random_seed(0)
     model = create_model("resnet20", 10, 1, 8, small.mean, small.std)
@@ -484,9 +491,9 @@ def test_every_registered_model_trains_a_step_at_8x8(name):
     model = create_model(name, 10, 1, 8, tiny.mean, tiny.std)
     before = [w.numpy().copy() for w in model.trainable_weights]
     schedule = LRSchedule(0.05, "cosine", 0, 1)
-    train._compile(model, CFG["train"], schedule, amp=False)
+    compile_model(model, CFG["train"], schedule, amp=False)
     model.run_eagerly = True  # one step: tracing the deep models would cost more than it
-    batches = train._EpochData(tiny, 2, augment=True, hflip=True, seed=0).batches(1)
+    batches = EpochData(tiny, 2, augment=True, hflip=True, seed=0).batches(1)
     loss = model.fit(batches, verbose=0).history["loss"]
     assert len(loss) == 1 and math.isfinite(loss[0])
     assert int(model.optimizer.iterations) == 1

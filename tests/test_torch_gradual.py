@@ -18,12 +18,14 @@ from shrinkflow.backends.torch.gradual import (
     GradualPruner,
     constant_sparsity,
     polynomial_sparsity,
+    prune_gradually,
     schedule_steps,
 )
 from shrinkflow.backends.torch.models import create_model
-from shrinkflow.backends.torch.prune_unstructured import prunable_modules, prune_unstructured
-from shrinkflow.backends.torch.train import fit, steps_per_epoch
+from shrinkflow.backends.torch.prune_unstructured import prunable_modules
+from shrinkflow.backends.torch.train import fit
 from shrinkflow.errors import ShrinkflowError
+from shrinkflow.training import steps_per_epoch
 
 GRADUAL = PRUNE_CFG["prune"]["gradual"]
 
@@ -139,7 +141,7 @@ def test_gradual_prune_stage_saves_the_target_sparsity(baseline, tmp_path, metho
     out = tmp_path / "out"
     out.mkdir()
     epochs = []
-    facts = prune_unstructured(
+    facts = prune_gradually(
         PRUNE_CFG,
         method,
         0.7,

@@ -23,7 +23,7 @@ from torch_prune_fixtures import prune_structured as prune
 from shrinkflow.backends.torch import sensitivity
 from shrinkflow.backends.torch.artifact import load_model
 from shrinkflow.backends.torch.models import create_model
-from shrinkflow.backends.torch.prune_structured import fill_to_mean
+from shrinkflow.backends.torch.prune_structured import RATIOS_FILE, fill_to_mean, load_ratios
 from shrinkflow.backends.torch.train import fit_in_memory
 from shrinkflow.errors import ShrinkflowError
 
@@ -86,7 +86,7 @@ def test_residual_groups_are_pruned_as_one_and_are_sensitive(analysis):
 def test_ratios_are_the_largest_within_max_drop(analysis):
     _, out, _ = analysis
     max_drop = CFG["sensitivity"]["max_drop"]
-    ratios = sensitivity.load_ratios(out)
+    ratios = load_ratios(out)
     rows = read_rows(out)
     assert set(ratios) == {r["group"] for r in rows}
     for name, chosen in ratios.items():
@@ -100,7 +100,7 @@ def test_ratios_are_the_largest_within_max_drop(analysis):
 
 def test_structured_sensitivity_prunes_with_those_ratios(analysis, tmp_path):
     baseline, out, _ = analysis
-    ratios = sensitivity.load_ratios(out)
+    ratios = load_ratios(out)
     mean = sum(ratios.values()) / len(ratios)
     _, model, _ = prune(
         tmp_path,
@@ -127,7 +127,7 @@ def test_sensitivity_ratios_are_capped_and_the_excess_spread(analysis, tmp_path)
     assert sum(ratios.values()) / len(ratios) == pytest.approx(0.5)
     others = {r for name, r in ratios.items() if name != "conv1"}
     assert len(others) == 1 and max(others) < 0.9  # the sensitive groups share the rest equally
-    (tmp_path / sensitivity.RATIOS_FILE).write_text(json.dumps(weights))
+    (tmp_path / RATIOS_FILE).write_text(json.dumps(weights))
     facts, _, _ = prune(
         tmp_path,
         make_cfg("global"),
@@ -148,7 +148,7 @@ def test_sensitivity_ratios_that_cannot_reach_the_target_are_refused():
 
 def test_ratio_file_of_another_model_is_refused(analysis, tmp_path):
     baseline, _, _ = analysis
-    (tmp_path / sensitivity.RATIOS_FILE).write_text(json.dumps({"features.0": 0.5}))
+    (tmp_path / RATIOS_FILE).write_text(json.dumps({"features.0": 0.5}))
     with pytest.raises(ShrinkflowError, match="no ratio for layer group 'conv1'"):
         prune(
             tmp_path,
@@ -179,6 +179,6 @@ def test_no_validation_images_is_an_error(analysis, tmp_path):
 )
 def test_bad_ratio_files_are_named(tmp_path, content, message):
     if content is not None:
-        (tmp_path / sensitivity.RATIOS_FILE).write_text(content)
+        (tmp_path / RATIOS_FILE).write_text(content)
     with pytest.raises(ShrinkflowError, match=message):
-        sensitivity.load_ratios(tmp_path)
+        load_ratios(tmp_path)

@@ -17,17 +17,12 @@ from torch_fixtures import THREADS, fixed_threads, with_train  # noqa: F401 (an 
 from torch_fixtures import TRAIN_CFG as CFG
 
 from shrinkflow.backends.torch.artifact import MODEL_FILE, load_model, save_model
+from shrinkflow.backends.torch.augment import Augment
 from shrinkflow.backends.torch.models import create_model
+from shrinkflow.backends.torch.optim import lr_factor, param_groups
+from shrinkflow.backends.torch.resume_state import STATE_FILE, resumable_run_id, train_fingerprint
 from shrinkflow.backends.torch.tensors import to_device_tensors
-from shrinkflow.backends.torch.train import (
-    STATE_FILE,
-    _Augment,
-    _lr_factor,
-    _param_groups,
-    resumable_run_id,
-    train_fingerprint,
-    train_model,
-)
+from shrinkflow.backends.torch.train import train_model
 from shrinkflow.errors import ShrinkflowError
 
 WORKER = Path(__file__).with_name("train_worker.py")
@@ -182,7 +177,7 @@ def test_lr_warms_up_then_follows_the_cosine_to_zero(reference):
 
 
 def test_lr_factor_shapes():
-    cosine, constant = _lr_factor("cosine", 10, 110), _lr_factor("constant", 10, 110)
+    cosine, constant = lr_factor("cosine", 10, 110), lr_factor("constant", 10, 110)
     assert cosine(0) == constant(0) == pytest.approx(0.1)
     assert cosine(5) == constant(5) == pytest.approx(0.55)
     assert cosine(10) == constant(10) == 1.0
@@ -191,12 +186,12 @@ def test_lr_factor_shapes():
     factors = [cosine(s) for s in range(10, 111)]
     assert factors == sorted(factors, reverse=True)
     with pytest.raises(ShrinkflowError, match="train.schedule"):
-        _lr_factor("step", 10, 110)
+        lr_factor("step", 10, 110)
 
 
 def test_weight_decay_only_on_conv_and_linear_weights():
     model = create_model("resnet20", 10, in_channels=1, image_size=8)
-    decay, no_decay = _param_groups(model, 5e-4)
+    decay, no_decay = param_groups(model, 5e-4)
     assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
@@ -212,14 +207,14 @@ def test_augmentation_crops_the_black_padded_image_and_flips(hflip):
     generator = torch.Generator().manual_seed(0)
     shifts = torch.randint(0, 5, (6, 2), generator=generator)
     flips = torch.tensor([True, False, True, False, True, True])
-    out = _Augment(enabled=True, hflip=hflip, pad=2, fill=fill)(x, shifts, flips)
+    out = Augment(enabled=True, hflip=hflip, pad=2, fill=fill)(x, shifts, flips)
     for b in range(6):
         padded = fill[0].expand(3, 12, 12).clone()
         padded[:, 2:10, 2:10] = x[b]
         top, left = shifts[b].tolist()
         crop = padded[:, top : top + 8, left : left + 8]
         assert torch.equal(out[b], crop.flip(2) if hflip and flips[b] else crop)
-    assert _Augment(enabled=False, hflip=True, pad=2, fill=fill)(x, shifts, flips) is x
+    assert Augment(enabled=False, hflip=True, pad=2, fill=fill)(x, shifts, flips) is x
 
 
 def test_device_tensors_are_normalized_nchw():
@@ -301,7 +296,7 @@ def test_cuda_mixed_precision_trains(tmp_path):
 
 
 def test_a_final_single_sample_batch_joins_the_one_before():
-    from shrinkflow.backends.torch.train import batch_bounds
+    from shrinkflow.training import batch_bounds
 
     assert batch_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
     assert batch_bounds(9, 4) == [(0, 4), (4, 9)]  # BatchNorm cannot train on one 1x1 sample

@@ -13,7 +13,6 @@ import pytest
 from mlflow import MlflowClient
 from projects import BIN, make_project, tool_env
 
-from shrinkflow import tracking, tracking_health
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.tracking import (
     flatten,
@@ -23,6 +22,9 @@ from shrinkflow.tracking import (
     tracking_uri,
     write_run_ref,
 )
+from shrinkflow.tracking import health as tracking_health
+from shrinkflow.tracking import sqlite as tracking_sqlite
+from shrinkflow.tracking import store as tracking_store
 
 WORKER = Path(__file__).with_name("tracking_worker.py")
 
@@ -217,7 +219,7 @@ def test_prepare_store_is_idempotent(cfg: dict, tmp_path: Path) -> None:
 def test_lock_conflicts_are_retried_and_other_errors_are_not(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
     calls = []
 
     def flaky() -> str:
@@ -229,7 +231,7 @@ def test_lock_conflicts_are_retried_and_other_errors_are_not(
                 raise RuntimeError("log_batch failed") from exc
         return "ok"
 
-    assert tracking._retry(flaky) == "ok"
+    assert tracking_sqlite.retry(flaky) == "ok"
     assert len(calls) == 4
 
     def broken() -> None:
@@ -238,21 +240,21 @@ def test_lock_conflicts_are_retried_and_other_errors_are_not(
 
     calls.clear()
     with pytest.raises(RuntimeError, match="no such table"):
-        tracking._retry(broken)
+        tracking_sqlite.retry(broken)
     assert len(calls) == 1
 
 
 def test_lock_conflicts_give_up_after_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [0.0]
-    monkeypatch.setattr(tracking.time, "monotonic", lambda: clock[0])
-    monkeypatch.setattr(tracking.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
 
     def locked() -> None:
         raise RuntimeError("database is locked")
 
     with pytest.raises(RuntimeError, match="locked"):
-        tracking._retry(locked)
-    assert tracking.RETRY_BUDGET_S - 10 < clock[0] <= tracking.RETRY_BUDGET_S
+        tracking_sqlite.retry(locked)
+    assert tracking_sqlite.RETRY_BUDGET_S - 10 < clock[0] <= tracking_sqlite.RETRY_BUDGET_S
 
 
 # Starts tracking_worker.py's workers (argv: WORKER URI COUNT STEPS GO_FILE) as forks of one
@@ -415,7 +417,7 @@ def test_http_retry_defaults_ride_out_minutes_and_yield_to_the_environment(
 
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "3")  # the user's choice wins
-    tracking._import_mlflow()
+    tracking_store.import_mlflow()
     assert MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get() == 3
     retries = MLFLOW_HTTP_REQUEST_MAX_RETRIES.get()
     assert retries == 8

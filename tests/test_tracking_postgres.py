@@ -38,7 +38,7 @@ def test_make_mlflow_server_keeps_its_data_across_restarts(server_folder: Path, 
         # a second server on the same port: refused at once, before PostgreSQL is touched
         started = time.monotonic()
         clash = subprocess.run(
-            [sys.executable, "-m", "shrinkflow.tracking_server", "--folder",
+            [sys.executable, "-m", "shrinkflow.tracking.server", "--folder",
              str(server_folder), "--port", str(tracking.port)],
             env=env, capture_output=True, text=True, timeout=60,
         )  # fmt: skip

@@ -52,7 +52,7 @@ def _params(
     answers, checked before the stage writes or computes anything."""
     cfg = load_params(params or DEFAULT_PARAMS, overrides or [])
     if tracked:
-        from shrinkflow.tracking_health import require_server
+        from shrinkflow.tracking.health import require_server
 
         require_server(cfg)
     return cfg
@@ -210,11 +210,11 @@ def models(
     backend: Annotated[str, typer.Option(help="Backend whose registry to list.")] = "torch",
 ) -> None:
     """List the model registry with parameter counts (10 classes, 3x32x32 input)."""
-    from shrinkflow.backends.base import get_backend
+    from shrinkflow.backends.base import backend_module
 
-    registry = get_backend(backend)
+    registry = backend_module(backend, "models")
     for name in registry.list_models():
-        typer.echo(f"{name:<12} {registry.count_params(name) / 1e6:8.2f} M params")
+        typer.echo(f"{name:<12} {registry.model_params(name) / 1e6:8.2f} M params")
 
 
 @app.command()
@@ -249,6 +249,28 @@ def remote_push(remote: RemoteOption = None) -> None:
     from shrinkflow.remote import push
 
     push(Path.cwd(), remote)
+
+
+@app.command("dvc-yaml")
+def dvc_yaml(
+    out: Annotated[Path, typer.Option("--out", help="Where to write it.")] = Path("dvc.yaml"),
+    check: Annotated[
+        bool, typer.Option("--check", help="Only compare: exit 1 if OUT is not what it writes.")
+    ] = False,
+) -> None:
+    """Write dvc.yaml from the stage table (src/shrinkflow/stage_table.py), or --check it."""
+    from shrinkflow import dvc_yaml as generator
+
+    if check:
+        current = out.read_text() if out.is_file() else ""
+        if current != generator.render():
+            typer.echo(f"error: {out} is not what `shrinkflow dvc-yaml` writes: run it", err=True)
+            raise typer.Exit(1)
+        typer.echo(f"{out}: up to date")
+    elif generator.write(out):
+        typer.echo(f"{out}: written from the stage table")
+    else:
+        typer.echo(f"{out}: unchanged")
 
 
 # The batch-size key each stage's memory use scales with (evaluate times several batch sizes).

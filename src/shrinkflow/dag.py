@@ -14,16 +14,33 @@ MODELS = RESULTS / "models"
 SUMMARY = RESULTS / "summary.csv"
 REPORT = RESULTS / "report"
 
+RAW = "data/raw/{dataset}"
+PREPARED = "data/prepared/{dataset}"
+
+# A node's folder below results/models/<backend>/<model>, per DAG stage; `{source}` is the
+# folder of the float model a quantized node was quantized from (the baseline's or a fine-tuned
+# point's). The stage table (shrinkflow.stage_table) builds both DAG files' paths from these.
+NODE_FOLDERS = {
+    "baseline": "baseline",
+    "pruned": "pruned/{method}/{sparsity}",
+    "finetuned": "finetuned/{method}/{sparsity}",
+    "quantized": "quantized/{qmethod}/{source}",
+}
+
+MODEL_DIR = "model"  # a node's model artefact, inside its folder
+METRICS_FILE = "metrics.json"  # evaluate's record of a node, beside MODEL_DIR
+SENSITIVITY = "sensitivity"  # a baseline's sensitivity sweep, beside its folder
+
 # The stages a quantized node can start from (the `{source}` wildcard of workflow/rules).
 QUANTIZABLE_STAGES = ("baseline", "finetuned")
 
 
 def raw_dir(dataset: str) -> Path:
-    return Path("data/raw") / dataset
+    return Path(RAW.format(dataset=dataset))
 
 
 def prepared_dir(dataset: str) -> Path:
-    return Path("data/prepared") / dataset
+    return Path(PREPARED.format(dataset=dataset))
 
 
 @dataclass(frozen=True)
@@ -58,11 +75,15 @@ class Node:
         """The folder relative to results/models/<backend>/<model>: `baseline`,
         `finetuned/l1_unstructured/0.5`, `quantized/static_int8/baseline`, ... (the `{node}` and
         `{source}` wildcards of workflow/rules)."""
-        if self.stage == "quantized":
-            return PurePosixPath(self.stage, self.quant_method, self.source.subpath)
-        if not self.prune_method:
-            return PurePosixPath(self.stage)
-        return PurePosixPath(self.stage, self.prune_method, sparsity_label(self.target_sparsity))
+        source = self.source.subpath if self.stage == "quantized" else ""
+        return PurePosixPath(
+            NODE_FOLDERS[self.stage].format(
+                method=self.prune_method,
+                sparsity=sparsity_label(self.target_sparsity),
+                qmethod=self.quant_method,
+                source=source,
+            )
+        )
 
     @property
     def label(self) -> str:
@@ -75,11 +96,11 @@ class Node:
 
     @property
     def model_dir(self) -> Path:
-        return self.folder / "model"
+        return self.folder / MODEL_DIR
 
     @property
     def metrics(self) -> Path:
-        return self.folder / "metrics.json"
+        return self.folder / METRICS_FILE
 
     @property
     def source(self) -> Node:
@@ -127,7 +148,7 @@ def quantized(backend: str, model: str, qmethod: str, source: Node) -> Node:
 
 
 def sensitivity_dir(backend: str, model: str) -> Path:
-    return MODELS / backend / model / "sensitivity"
+    return MODELS / backend / model / SENSITIVITY
 
 
 def evaluated_nodes(cfg: dict) -> list[Node]:

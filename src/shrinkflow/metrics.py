@@ -1,4 +1,5 @@
-"""Backend-neutral measurements: file sizes, gzip sizes, latency, peak memory and accuracy.
+"""Backend-neutral measurements of a model: file sizes, gzip sizes, accuracy, and its sizes and
+speeds against a reference model (timing and memory: ``shrinkflow.measure``).
 
 Nothing here imports a framework, so the torch and TensorFlow backends report numbers that
 were measured the same way and can sit side by side in ``results/summary.csv``.
@@ -8,16 +9,15 @@ from __future__ import annotations
 
 import gzip
 import io
-import resource
-import sys
 import tarfile
-import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
-from types import TracebackType
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from shrinkflow import measure
 
 # The columns of results/summary.csv (DESIGN.md section 5), in order.
 SUMMARY_COLUMNS: tuple[str, ...] = (
@@ -107,82 +107,11 @@ def gzip_bytes(path: Path, level: int = 9) -> int:
     return sink.count
 
 
-def time_calls(
-    fn: Callable[[], object],
-    warmup: int,
-    repeats: int,
-    sync: Callable[[], None] | None = None,
-) -> list[float]:
-    """Seconds taken by each of ``repeats`` calls of ``fn``, after ``warmup`` untimed calls.
-
-    ``sync`` runs after every call inside the timed interval: asynchronous devices (CUDA)
-    return before the work is done, so without it only the launch would be timed.
-    """
-    return time_interleaved([fn], warmup, repeats, sync)[0]
-
-
-def time_interleaved(
-    fns: list[Callable[[], object]],
-    warmup: int,
-    repeats: int,
-    sync: Callable[[], None] | None = None,
-) -> list[list[float]]:
-    """``time_calls`` for several functions at once, taking turns call by call.
-
-    A burst of load from elsewhere then slows every function alike instead of one of them,
-    so their ratio (a speed-up) holds even on a busy machine.
-    """
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-            if sync is not None:
-                sync()
-    seconds: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, times in zip(fns, seconds, strict=True):
-            start = time.perf_counter()
-            fn()
-            if sync is not None:
-                sync()
-            times.append(time.perf_counter() - start)
-    return seconds
-
-
-@dataclass(frozen=True)
-class LatencyStats:
-    """Summary of per-call times in milliseconds; the median resists scheduler outliers."""
-
-    median_ms: float
-    p90_ms: float
-    min_ms: float
-
-    @classmethod
-    def from_seconds(cls, seconds: Iterable[float]) -> LatencyStats:
-        ms = np.asarray(list(seconds), dtype=np.float64) * 1e3
-        if ms.size == 0:
-            raise ValueError("LatencyStats needs at least one timing")
-        return cls(
-            median_ms=float(np.median(ms)),
-            p90_ms=float(np.percentile(ms, 90)),
-            min_ms=float(ms.min()),
-        )
-
-
-_CLEAR_REFS = Path("/proc/self/clear_refs")
-_STATUS = Path("/proc/self/status")
-
-
-@dataclass(frozen=True)
-class Speed:
-    """How fast one model ran: latency at the latency batch, throughput at the largest one."""
-
-    latency: LatencyStats
-    throughput_ips: float  # images per second at the throughput batch
-
-
-def reference_comparison(result: dict, reference_file: Path, speed: Speed) -> dict[str, float]:
+def reference_comparison(
+    result: dict, reference_file: Path, speed: measure.Speed
+) -> dict[str, float]:
     """The reference model's size and speed (``speed`` timed alongside the model's, see
-    ``time_interleaved``) and ``result``'s ratios to them: the keys evaluate adds with
+    ``measure.measure_speeds``) and ``result``'s ratios to them: the keys evaluate adds with
     ``--reference``."""
     size, gzip_size = file_bytes(reference_file), gzip_bytes(reference_file)
     return {
@@ -195,68 +124,6 @@ def reference_comparison(result: dict, reference_file: Path, speed: Speed) -> di
         "latency_speedup": speed.latency.median_ms / result["latency_ms_b1"],
         "throughput_speedup": result["throughput_ips"] / speed.throughput_ips,
     }
-
-
-def _status_kib(field: str) -> int:
-    """A ``VmXXX:  1234 kB`` line of /proc/self/status, in KiB."""
-    for line in _STATUS.read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{_STATUS} has no {field} line")
-
-
-def _reset_high_water_mark() -> bool:
-    """Reset VmHWM to the current resident size (Linux >= 4.0); False where not allowed."""
-    try:
-        _CLEAR_REFS.write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def _maxrss_mib() -> float:
-    # ru_maxrss is in KiB on Linux but in bytes on macOS.
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return maxrss / (1 << 20) if sys.platform == "darwin" else maxrss / 1024
-
-
-class PeakMemory:
-    """Measure how far this process's peak resident memory rises during a ``with`` block.
-
-    ``peak_mb`` is the increase in MiB; ``method`` says how it was measured:
-
-    - ``"vmhwm"``: the kernel's high-water mark is reset on entry (``/proc/self/clear_refs``),
-      and the peak inside the block (VmHWM) minus the resident size on entry (VmRSS) is
-      reported. This sees memory that was allocated and freed again inside the block.
-    - ``"ru_maxrss"``: where the reset is not possible (not Linux, or a locked-down /proc),
-      the growth of the lifetime peak. It only sees the part of the block's peak that exceeds
-      every earlier peak of the process, so it can under-report.
-    """
-
-    def __init__(self) -> None:
-        self.peak_mb = 0.0
-        self.method = ""
-        self._start_mb = 0.0
-
-    def __enter__(self) -> PeakMemory:
-        if _STATUS.exists() and _reset_high_water_mark():
-            self.method = "vmhwm"
-            self._start_mb = _status_kib("VmRSS") / 1024
-        else:
-            self.method = "ru_maxrss"
-            self._start_mb = _maxrss_mib()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        end_mb = _status_kib("VmHWM") / 1024 if self.method == "vmhwm" else _maxrss_mib()
-        # Pages released by other threads while the block runs can push VmRSS-on-entry above
-        # the block's own peak; memory cannot be negative.
-        self.peak_mb = max(0.0, end_mb - self._start_mb)
 
 
 def topk_accuracy(

@@ -1,14 +1,13 @@
-# Helpers only: config validation, the CLI's params arguments, and paths shared with dvc.yaml.
+# Helpers only: config validation, the CLI's params arguments, and the stage table's rules.
 import json
 import os
 import shlex
 import sys
 from pathlib import Path
 
-from shrinkflow import dag, invocation
+from shrinkflow import dag, invocation, stage_table
 from shrinkflow.config import load_params
 from shrinkflow.errors import ShrinkflowError
-from shrinkflow.quantization import parse_quant_method
 
 # Keep every job quiet and offline (DESIGN.md section 6), and give every job of this invocation
 # one id (the MLflow tag shrinkflow.invocation); declared in the Snakefile's `envvars`, so
@@ -64,10 +63,6 @@ if "params.yaml" not in workflow.configfiles:
 
 
 PARAMS = params_args()
-DATASET = config["data"]["name"]
-RAW = str(dag.raw_dir(DATASET))
-PREPARED = str(dag.prepared_dir(DATASET))
-MODELS = str(dag.MODELS)
 SUMMARY = str(dag.SUMMARY)
 REPORT_HTML = str(dag.REPORT / "index.html")
 REPORT_MARKDOWN = str(dag.REPORT / "report.md")
@@ -76,43 +71,22 @@ REPORT_SELECTION = str(dag.REPORT / "selection.json")
 REPORT_FIGURES = str(dag.REPORT / "figures")
 
 
-def prune_params(wildcards):
-    """The config a sweep point reads: the shared prune keys, plus its method family's section,
-    so that changing prune.gradual re-runs only the gradual points."""
-    shared = {k: config["prune"][k] for k in ("scope", "exclude")}
-    shared["seed"] = config["seed"]
-    if wildcards.method.startswith("gradual_"):
-        shared["gradual"] = config["prune"]["gradual"]
-        shared["train"] = config["train"]
-    elif wildcards.method.startswith("structured_"):
-        shared["structured"] = config["prune"]["structured"]
-        shared["finetune_lr"] = config["finetune"]["lr"]
-    return shared
+# ---- the stage table: each rule's paths, params and command ----
+# The rules take their input and output patterns, their params (exactly the config keys their
+# jobs read, so a changed value re-runs only the jobs that read it) and their shell commands
+# from src/shrinkflow/stage_table.py, the table dvc.yaml is generated from.
+TABLE = {
+    stage.name: stage_table.snakemake_rule(
+        stage.name, config, literal=("output.report",) if stage.name == "report" else ()
+    )
+    for stage in stage_table.STAGES
+}
 
 
-def quantize_params(wildcards):
-    """The config a quantization job reads, so that changing quantize.qat re-runs only the QAT
-    nodes: fixed-point weights and float conversions need nothing but the seed, int8 methods
-    calibrate activations on training batches, and QAT also fine-tunes (with train's optimizer
-    settings)."""
-    family = parse_quant_method(wildcards.qmethod, key="qmethod").family
-    read = {"seed": config["seed"]}
-    if family not in ("fixed", "float"):
-        read["calibration_batches"] = config["quantize"]["calibration_batches"]
-    if family == "qat":
-        read["qat"] = config["quantize"]["qat"]
-        read["train"] = config["train"]
-    return read
-
-
-def report_folder(wildcards, output):
-    """The folder the report job writes whole (its declared outputs all live in it)."""
-    return os.path.dirname(output.html)
-
-
-def models_root(wildcards, input):
-    """The folder that holds every node (the summarize job reads the metrics of all of them)."""
-    return MODELS
+def folders(paths):
+    """A stage's outputs as Snakemake declares them (a folder through directory())."""
+    return {k: directory(v) if stage_table.is_folder(v) else v for k, v in paths.items()}
+# ---- end stage table ----
 
 
 EVALUATED = [str(node.metrics) for node in dag.evaluated_nodes(config)]
@@ -123,20 +97,17 @@ SENSITIVITY = [
 ]
 # The `{node}` of evaluate and the `{source}` of quantize: a node that is quantized and evaluated
 # as it is (the baseline or a fine-tuned sweep point), never a quantized node itself.
-QUANTIZABLE_NODE = "baseline|finetuned/[a-z0-9_]+/[0-9.e-]+"
+QUANTIZABLE_NODE = stage_table.FLOAT_NODE_PATTERN
 
 wildcard_constraints:
     backend="|".join(config["backends"]),
-    model="[a-z0-9_]+",
-    method="[a-z0-9_]+",
-    sparsity="[0-9.e-]+",
-    qmethod="[a-z0-9_]+",
     source=QUANTIZABLE_NODE,
+    **stage_table.FIELD_PATTERNS,
 
 # `snakemake --lint` also notes that shell commands use PARAMS from outside the rule. That is on
 # purpose: as a `params:` entry it would make Snakemake re-run every job whenever the list of
-# config files changes; instead each rule's `params:` holds exactly the config sections it reads,
-# so a changed value re-runs only the jobs that read it.
+# config files changes; instead each rule's `params:` holds exactly the config keys it reads
+# (the stage table's), so a changed value re-runs only the jobs that read it.
 # `snakemake --lint` asks for a conda environment or container per rule. Every rule runs the
 # `shrinkflow` CLI from the project's virtualenv (`make venv`, pinned in pyproject.toml and
 # constraints.txt), which is the one environment the tests exercise; that lint is accepted.
@@ -148,7 +119,7 @@ wildcard_constraints:
 # jobs (not for -n, --lint, --list, nor the Snakemake inside a cluster job); the check is one
 # GET /health with urllib (MLflow is not imported). Each CLI job checks again (dvc calls it).
 onstart:
-    from shrinkflow.tracking_health import START_WAIT_S, require_server
+    from shrinkflow.tracking.health import START_WAIT_S, require_server
 
     try:
         slurm_preflight()

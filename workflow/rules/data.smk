@@ -1,33 +1,35 @@
+# Paths, params and commands come from the stage table (src/shrinkflow/stage_table.py).
+
+
 rule download:
     output:
-        directory(RAW),
+        **folders(TABLE["download"].output),
     log:
         "logs/download.log",
     benchmark:
         "logs/benchmark/download.tsv"
     params:
-        data=config["data"],
+        shrinkflow=TABLE["download"].params,
     threads: 1
     resources:
         mem_mb=2000,
     shell:
-        "shrinkflow download {PARAMS} --out {output} 2> {log}"
+        TABLE["download"].shell
 
 
 rule prepare:
     input:
-        RAW,
+        **TABLE["prepare"].input,
     output:
-        directory(PREPARED),
+        **folders(TABLE["prepare"].output),
     log:
         "logs/prepare.log",
     benchmark:
         "logs/benchmark/prepare.tsv"
     params:
-        data=config["data"],
-        seed=config["seed"],
+        shrinkflow=TABLE["prepare"].params,
     threads: 1
     resources:
         mem_mb=4000,
     shell:
-        "shrinkflow prepare {PARAMS} --in {input} --out {output} 2> {log}"
+        TABLE["prepare"].shell

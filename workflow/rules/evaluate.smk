@@ -1,58 +1,58 @@
+# Paths, params and commands come from the stage table (src/shrinkflow/stage_table.py).
+
+
 rule evaluate:
     wildcard_constraints:
         node=QUANTIZABLE_NODE,
     input:
-        model="results/models/{backend}/{model}/{node}/model",
-        data=PREPARED,
+        **TABLE["evaluate"].input,
     output:
-        "results/models/{backend}/{model}/{node}/metrics.json",
+        **folders(TABLE["evaluate"].output),
     log:
         "logs/evaluate/{backend}/{model}/{node}.log",
     benchmark:
         "logs/benchmark/evaluate/{backend}/{model}/{node}.tsv"
     params:
-        evaluate=config["evaluate"],
+        shrinkflow=TABLE["evaluate"].params,
     threads: 2
     resources:
         mem_mb=4000,
     shell:
-        "shrinkflow evaluate {PARAMS} --in {input.model} --data {input.data} --out {output} 2> {log}"
+        TABLE["evaluate"].shell
 
 
 rule evaluate_quantized:
     input:
-        model="results/models/{backend}/{model}/quantized/{qmethod}/{source}/model",
-        reference="results/models/{backend}/{model}/{source}/model",
-        data=PREPARED,
+        **TABLE["evaluate_quantized"].input,
     output:
-        "results/models/{backend}/{model}/quantized/{qmethod}/{source}/metrics.json",
+        **folders(TABLE["evaluate_quantized"].output),
     log:
         "logs/evaluate/{backend}/{model}/quantized/{qmethod}/{source}.log",
     benchmark:
         "logs/benchmark/evaluate/{backend}/{model}/quantized/{qmethod}/{source}.tsv"
     params:
-        evaluate=config["evaluate"],
+        shrinkflow=TABLE["evaluate_quantized"].params,
     threads: 2
     resources:
         mem_mb=4000,
     shell:
-        "shrinkflow evaluate {PARAMS} --in {input.model} --reference {input.reference} "
-        "--data {input.data} --out {output} 2> {log}"
+        TABLE["evaluate_quantized"].shell
 
 
+# Its input: each evaluated node's metrics.json (shrinkflow.dag), where DVC names their folder.
 rule summarize:
     input:
         EVALUATED,
     output:
-        SUMMARY,
+        **folders(TABLE["summarize"].output),
     log:
         "logs/summarize.log",
     benchmark:
         "logs/benchmark/summarize.tsv"
     params:
-        models=models_root,
+        shrinkflow=TABLE["summarize"].params,
     threads: 1
     resources:
         mem_mb=1000,
     shell:
-        "shrinkflow summarize {PARAMS} --models {params.models} --out {output} 2> {log}"
+        TABLE["summarize"].shell

@@ -1,62 +1,55 @@
+# Paths, params and commands come from the stage table (src/shrinkflow/stage_table.py).
+
+
 rule sensitivity:
     input:
-        model="results/models/{backend}/{model}/baseline/model",
-        data=PREPARED,
+        **TABLE["sensitivity"].input,
     output:
-        directory("results/models/{backend}/{model}/sensitivity"),
+        **folders(TABLE["sensitivity"].output),
     log:
         "logs/sensitivity/{backend}/{model}.log",
     benchmark:
         "logs/benchmark/sensitivity/{backend}/{model}.tsv"
     params:
-        sensitivity=config["sensitivity"],
-        prune=config["prune"]["exclude"],
+        shrinkflow=TABLE["sensitivity"].params,
     threads: 2
     resources:
         mem_mb=4000,
     shell:
-        "shrinkflow sensitivity {PARAMS} --in {input.model} --data {input.data} "
-        "--out {output} 2> {log}"
+        TABLE["sensitivity"].shell
 
 
 rule prune:
     input:
-        model="results/models/{backend}/{model}/baseline/model",
-        data=PREPARED,
-        sensitivity="results/models/{backend}/{model}/sensitivity",
+        **TABLE["prune"].input,
     output:
-        directory("results/models/{backend}/{model}/pruned/{method}/{sparsity}/model"),
+        **folders(TABLE["prune"].output),
     log:
         "logs/prune/{backend}/{model}/{method}/{sparsity}.log",
     benchmark:
         "logs/benchmark/prune/{backend}/{model}/{method}/{sparsity}.tsv"
     params:
-        prune=prune_params,
+        shrinkflow=TABLE["prune"].params,
     threads: 2
     resources:
         mem_mb=8000,
     shell:
-        "shrinkflow prune {PARAMS} --method {wildcards.method} --sparsity {wildcards.sparsity} "
-        "--in {input.model} --data {input.data} --sensitivity {input.sensitivity} "
-        "--out {output} 2> {log}"
+        TABLE["prune"].shell
 
 
 rule finetune:
     input:
-        model="results/models/{backend}/{model}/pruned/{method}/{sparsity}/model",
-        data=PREPARED,
+        **TABLE["finetune"].input,
     output:
-        directory("results/models/{backend}/{model}/finetuned/{method}/{sparsity}/model"),
+        **folders(TABLE["finetune"].output),
     log:
         "logs/finetune/{backend}/{model}/{method}/{sparsity}.log",
     benchmark:
         "logs/benchmark/finetune/{backend}/{model}/{method}/{sparsity}.tsv"
     params:
-        finetune=config["finetune"],
-        train=config["train"],
+        shrinkflow=TABLE["finetune"].params,
     threads: 2
     resources:
         mem_mb=8000,
     shell:
-        "shrinkflow finetune {PARAMS} --in {input.model} --data {input.data} "
-        "--out {output} 2> {log}"
+        TABLE["finetune"].shell

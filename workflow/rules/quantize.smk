@@ -1,18 +1,19 @@
+# Paths, params and commands come from the stage table (src/shrinkflow/stage_table.py).
+
+
 rule quantize:
     input:
-        model="results/models/{backend}/{model}/{source}/model",
-        data=PREPARED,
+        **TABLE["quantize"].input,
     output:
-        directory("results/models/{backend}/{model}/quantized/{qmethod}/{source}/model"),
+        **folders(TABLE["quantize"].output),
     log:
         "logs/quantize/{backend}/{model}/{qmethod}/{source}.log",
     benchmark:
         "logs/benchmark/quantize/{backend}/{model}/{qmethod}/{source}.tsv"
     params:
-        quantize=quantize_params,
+        shrinkflow=TABLE["quantize"].params,
     threads: 2
     resources:
         mem_mb=8000,
     shell:
-        "shrinkflow quantize {PARAMS} --method {wildcards.qmethod} --in {input.model} "
-        "--data {input.data} --out {output} 2> {log}"
+        TABLE["quantize"].shell

@@ -1,3 +1,8 @@
+# Paths, params and commands come from the stage table (src/shrinkflow/stage_table.py).
+
+
+# Its inputs: the summary and each sensitivity folder, its outputs the report's files (for
+# `snakemake --report`), where DVC names the folders that hold them.
 rule report:
     input:
         summary=SUMMARY,
@@ -18,12 +23,9 @@ rule report:
     benchmark:
         "logs/benchmark/report.tsv"
     params:
-        report=config["report"],
-        models=models_root,
-        folder=report_folder,
+        shrinkflow=TABLE["report"].params,
     threads: 1
     resources:
         mem_mb=2000,
     shell:
-        "shrinkflow report {PARAMS} --summary {input.summary} --models {params.models} "
-        "--out {params.folder} 2> {log}"
+        TABLE["report"].shell

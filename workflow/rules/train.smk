@@ -1,18 +1,19 @@
+# Paths, params and commands come from the stage table (src/shrinkflow/stage_table.py).
+
+
 rule train:
     input:
-        PREPARED,
+        **TABLE["train"].input,
     output:
-        directory("results/models/{backend}/{model}/baseline/model"),
+        **folders(TABLE["train"].output),
     log:
         "logs/train/{backend}/{model}.log",
     benchmark:
         "logs/benchmark/train/{backend}/{model}.tsv"
     params:
-        train=config["train"],
-        seed=config["seed"],
+        shrinkflow=TABLE["train"].params,
     threads: 2
     resources:
         mem_mb=8000,
     shell:
-        "shrinkflow train {PARAMS} --backend {wildcards.backend} --model {wildcards.model} "
-        "--in {input} --out {output} 2> {log}"
+        TABLE["train"].shell

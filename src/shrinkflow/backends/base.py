@@ -1,13 +1,19 @@
-"""The small interface every backend offers; stages talk to backends only through it."""
+"""What every backend offers, and the one lookup through which stages reach it.
+
+A backend is a package of job modules with the SAME names and the same public functions on
+every backend, so the twins can be read side by side: ``shrinkflow prune`` -> ``cli.py`` ->
+``stages/prune.py`` -> ``backends/<backend>/prune.py``. ``backend_module`` imports one job
+module of one backend on demand, so a job never pays for (or loads) another framework.
+``JOB_MODULES`` lists what each job module must offer; ``tests/test_backend_twins.py`` checks
+that both backends do, with the same parameters. A framework is imported only under its own
+backend (ruff's TID251, configured in pyproject.toml and the backends' ruff.toml).
+"""
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any, Protocol
+from types import ModuleType
 
-from shrinkflow.data.prepared import PreparedData
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.quantization import FIXED_PREFIX, FLOAT_METHODS, INT8_METHODS, parse_quant_method
 
@@ -34,117 +40,45 @@ QUANT_FAMILIES: dict[str, tuple[str, ...]] = {
     "tensorflow": ("static", "dynamic", "float", "fixed"),
 }
 
-EpochCallback = Callable[[int, dict[str, float]], None]
+
+# Every backend's job modules (backends/<backend>/<module>.py), the public functions each must
+# offer and what for. Both backends define them with the same parameters in the same order
+# (tests/test_backend_twins.py), so a stage calls either the same way and the twins read side
+# by side; docs/architecture.md says what each function takes and returns.
+JOB_MODULES: dict[str, tuple[str, ...]] = {
+    # the model registry; `shrinkflow models` lists the parameter counts
+    "models": ("list_models", "create_model", "model_params"),
+    # a node's model files and the spec that says what a model expects
+    "artifact": ("save_model", "load_model"),
+    # data-parallel training on one node (train.distributed)
+    "distributed": ("worker_rank", "launch"),
+    # `shrinkflow train`
+    "train": ("train_model",),
+    # the resume state every re-training job keeps (train, finetune, gradual pruning, QAT)
+    "resume_state": ("train_fingerprint", "resumable_run_id"),
+    # `shrinkflow finetune`: re-training with the pruned weights held
+    "finetune": ("finetune_fingerprint", "finetune_model"),
+    # `shrinkflow prune`: every method of PRUNE_METHODS[backend]; only gradual ones resume
+    "prune": ("prunable_weights", "gradual_fingerprint", "prune_model"),
+    # `shrinkflow sensitivity` (its files: shrinkflow.sensitivity_report)
+    "sensitivity": ("analyze_sensitivity",),
+    # `shrinkflow quantize`: every family of QUANT_FAMILIES[backend]; only QAT resumes
+    "quantize": ("resumable_quantize_run_id", "quantize_model"),
+    # `shrinkflow evaluate`: a model, and with a reference the float model it came from
+    "evaluate": ("evaluate_model",),
+}
 
 
-class Backend(Protocol):
-    name: str
+def backend_module(backend: str, job: str) -> ModuleType:
+    """``shrinkflow.backends.<backend>.<job>``, imported on first use (with its framework).
 
-    def list_models(self) -> list[str]: ...
-
-    def count_params(self, model_name: str) -> int: ...
-
-    def train_fingerprint(self, cfg: dict, model_name: str, data: PreparedData) -> str: ...
-
-    def resumable_run_id(self, resume_dir: Path, fingerprint: str) -> str | None: ...
-
-    def worker_rank(self) -> int | None:
-        """This process's rank when ``launch_workers`` started it, else None."""
-        ...
-
-    def launch_workers(self, argv: list[str], processes: int) -> None:
-        """Run ``shrinkflow *argv`` in ``processes`` data-parallel workers on this node and wait
-        for them; a ShrinkflowError when one fails (``train.distributed``)."""
-        ...
-
-    def train_model(
-        self,
-        cfg: dict,
-        model_name: str,
-        data: PreparedData,
-        out_dir: Path,
-        resume_dir: Path,
-        on_epoch: EpochCallback,
-        run_id: str | None,
-    ) -> Any: ...
-
-    def prunable_weights(self, model_dir: Path) -> int:
-        """How many conv and linear weights the model in ``model_dir`` has."""
-        ...
-
-    def resumable_prune_run_id(
-        self,
-        cfg: dict,
-        method: str,
-        sparsity: float,
-        model_dir: Path,
-        data: PreparedData,
-        resume_dir: Path,
-    ) -> str | None: ...
-
-    def prune_model(
-        self,
-        cfg: dict,
-        method: str,
-        sparsity: float,
-        model_dir: Path,
-        data: PreparedData,
-        out_dir: Path,
-        resume_dir: Path,
-        on_epoch: EpochCallback,
-        run_id: str | None,
-        sensitivity_dir: Path,
-    ) -> dict: ...
-
-    def finetune_fingerprint(self, cfg: dict, model_dir: Path, data: PreparedData) -> str: ...
-
-    def finetune_model(
-        self,
-        cfg: dict,
-        model_dir: Path,
-        data: PreparedData,
-        out_dir: Path,
-        resume_dir: Path,
-        on_epoch: EpochCallback,
-        run_id: str | None,
-    ) -> Any: ...
-
-    def analyze_sensitivity(
-        self, cfg: dict, model_dir: Path, data: PreparedData, out_dir: Path
-    ) -> dict: ...
-
-    def resumable_quantize_run_id(
-        self, cfg: dict, method: str, model_dir: Path, data: PreparedData, resume_dir: Path
-    ) -> str | None: ...
-
-    def quantize_model(
-        self,
-        cfg: dict,
-        method: str,
-        model_dir: Path,
-        data: PreparedData,
-        out_dir: Path,
-        resume_dir: Path,
-        on_epoch: EpochCallback,
-        run_id: str | None,
-    ) -> dict:
-        """Write the model in ``model_dir`` quantized by ``method`` (a ``quantize.methods``
-        name) into ``out_dir``; return facts for the run (see the backend's docstring)."""
-        ...
-
-    def evaluate_model(
-        self, cfg: dict, model_dir: Path, data: PreparedData, reference_dir: Path | None = None
-    ) -> dict:
-        """Measure the model in ``model_dir``; with ``reference_dir`` (the float model it was
-        quantized from) also that model's size and speed, measured in the same process."""
-        ...
-
-
-def get_backend(name: str) -> Backend:
-    """Import one backend on demand, so a job never pays for another framework's import."""
-    if name not in BACKENDS:
-        raise ShrinkflowError(f"backend: {name!r} is not one of {', '.join(BACKENDS)}")
-    return importlib.import_module(f"shrinkflow.backends.{name}").BACKEND
+    ``job`` is a key of ``JOB_MODULES``; the module offers that key's functions.
+    """
+    if backend not in BACKENDS:
+        raise ShrinkflowError(f"backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+    if job not in JOB_MODULES:
+        raise ValueError(f"{job!r} is not a backend job module ({', '.join(JOB_MODULES)})")
+    return importlib.import_module(f"shrinkflow.backends.{backend}.{job}")
 
 
 # The smallest input side every registered model is tested with: the 8x8 scikit-learn digits.
@@ -194,10 +128,10 @@ def check_quant_method(backend: str, method: str, key: str) -> None:
         )
 
 
-def check_model(backend: Backend, model_name: str) -> None:
-    known = backend.list_models()
+def check_model(backend: str, model_name: str) -> None:
+    known = backend_module(backend, "models").list_models()
     if model_name not in known:
         raise ShrinkflowError(
-            f"model: {model_name!r} is not available for backend {backend.name} "
+            f"model: {model_name!r} is not available for backend {backend} "
             f"(known: {', '.join(known)})"
         )

@@ -152,11 +152,9 @@ def _fetch(url: str, dest: Path) -> None:
 
 
 def _md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)  # the published checksum, not a security boundary
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        # the published checksum, not a security boundary
+        return hashlib.file_digest(f, lambda: hashlib.md5(usedforsecurity=False)).hexdigest()
 
 
 def _extract(archive: Path, dest: Path, source: str) -> None:

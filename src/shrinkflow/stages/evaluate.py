@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from shrinkflow import tracking
-from shrinkflow.backends.base import get_backend
+from shrinkflow.backends.base import backend_module
 from shrinkflow.dag import node_label, node_tags
 from shrinkflow.data.prepared import load_prepared
 from shrinkflow.outputs import write_json
@@ -21,7 +21,7 @@ def run(
     if reference_dir is not None:
         read_node(reference_dir)  # a model folder, checked before any measuring
     reference = node.pop("reference_prunable_weights", None)
-    backend = get_backend(node["backend"])
+    evaluate = backend_module(node["backend"], "evaluate")
     data = load_prepared(data_dir)
     with tracking.job_run(
         cfg,
@@ -31,7 +31,7 @@ def run(
         parent_run_id=tracking.read_run_ref(model_dir),
         run_name=f"evaluate {node_label(node)}",
     ) as job:
-        metrics = backend.evaluate_model(cfg, model_dir, data, reference_dir)
+        metrics = evaluate.evaluate_model(cfg, model_dir, data, reference_dir)
         if reference:
             # zeroed or physically removed: the share of the baseline's weights that are gone
             metrics["measured_sparsity"] = 1.0 - metrics["prunable_nonzero"] / reference

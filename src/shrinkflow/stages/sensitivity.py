@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from shrinkflow import tracking
-from shrinkflow.backends.base import get_backend
+from shrinkflow.backends.base import backend_module
 from shrinkflow.dag import node_tags
 from shrinkflow.data.prepared import load_prepared
 from shrinkflow.outputs import atomic_dir
@@ -15,7 +15,7 @@ from shrinkflow.stages import read_node
 
 def run(cfg: dict, model_dir: Path, data_dir: Path, out: Path) -> None:
     node = read_node(model_dir)
-    backend = get_backend(node["backend"])
+    sensitivity = backend_module(node["backend"], "sensitivity")
     data = load_prepared(data_dir)
     with tracking.job_run(
         cfg,
@@ -27,7 +27,7 @@ def run(cfg: dict, model_dir: Path, data_dir: Path, out: Path) -> None:
     ) as job:
         with atomic_dir(out) as staging:
             facts = (
-                backend.analyze_sensitivity(cfg, model_dir, data, staging)
+                sensitivity.analyze_sensitivity(cfg, model_dir, data, staging)
                 if cfg["sensitivity"]["ratios"]
                 else {"groups": 0}  # sensitivity.ratios: [] switches the analysis off
             )

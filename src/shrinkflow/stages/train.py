@@ -13,82 +13,64 @@ import os
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
+from types import ModuleType
 
 import yaml
 
-from shrinkflow import invocation, tracking
-from shrinkflow.backends.base import Backend, check_model, get_backend
-from shrinkflow.dag import node_tags
+from shrinkflow import invocation
+from shrinkflow.backends.base import backend_module, check_model
 from shrinkflow.data.prepared import PreparedData, load_prepared
-from shrinkflow.outputs import atomic_dir, write_json
 from shrinkflow.progress import say
-from shrinkflow.stages import write_node
-from shrinkflow.training import NO_VALIDATION_IMAGES
-
-
-def resume_dir_for(out: Path) -> Path:
-    """The per-epoch resumable state lives beside the model folder (scratch: .dvcignore hides it,
-    neither Snakemake nor DVC declares it, so neither deletes it before a re-run)."""
-    return out.parent / "resume"
+from shrinkflow.stages.model_job import TRAINING_METRICS, model_job, resume_dir_for
 
 
 def run(cfg: dict, backend_name: str, model_name: str, data_dir: Path, out: Path) -> None:
-    backend = get_backend(backend_name)
-    check_model(backend, model_name)
+    check_model(backend_name, model_name)
+    train = backend_module(backend_name, "train")
     data = load_prepared(data_dir)
     resume_dir = resume_dir_for(out)
     processes = int(cfg["train"]["distributed"]["processes"])
-    rank = backend.worker_rank()
+    rank = backend_module(backend_name, "distributed").worker_rank()
     if processes > 1 and rank is None:
-        _launch(cfg, backend, model_name, data_dir, out, processes)
+        _launch(cfg, backend_name, model_name, data_dir, out, processes)
         return
     if rank:
-        _follow(cfg, backend, model_name, data, resume_dir)
+        _follow(cfg, train, model_name, data, resume_dir)
         return
-    resume_dir.mkdir(parents=True, exist_ok=True)  # scratch beside the model; .dvcignore hides it
-    fingerprint = backend.train_fingerprint(cfg, model_name, data)
+    resume_state = backend_module(backend_name, "resume_state")
+    fingerprint = resume_state.train_fingerprint(cfg, model_name, data)
     node = {"backend": backend_name, "model": model_name, "stage": "baseline"}
-    with tracking.job_run(
+    with model_job(
         cfg,
         "train",
-        out=out,
-        tags=node_tags(node),
-        parent_run_id=tracking.read_run_ref(data_dir),
-        run_id=backend.resumable_run_id(resume_dir, fingerprint),
+        node,
+        out,
+        data_dir,
+        run_id=resume_state.resumable_run_id(resume_dir, fingerprint),
+        logged=TRAINING_METRICS,
         run_name=f"train {backend_name}/{model_name}",
     ) as job:
-        with atomic_dir(out) as staging:
-            result = backend.train_model(
-                cfg,
-                model_name,
-                data,
-                staging,
-                resume_dir,
-                on_epoch=lambda epoch, metrics: job.log_metrics(metrics, step=epoch),
-                run_id=job.run_id,
-            )
-            summary = asdict(result)
-            write_json(staging / "train.json", summary, nan_means=NO_VALIDATION_IMAGES)
-            write_node(staging, node, job.run_id, "train")
-        job.log_metrics(
-            {
-                "best_val_top1": result.best_val_top1,
-                "best_epoch": result.best_epoch,
-                "train_seconds": result.seconds,
-            }
+        result = train.train_model(
+            cfg,
+            model_name,
+            data,
+            out_dir=job.staging,
+            resume_dir=job.resume_dir,
+            on_epoch=job.on_epoch,
+            run_id=job.run.run_id,
         )
-        job.log_artifact(out)  # a folder keeps its name: artifacts/model/model.pt
-        say(
-            f"train {backend_name}/{model_name}: best val top-1 {result.best_val_top1:.4f} "
-            f"at epoch {result.best_epoch} ({result.seconds:.1f} s)"
-        )
+        job.facts = asdict(result)
+    say(
+        f"train {backend_name}/{model_name}: best val top-1 {result.best_val_top1:.4f} "
+        f"at epoch {result.best_epoch} ({result.seconds:.1f} s)"
+    )
 
 
 def _launch(
-    cfg: dict, backend: Backend, model_name: str, data_dir: Path, out: Path, processes: int
+    cfg: dict, backend: str, model_name: str, data_dir: Path, out: Path, processes: int
 ) -> None:
     """Run this stage in ``processes`` workers of ``backend``'s launcher and wait for them."""
-    say(f"train {backend.name}/{model_name}: {processes} data-parallel processes")
+    say(f"train {backend}/{model_name}: {processes} data-parallel processes")
     # The workers' nearest launcher is this process, not the `dvc repro` above it: hand them
     # this job's invocation id, so rank 0's run joins the other jobs of the invocation.
     os.environ[invocation.ENV] = invocation.invocation_id()
@@ -96,11 +78,11 @@ def _launch(
         # The workers read the params this process resolved (files, presets and --set).
         params = Path(tmp) / "params.yaml"
         params.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        backend.launch_workers(
+        backend_module(backend, "distributed").launch(
             [
                 "train",
                 "--backend",
-                backend.name,
+                backend,
                 "--model",
                 model_name,
                 "--in",
@@ -115,11 +97,17 @@ def _launch(
 
 
 def _follow(
-    cfg: dict, backend: Backend, model_name: str, data: PreparedData, resume_dir: Path
+    cfg: dict, train: ModuleType, model_name: str, data: PreparedData, resume_dir: Path
 ) -> None:
-    """A worker of rank > 0: train along with rank 0 (resuming from its state) and keep
-    nothing; it never opens the tracking store."""
+    """A worker of rank > 0: train along with rank 0 (resuming from its state) with the
+    backend's ``train`` module and keep nothing; it never opens the tracking store."""
     with tempfile.TemporaryDirectory(prefix="shrinkflow-follower-") as scratch:
-        backend.train_model(
-            cfg, model_name, data, Path(scratch), resume_dir, lambda epoch, metrics: None, None
+        train.train_model(
+            cfg,
+            model_name,
+            data,
+            out_dir=Path(scratch),
+            resume_dir=resume_dir,
+            on_epoch=lambda epoch, metrics: None,
+            run_id=None,
         )

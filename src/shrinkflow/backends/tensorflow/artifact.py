@@ -23,15 +23,17 @@ import zipfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
+import numpy as np  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
+from shrinkflow.backends.tensorflow import fixed_point  # noqa: E402
 from shrinkflow.errors import ShrinkflowError  # noqa: E402
 from shrinkflow.nodes import check_artifact  # noqa: E402
 from shrinkflow.outputs import read_json, write_json  # noqa: E402
 
 KERAS_FILE = "model.keras"
 TFLITE_FILE = "model.tflite"
-FIXED_FILE = "model.fixed.npz"  # written by fixed_point.save_fixed_point
+FIXED_FILE = "model.fixed.npz"  # written by save_fixed_point
 SPEC_FILE = "spec.json"
 FORMAT = "shrinkflow.tensorflow/1"
 SPEC_KEYS = ("arch", "num_classes", "in_channels", "image_size", "mean", "std", "classes")
@@ -86,8 +88,6 @@ def load_model(folder: Path) -> tuple[keras.Model, dict[str, Any]]:
     (``check_keras_config``); Keras then loads those same bytes, in safe mode.
     """
     if (Path(folder) / FIXED_FILE).is_file():
-        from shrinkflow.backends.tensorflow.fixed_point import load_fixed_point
-
         return load_fixed_point(folder)
     spec = read_spec(folder)
     path = Path(folder) / KERAS_FILE
@@ -116,6 +116,54 @@ def load_model(folder: Path) -> tuple[keras.Model, dict[str, Any]]:
         except Exception as exc:  # Keras raises many kinds for a damaged file
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ShrinkflowError(f"{path}: not a readable Keras model ({reason})") from None
+    return model, spec
+
+
+def save_fixed_point(model: keras.Model, spec: dict[str, Any], bits: int, folder: Path) -> Path:
+    """Write ``model`` with ``bits``-bit kernels (see ``fixed_point``) to
+    ``folder/model.fixed.npz`` (plus the spec) and return the file's path."""
+    path = Path(folder) / FIXED_FILE
+    np.savez(path, **fixed_point.pack_weights(model, bits))
+    write_spec(spec, folder)
+    return path
+
+
+def load_fixed_point(folder: Path) -> tuple[keras.Model, dict[str, Any]]:
+    """The float model a fixed-point file describes (kernels ``code * scale``) and its spec."""
+    spec = read_spec(folder)
+    path = Path(folder) / FIXED_FILE
+    if not path.is_file():
+        raise ShrinkflowError(f"{folder}: no {FIXED_FILE} (not a fixed-point TensorFlow node)")
+    if not zipfile.is_zipfile(path):  # np.load would read a lone .npy array, or a pickle
+        raise ShrinkflowError(f"{path}: not a readable fixed-point model (not an .npz archive)")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ShrinkflowError(f"{path}: not a readable fixed-point model ({reason})") from None
+    tag = arrays.pop("format", None)
+    if tag is None or tag.shape != () or tag.item() != fixed_point.PACKED_FORMAT.encode():
+        raise ShrinkflowError(
+            f"{path}: not a {fixed_point.PACKED_FORMAT} file (no such format tag)"
+        )
+    try:
+        architecture = json.loads(arrays.pop("architecture").item().decode())
+        bits = int(arrays["bits"])
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ShrinkflowError(
+            f"{path}: no readable architecture and bit width ({reason})"
+        ) from None
+    # Keras' JSON deserializer imports and calls what a config names: plain layers only.
+    check_keras_config(path, architecture, spec["arch"])
+    check_artifact(Path(folder), backend="tensorflow", arch=spec["arch"], kind="fixed", bits=bits)
+    try:
+        model = keras.models.model_from_json(json.dumps(architecture))
+        model.set_weights(fixed_point.unpack_weights(arrays, len(model.weights)))
+    except Exception as exc:  # Keras and a damaged archive raise many kinds
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ShrinkflowError(f"{path}: weights do not describe a model ({reason})") from None
     return model, spec
 
 

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
-from shrinkflow import metrics  # noqa: E402
+from shrinkflow import measure, metrics  # noqa: E402
 from shrinkflow.backends.tensorflow import tflite  # noqa: E402
 from shrinkflow.backends.tensorflow.artifact import (  # noqa: E402
     TFLITE_FILE,
@@ -186,45 +186,31 @@ def _timing_images(data: PreparedData, batch: int) -> np.ndarray:
     return data.images[np.resize(data.test, batch)]
 
 
-def _peak_memory(runner: Runner, x: Any, device: str) -> tuple[float, str]:
-    """Memory the first inference at ``x``'s batch size adds on top of the loaded model and its
-    input, in MiB: activations and workspace, which for a TFLite file is its tensor arena (see
-    ``tflite.Runner``) and for a Keras graph includes TensorFlow instantiating it, as torch's
-    first pass includes its lazy initialisation."""
-    if device == "cuda":
+def _call_at(subject: Subject, data: PreparedData) -> measure.CallAt:
+    """``subject``'s timed call at a batch size: its runner for that size on the first test
+    images (``_timing_images``), fed as the runner takes them."""
+
+    def call_at(batch: int) -> measure.Call:
+        runner = subject.runner_at(batch)
+        return functools.partial(runner, runner.feed(_timing_images(data, batch)))
+
+    return call_at
+
+
+def _memory_probe(device: str) -> measure.DevicePeak | None:
+    """TensorFlow's GPU allocator statistics on a GPU; None on the CPU (the process's resident
+    memory)."""
+    if device != "cuda":
+        return None
+
+    def reset() -> int:
         tf.config.experimental.reset_memory_stats("GPU:0")
-        before = tf.config.experimental.get_memory_info("GPU:0")["current"]
-        runner(x)
-        peak = tf.config.experimental.get_memory_info("GPU:0")["peak"]
-        return (peak - before) / 2**20, "tf_gpu_peak"
-    with metrics.PeakMemory() as peak_memory:
-        runner(x)
-    return peak_memory.peak_mb, peak_memory.method
+        return tf.config.experimental.get_memory_info("GPU:0")["current"]
 
+    def peak() -> int:
+        return tf.config.experimental.get_memory_info("GPU:0")["peak"]
 
-def measure_speeds(
-    subjects: list[Subject], data: PreparedData, settings: dict
-) -> list[metrics.Speed]:
-    """Median latency at ``batch_sizes[0]`` and throughput at the largest batch size, per
-    subject; the subjects take turns call by call (``metrics.time_interleaved``)."""
-    latency_batch = settings["batch_sizes"][0]
-    throughput_batch = max(settings["batch_sizes"])
-
-    def timings(batch: int) -> list[metrics.LatencyStats]:
-        calls = []
-        for subject in subjects:
-            runner = subject.runner_at(batch)
-            x = runner.feed(_timing_images(data, batch))
-            calls.append(lambda runner=runner, x=x: runner(x))
-        seconds = metrics.time_interleaved(calls, settings["warmup"], settings["repeats"])
-        return [metrics.LatencyStats.from_seconds(s) for s in seconds]
-
-    latencies = timings(latency_batch)
-    throughputs = latencies if throughput_batch == latency_batch else timings(throughput_batch)
-    return [
-        metrics.Speed(latency, throughput_batch / (throughput.median_ms / 1e3))
-        for latency, throughput in zip(latencies, throughputs, strict=True)
-    ]
+    return measure.DevicePeak("tf_gpu_peak", reset, peak)
 
 
 def evaluate_model(
@@ -247,13 +233,14 @@ def evaluate_model(
     subject = load_subject(Path(model_dir), device, threads)
     check_fits(subject.spec, data, subject.file)
     throughput_batch = max(settings["batch_sizes"])
-    runner = subject.runner_at(throughput_batch)
 
-    # Memory first: earlier passes leave freed blocks in the allocators' pools, which a later
-    # pass reuses without raising the resident size, so it would seem to need nothing.
-    peak_mb, peak_method = _peak_memory(
-        runner, runner.feed(_timing_images(data, throughput_batch)), device
-    )
+    # Memory first (see measure.peak_memory), of the first inference at the throughput batch:
+    # activations and workspace, which for a TFLite file is its tensor arena (see
+    # ``tflite.Runner``) and for a Keras graph includes TensorFlow instantiating it, as torch's
+    # first pass includes its lazy initialisation.
+    first_pass = _call_at(subject, data)(throughput_batch)
+    peak_mb, peak_method = measure.peak_memory(first_pass, _memory_probe(device))
+    runner = subject.runner_at(throughput_batch)  # the same runner (cached): scored in its batches
     result: dict[str, float | int | str | list[LayerCount]] = {**_accuracy(runner, data)}
     result.update(subject.counts)
     result["macs"] = subject.macs
@@ -262,14 +249,11 @@ def evaluate_model(
     reference = None
     if reference_dir is not None:
         reference = load_subject(Path(reference_dir), device, threads)
-    speeds = measure_speeds([subject] + ([reference] if reference else []), data, settings)
-    speed = speeds[0]
+    speeds = measure.measure_speeds(
+        [_call_at(s, data) for s in [subject] + ([reference] if reference else [])], settings
+    )
     result.update(
-        latency_ms_b1=speed.latency.median_ms,
-        latency_ms_b1_p90=speed.latency.p90_ms,
-        latency_batch=settings["batch_sizes"][0],
-        throughput_ips=speed.throughput_ips,
-        throughput_batch=throughput_batch,
+        measure.speed_figures(speeds[0], settings),
         peak_mem_mb=peak_mb,
         peak_mem_method=peak_method,
         threads=threads,

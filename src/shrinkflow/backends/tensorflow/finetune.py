@@ -14,8 +14,6 @@ import os
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # before tensorflow: tfmot needs Keras 2
 
-import shutil  # noqa: E402
-import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -24,29 +22,19 @@ import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
 from shrinkflow.backends.tensorflow.artifact import KERAS_FILE, SPEC_FILE, load_model  # noqa: E402
-from shrinkflow.backends.tensorflow.train import (  # noqa: E402
-    TrainResult,
-    distribution_strategy,
-    evaluate_split,
-    fingerprint_of,
-    fit,
-)
-from shrinkflow.data.prepared import PreparedData, sha256_file  # noqa: E402
-from shrinkflow.errors import ShrinkflowError  # noqa: E402
+from shrinkflow.backends.tensorflow.device import distribution_strategy  # noqa: E402
+from shrinkflow.backends.tensorflow.resume_state import job_fingerprint  # noqa: E402
+from shrinkflow.backends.tensorflow.train import fit  # noqa: E402
+from shrinkflow.backends.tensorflow.trainer import evaluate_split  # noqa: E402
+from shrinkflow.data.prepared import PreparedData  # noqa: E402
+from shrinkflow.training import TrainResult  # noqa: E402
+from shrinkflow.training.jobs import run_finetune  # noqa: E402
+from shrinkflow.training.loop import EpochCallback  # noqa: E402
 
 
 def finetune_fingerprint(cfg: dict, model_dir: Path, data: PreparedData) -> str:
     """Hash of what decides a fine-tuning run: a resume state is reused only on a match."""
-    return fingerprint_of(
-        {
-            "stage": "finetune",
-            "finetune": cfg["finetune"],
-            "train": cfg["train"],
-            "seed": cfg["seed"],
-            "data": data.fingerprint,
-            "model": sha256_file(Path(model_dir) / KERAS_FILE),
-        }
-    )
+    return job_fingerprint("finetune", cfg, {}, data, model_dir)
 
 
 def finetune_model(
@@ -55,50 +43,34 @@ def finetune_model(
     data: PreparedData,
     out_dir: Path,
     resume_dir: Path,
-    on_epoch: Callable[[int, dict[str, float]], None],
+    on_epoch: EpochCallback,
     run_id: str | None,
 ) -> TrainResult:
-    """Fine-tune the model in ``model_dir`` with ``cfg["finetune"]`` and save it to ``out_dir``.
+    """``jobs.run_finetune`` of the model files in ``model_dir`` with ``train.fit``, whose
+    ``KeepZeros`` callback re-applies the model's zeros after every batch."""
 
-    Epochs, peak LR and fingerprint are the fine-tuning ones, without warm-up (the model is
-    already trained); everything else is ``train.fit`` with ``cfg["train"]``. With
-    ``finetune.epochs`` 0 the model files are copied byte for byte (a one-shot study) and the
-    result reports its val top-1 with ``epochs`` 0.
-    """
-    started = time.perf_counter()
-    f = cfg["finetune"]
-    epochs = int(f["epochs"])
-    if epochs < 0:
-        raise ShrinkflowError(f"finetune.epochs: {epochs} is not >= 0")
-    with distribution_strategy().scope():
-        model, spec = load_model(Path(model_dir))  # validates the file before anything is written
-    if epochs == 0:
-        for name in (KERAS_FILE, SPEC_FILE):
-            shutil.copyfile(Path(model_dir) / name, Path(out_dir) / name)
-        _, val_top1 = evaluate_split(model, data, "val", int(cfg["train"]["batch_size"]))
-        return TrainResult(
-            epochs=0,
-            best_epoch=0,
-            best_val_top1=val_top1,
-            resumed_from_epoch=0,
-            history=[],
-            seconds=time.perf_counter() - started,
-        )
-    return fit(
-        model,
+    def load() -> tuple[keras.Model, dict]:
+        with distribution_strategy().scope():
+            return load_model(Path(model_dir))
+
+    def val_top1(model: keras.Model) -> float:
+        return evaluate_split(model, data, "val", int(cfg["train"]["batch_size"]))[1]
+
+    def fit_zeros_held(model: keras.Model, **args) -> TrainResult:
+        return fit(model, cfg, data, callbacks=[KeepZeros(zero_masks(model))], **args)
+
+    return run_finetune(
         cfg,
-        data,
-        epochs=epochs,
-        lr=float(f["lr"]),
-        warmup_epochs=0,
-        out_dir=Path(out_dir),
-        resume_dir=Path(resume_dir),
-        fingerprint=finetune_fingerprint(cfg, model_dir, data),
-        on_epoch=on_epoch,
-        run_id=run_id,
-        spec=spec,
-        callbacks=[KeepZeros(zero_masks(model))],
-        lr_key="finetune.lr",
+        model_dir,
+        out_dir,
+        resume_dir,
+        on_epoch,
+        run_id,
+        model_files=[KERAS_FILE, SPEC_FILE],
+        fingerprint=lambda: finetune_fingerprint(cfg, model_dir, data),
+        load=load,
+        val_top1=val_top1,
+        fit=fit_zeros_held,
     )
 
 

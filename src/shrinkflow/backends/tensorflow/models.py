@@ -93,6 +93,13 @@ def create_model(
     return keras.Model(inputs, logits, name=name)
 
 
+def model_params(name: str) -> int:
+    """Parameters of ``name`` built for 10 classes of 3x32x32 images (`shrinkflow models`):
+    its trainable variables, as torch counts ``parameters()`` (``weights.count_params``)."""
+    model = create_model(name, 10, in_channels=3, image_size=32)
+    return sum(int(v.shape.num_elements()) for v in model.weights if v.trainable)
+
+
 def _conv(x, filters: int, kernel: int, stride: int, name: str, bias: bool = False):
     """torch's ``conv3x3``/``conv1x1``: 'same' padding at stride 1, (k-1)/2 zero padding above.
 

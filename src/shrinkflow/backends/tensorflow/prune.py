@@ -7,7 +7,7 @@
 ``prune_low_magnitude``. Either way the saved ``model.keras`` holds plain layers with the pruned
 weights exactly zero (no tfmot wrapper, mask or step variables), and every fact returned is
 measured on the saved file. Method names, cfg keys and returned facts are the torch backend's
-(``backends/torch/prune_unstructured.py``), so both backends' results line up.
+(``backends/torch/prune.py``), so both backends' results line up.
 
 Scope of the gradual methods: tfmot computes every wrapped layer's mask on its own, so they
 prune each layer to the target whatever ``prune.scope`` says (a note is printed when it says
@@ -40,17 +40,15 @@ from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper im
 
 from shrinkflow.backends.base import PRUNE_METHODS  # noqa: E402
 from shrinkflow.backends.tensorflow import weights  # noqa: E402
-from shrinkflow.backends.tensorflow.artifact import KERAS_FILE, load_model, save_model  # noqa: E402
-from shrinkflow.backends.tensorflow.train import (  # noqa: E402
-    distribution_strategy,
-    evaluate_split,
-    fingerprint_of,
-    fit,
-    steps_per_epoch,
-)
-from shrinkflow.data.prepared import PreparedData, sha256_file  # noqa: E402
+from shrinkflow.backends.tensorflow.artifact import load_model, save_model  # noqa: E402
+from shrinkflow.backends.tensorflow.device import distribution_strategy  # noqa: E402
+from shrinkflow.backends.tensorflow.resume_state import job_fingerprint  # noqa: E402
+from shrinkflow.backends.tensorflow.train import fit  # noqa: E402
+from shrinkflow.backends.tensorflow.trainer import evaluate_split  # noqa: E402
+from shrinkflow.data.prepared import PreparedData  # noqa: E402
 from shrinkflow.errors import ShrinkflowError  # noqa: E402
 from shrinkflow.progress import say  # noqa: E402
+from shrinkflow.training import steps_per_epoch  # noqa: E402
 
 METHODS = PRUNE_METHODS["tensorflow"]  # one list for this module and config validation
 SCOPES = ("global", "layer")
@@ -192,21 +190,16 @@ def pruning_schedule(
 def gradual_fingerprint(
     cfg: dict, method: str, sparsity: float, model_dir: Path, data: PreparedData
 ) -> str:
-    """Hash of what decides a gradual run. Of ``prune`` only the keys the run reads count, so
-    adding a value to the sweep lists does not discard the resume states of other branches."""
-    p = cfg["prune"]
-    return fingerprint_of(
-        {
-            "stage": "prune",
-            "method": method,
-            "sparsity": float(sparsity),
-            "prune": {k: p[k] for k in ("scope", "exclude", "gradual")},
-            "train": cfg["train"],
-            "seed": cfg["seed"],
-            "data": data.fingerprint,
-            "model": sha256_file(Path(model_dir) / KERAS_FILE),
-        }
-    )
+    """Hash of what decides a gradual run (the stage table's keys for this method's family, so
+    adding a value to the sweep lists does not discard the resume states of other branches)."""
+    point = {"method": method, "sparsity": float(sparsity)}
+    return job_fingerprint("prune", cfg, point, data, model_dir)
+
+
+def prunable_weights(model_dir: Path) -> int:
+    """How many conv and dense kernel entries the model in ``model_dir`` has."""
+    model, _ = load_model(model_dir)
+    return int(weights.count_params(model)["prunable_weights"])
 
 
 def prune_model(

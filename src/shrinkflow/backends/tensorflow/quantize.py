@@ -1,12 +1,15 @@
-"""`shrinkflow quantize` for TensorFlow: one float Keras model -> one ``.tflite`` file.
+"""`shrinkflow quantize` for TensorFlow: one float Keras model -> one quantized artefact.
 
-The methods are TFLite conversions (see ``tflite``): ``static_int8`` (full-integer, activations
-calibrated on ``quantize.calibration_batches`` training batches), ``dynamic_int8`` (int8
-weights, float activations), ``float16`` (float16 weights) and ``float32`` (the plain
-conversion). A pruned model's zeros survive: TFLite's int8 weights are symmetric (zero maps
-to code 0), and float16 represents zero exactly.
+- ``static_int8``, ``dynamic_int8``, ``float16``, ``float32``: TFLite conversions to
+  ``model.tflite`` (see ``tflite``): full-integer with activations calibrated on
+  ``quantize.calibration_batches`` training batches, int8 weights with float activations,
+  float16 weights, and the plain conversion;
+- ``fixed_w<bits>``: fixed-point weights in ``model.fixed.npz`` (see ``fixed_point``).
 
-Conversion takes seconds, so a job never resumes: ``resume_dir``, ``on_epoch`` and ``run_id``
+A pruned model's zeros survive: TFLite's int8 and the fixed-point weights are symmetric (zero
+maps to code 0), and float16 represents zero exactly.
+
+Every method takes seconds, so a job never resumes: ``resume_dir``, ``on_epoch`` and ``run_id``
 are accepted for the backend interface (torch's QAT trains and resumes) and not used.
 """
 
@@ -14,23 +17,35 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from shrinkflow.backends.base import EpochCallback
 from shrinkflow.backends.tensorflow import tflite
-from shrinkflow.backends.tensorflow.artifact import TFLITE_FILE, load_model, model_file, write_spec
+from shrinkflow.backends.tensorflow.artifact import (
+    FIXED_FILE,
+    TFLITE_FILE,
+    load_fixed_point,
+    load_model,
+    model_file,
+    save_fixed_point,
+    write_spec,
+)
 from shrinkflow.backends.tensorflow.evaluate import logits
+from shrinkflow.backends.tensorflow.fixed_point import quantized_kernels
 from shrinkflow.backends.tensorflow.tflite import METHODS
 from shrinkflow.data.prepared import PreparedData, check_fits
 from shrinkflow.errors import ShrinkflowError
+from shrinkflow.metrics import topk_accuracy
 from shrinkflow.progress import say
+from shrinkflow.quantization import FIXED_PREFIX, parse_quant_method
+from shrinkflow.training.loop import EpochCallback  # noqa: E402
 
 
 def resumable_quantize_run_id(
     cfg: dict, method: str, model_dir: Path, data: PreparedData, resume_dir: Path
 ) -> str | None:
-    """No TFLite conversion resumes (each takes seconds)."""
+    """No method resumes (each takes seconds)."""
     return None
 
 
@@ -64,15 +79,27 @@ def quantize_model(
     on_epoch: EpochCallback,
     run_id: str | None,
 ) -> dict[str, float | int | str]:
-    """Convert the Keras model in ``model_dir`` to ``out_dir/model.tflite`` by ``method``.
+    """Quantize the Keras model in ``model_dir`` with ``method``; write it into ``out_dir``.
 
     Returns facts for the run: the artefact's file name, the weights' ``bits``, the conv and
-    dense layers whose weights the file stores as int8 or float16 (``quantized_layers``),
-    for ``static_int8`` the calibration batches and images seen and the input quantization
-    (``input_scale``, ``input_zero_point``: 1 and 0 when the calibration pixels span 0..255),
-    the val top-1 of the saved file run by the TFLite interpreter, and the seconds taken.
+    dense layers whose weights the file stores quantized (``quantized_layers``), the val top-1
+    of the saved file (run by the TFLite interpreter, or reloaded as Keras), the seconds taken
+    and, for ``static_int8``, the calibration batches and images seen and the input
+    quantization (``input_scale``, ``input_zero_point``: 1 and 0 when the calibration pixels
+    span 0..255).
     """
     started = time.perf_counter()
+    if method.startswith(FIXED_PREFIX):
+        bits = parse_quant_method(method).bits
+        facts = _quantize_fixed(cfg, bits, Path(model_dir), data, Path(out_dir))
+    else:
+        facts = _convert(cfg, method, Path(model_dir), data, Path(out_dir))
+    facts["seconds"] = time.perf_counter() - started
+    return facts
+
+
+def _convert(cfg: dict, method: str, model_dir: Path, data: PreparedData, out_dir: Path) -> dict:
+    """A TFLite conversion: ``out_dir/model.tflite``."""
     if method not in METHODS:
         raise ShrinkflowError(
             f"--method: {method!r} is not available for backend tensorflow "
@@ -105,5 +132,34 @@ def quantize_model(
             )
     predicted = logits(runner, data.images[data.val]).argmax(axis=1)  # check_fits: val not empty
     facts["val_top1"] = float(np.mean(predicted == data.labels[data.val]))
-    facts["seconds"] = time.perf_counter() - started
     return facts
+
+
+def _quantize_fixed(
+    cfg: dict, bits: int, model_dir: Path, data: PreparedData, out_dir: Path
+) -> dict[str, float | int | str]:
+    """``bits``-bit kernels: ``out_dir/model.fixed.npz``, measured reloaded from that file."""
+    model, spec = load_model(model_dir)  # validates the input before anything is written
+    check_fits(spec, data, model_file(model_dir))
+    save_fixed_point(model, spec, bits, out_dir)
+    reloaded, _ = load_fixed_point(out_dir)
+    return {
+        "artifact": FIXED_FILE,
+        "bits": bits,
+        "quantized_layers": len(quantized_kernels(model)),
+        "val_top1": _keras_val_top1(reloaded, data, int(cfg["train"]["batch_size"])),
+    }
+
+
+def _keras_val_top1(model: Any, data: PreparedData, batch_size: int) -> float:
+    """Top-1 of a Keras model on the val split (NaN when it is empty); it takes raw 0..255
+    pixels."""
+    index = np.asarray(data.val)
+    if len(index) == 0:
+        return float("nan")
+    # Eager calls: one pass over the split does not repay tracing a graph (Model.predict).
+    outputs = [
+        model(data.images[index[i : i + batch_size]].astype(np.float32), training=False)
+        for i in range(0, len(index), batch_size)
+    ]
+    return topk_accuracy(np.concatenate(outputs), data.labels[index], (1,))[1]

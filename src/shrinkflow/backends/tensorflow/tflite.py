@@ -31,6 +31,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
+from ai_edge_litert import schema_py_generated as schema  # noqa: E402
 from ai_edge_litert.interpreter import Interpreter, OpResolverType  # noqa: E402
 from ai_edge_litert.schema_py_generated import BuiltinOperator  # noqa: E402
 
@@ -51,9 +52,13 @@ _REDUCED = (np.int8, np.float16)  # stored filter types that count as a quantize
 # "resnet20/fc/MatMul1"): a layer is the scope of a conv or matmul op.
 # TFLite's builtin operators, less those that hand the graph to code outside the file's ops
 # (a custom op's name is its custom code, e.g. FlexWriteFile for a Select-TensorFlow op).
-_BUILTIN_OPS = frozenset(
-    name for name in vars(BuiltinOperator) if name.isupper() and not name.startswith("_")
-) - {"CUSTOM", "DELEGATE", "STABLEHLO_CUSTOM_CALL", "STABLEHLO_COMPOSITE"}
+_OP_NAMES = {
+    code: name
+    for name, code in vars(BuiltinOperator).items()
+    if name.isupper() and not name.startswith("_")
+}
+_FOREIGN = {"CUSTOM", "DELEGATE", "STABLEHLO_CUSTOM_CALL", "STABLEHLO_COMPOSITE"}
+_BUILTIN_OPS = frozenset(_OP_NAMES.values()) - _FOREIGN
 _LAYER_OP = re.compile(r"(?:.*/)?([^/]+)/(?:Conv2D|depthwise|MatMul|BiasAdd)\d*")
 
 
@@ -97,6 +102,40 @@ def convert(model: keras.Model, method: str, calibration: list[np.ndarray]) -> b
     return converter.convert()
 
 
+@dataclass(frozen=True)
+class FileOp:
+    """One operator of a ``.tflite`` file's main subgraph, as the file lists it."""
+
+    name: str  # TFLite's builtin operator name (CONV_2D), or a custom op's custom code
+    inputs: tuple[int, ...]  # tensor indices; -1 for an optional input left out
+    outputs: tuple[int, ...]
+
+
+def file_ops(path: Path) -> list[FileOp]:
+    """The operators of the ``.tflite`` file ``path``'s main subgraph, in the order an
+    interpreter without delegates runs them, read with LiteRT's flatbuffer schema
+    (``schema_py_generated``): the interpreter lists its ops through a private method only."""
+    model = schema.Model.GetRootAs(Path(path).read_bytes(), 0)
+    names = []
+    for i in range(model.OperatorCodesLength()):
+        code = model.OperatorCodes(i)
+        # Codes above 127 are only in builtin_code; older files only fill the deprecated field.
+        builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
+        custom = code.CustomCode()
+        if builtin == BuiltinOperator.CUSTOM and custom:
+            names.append(custom.decode(errors="replace"))
+        else:
+            names.append(_OP_NAMES.get(builtin, f"builtin operator {builtin}"))
+    graph = model.Subgraphs(0)
+    ops = []
+    for j in range(graph.OperatorsLength()):
+        op = graph.Operators(j)
+        inputs = tuple(int(op.Inputs(k)) for k in range(op.InputsLength()))
+        outputs = tuple(int(op.Outputs(k)) for k in range(op.OutputsLength()))
+        ops.append(FileOp(names[op.OpcodeIndex()], inputs, outputs))
+    return ops
+
+
 def interpreter(path: Path, threads: int, delegates: bool = True) -> Interpreter:
     """An interpreter of the ``.tflite`` file ``path``; a one-line error if it is not one.
 
@@ -110,7 +149,7 @@ def interpreter(path: Path, threads: int, delegates: bool = True) -> Interpreter
         loaded = Interpreter(
             model_path=str(path), num_threads=threads, experimental_op_resolver_type=resolver
         )
-        ops = [op["op_name"] for op in loaded._get_ops_details()]  # private: the only listing
+        ops = [op.name for op in file_ops(path)]
     except (ValueError, RuntimeError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ShrinkflowError(f"{path}: not a readable TFLite model ({reason})") from None
@@ -196,30 +235,25 @@ def weight_layers(path: Path) -> list[WeightLayer]:
     (source,) = inspector.get_input_details()
     inspector.resize_tensor_input(source["index"], [1, *source["shape"][1:]])
     inspector.allocate_tensors()
-    ops = inspector._get_ops_details()  # private, but the interpreter's only op listing
+    ops = file_ops(path)
     details = inspector.get_tensor_details()
     shapes = {d["index"]: d["shape"] for d in details}
     names = {d["index"]: d["name"] for d in details}
-    dequantized = {
-        int(op["outputs"][0]): int(op["inputs"][0]) for op in ops if op["op_name"] == "DEQUANTIZE"
-    }
+    dequantized = {op.outputs[0]: op.inputs[0] for op in ops if op.name == "DEQUANTIZE"}
 
     def stored(index: int) -> np.ndarray:
         return inspector.get_tensor(dequantized.get(index, index))
 
     layers = []
     for op in ops:
-        if op["op_name"] not in WEIGHT_OPS:
+        if op.name not in WEIGHT_OPS:
             continue
-        inputs = [int(i) for i in op["inputs"]]
-        output = int(op["outputs"][0])
+        inputs, output = op.inputs, op.outputs[0]
         weights = stored(inputs[1])
         bias = stored(inputs[2]) if len(inputs) > 2 and inputs[2] >= 0 else None
         positions = int(np.prod(shapes[output][:-1]))
         name = layer_name(names[dequantized.get(inputs[1], inputs[1])], names[output])
-        layers.append(
-            WeightLayer(name, op["op_name"], weights, bias, int(weights.size) * positions)
-        )
+        layers.append(WeightLayer(name, op.name, weights, bias, int(weights.size) * positions))
     return layers
 
 

@@ -12,6 +12,7 @@ quantized one came from) both are timed in the same process, so their speeds com
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from shrinkflow import metrics
+from shrinkflow import measure, metrics
 from shrinkflow.backends.torch.artifact import INT8_FILE, MODEL_FILE, load_model
 from shrinkflow.backends.torch.sparse import sparse_bytes
 from shrinkflow.backends.torch.tensors import normalize
@@ -206,46 +207,32 @@ def _timing_batch(data: PreparedData, spec: dict, batch: int, device: torch.devi
     return normalize(data.images[index], spec["mean"], spec["std"], device)
 
 
-def _peak_memory(forward: Forward, x: torch.Tensor) -> tuple[float, str]:
-    """Memory one forward pass adds on top of the loaded model and its input, in MiB."""
-    with torch.no_grad():
-        if x.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            forward(x)
-            torch.cuda.synchronize()
-            return (torch.cuda.max_memory_allocated() - before) / 2**20, "cuda_max_allocated"
-        with metrics.PeakMemory() as peak:
-            forward(x)
-        return peak.peak_mb, peak.method
+def _call_at(subject: Subject, data: PreparedData, device: torch.device) -> measure.CallAt:
+    """``subject``'s timed call at a batch size: its forward for that size on the first test
+    images (``_timing_batch``)."""
+
+    def call_at(batch: int) -> measure.Call:
+        forward = subject.forward_at(batch)
+        return functools.partial(forward, _timing_batch(data, subject.spec, batch, device))
+
+    return call_at
 
 
-def measure_speeds(
-    subjects: list[Subject], data: PreparedData, settings: dict, device: torch.device
-) -> list[metrics.Speed]:
-    """Median latency at ``batch_sizes[0]`` and throughput at the largest batch size, per
-    subject; the subjects take turns call by call (``metrics.time_interleaved``)."""
-    latency_batch = settings["batch_sizes"][0]
-    throughput_batch = max(settings["batch_sizes"])
-    sync: Callable[[], None] | None = torch.cuda.synchronize if device.type == "cuda" else None
+def _memory_probe(device: torch.device) -> measure.DevicePeak | None:
+    """CUDA's allocator statistics on a GPU; None on the CPU (the process's resident memory)."""
+    if device.type != "cuda":
+        return None
 
-    def timings(batch: int) -> list[metrics.LatencyStats]:
-        calls = []
-        for subject in subjects:
-            forward = subject.forward_at(batch)
-            x = _timing_batch(data, subject.spec, batch, device)
-            calls.append(lambda forward=forward, x=x: forward(x))
-        with torch.no_grad():
-            seconds = metrics.time_interleaved(calls, settings["warmup"], settings["repeats"], sync)
-        return [metrics.LatencyStats.from_seconds(s) for s in seconds]
+    def reset() -> int:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
 
-    latencies = timings(latency_batch)
-    throughputs = latencies if throughput_batch == latency_batch else timings(throughput_batch)
-    return [
-        metrics.Speed(latency, throughput_batch / (throughput.median_ms / 1e3))
-        for latency, throughput in zip(latencies, throughputs, strict=True)
-    ]
+    def peak() -> int:
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+
+    return measure.DevicePeak("cuda_max_allocated", reset, peak)
 
 
 def evaluate_model(
@@ -270,12 +257,10 @@ def evaluate_model(
     check_fits(subject.spec, data, subject.file)
     throughput_batch = max(settings["batch_sizes"])
 
-    # Memory first: earlier passes leave freed blocks in the allocator's pools, which a later
-    # pass reuses without raising the resident size, so it would seem to need nothing.
-    peak_mb, peak_method = _peak_memory(
-        subject.forward_at(throughput_batch),
-        _timing_batch(data, subject.spec, throughput_batch, device),
-    )
+    # Memory first (see measure.peak_memory): one forward pass at the throughput batch.
+    first_pass = _call_at(subject, data, device)(throughput_batch)
+    with torch.no_grad():
+        peak_mb, peak_method = measure.peak_memory(first_pass, _memory_probe(device))
     accuracy_batch = throughput_batch if subject.fixed_batch else ACCURACY_BATCH
     result: dict[str, float | int | str | list[LayerCount]] = {
         **_accuracy(subject, data, accuracy_batch, device)
@@ -286,14 +271,14 @@ def evaluate_model(
     result["gzip_bytes"] = metrics.gzip_bytes(subject.file)
     result.update(subject.extra)
     reference = None if reference_dir is None else load_subject(Path(reference_dir), device)
-    speeds = measure_speeds([subject] + ([reference] if reference else []), data, settings, device)
-    speed = speeds[0]
+    speeds = measure.measure_speeds(
+        [_call_at(s, data, device) for s in [subject] + ([reference] if reference else [])],
+        settings,
+        sync=torch.cuda.synchronize if device.type == "cuda" else None,
+        context=torch.no_grad,
+    )
     result.update(
-        latency_ms_b1=speed.latency.median_ms,
-        latency_ms_b1_p90=speed.latency.p90_ms,
-        latency_batch=settings["batch_sizes"][0],
-        throughput_ips=speed.throughput_ips,
-        throughput_batch=throughput_batch,
+        measure.speed_figures(speeds[0], settings),
         peak_mem_mb=peak_mb,
         peak_mem_method=peak_method,
         threads=torch.get_num_threads(),

@@ -10,37 +10,26 @@ Structured pruning removed its filters physically, so a model from it has no mas
 
 from __future__ import annotations
 
-import shutil
-import time
-from collections.abc import Callable
 from pathlib import Path
 
+from torch import nn
+
 from shrinkflow.backends.torch.artifact import MODEL_FILE, load_model
+from shrinkflow.backends.torch.device import resolve_device
 from shrinkflow.backends.torch.prune_unstructured import apply_masks, masks_from_zeros
+from shrinkflow.backends.torch.resume_state import job_fingerprint
 from shrinkflow.backends.torch.tensors import to_device_tensors
-from shrinkflow.backends.torch.train import (
-    TrainResult,
-    evaluate_split,
-    fingerprint_of,
-    fit,
-    resolve_device,
-)
-from shrinkflow.data.prepared import PreparedData, sha256_file
-from shrinkflow.errors import ShrinkflowError
+from shrinkflow.backends.torch.train import fit
+from shrinkflow.backends.torch.trainer import evaluate_split
+from shrinkflow.data.prepared import PreparedData
+from shrinkflow.training import TrainResult
+from shrinkflow.training.jobs import run_finetune
+from shrinkflow.training.loop import EpochCallback
 
 
 def finetune_fingerprint(cfg: dict, model_dir: Path, data: PreparedData) -> str:
     """Hash of what decides a fine-tuning run: a resume state is reused only on a match."""
-    return fingerprint_of(
-        {
-            "stage": "finetune",
-            "finetune": cfg["finetune"],
-            "train": cfg["train"],
-            "seed": cfg["seed"],
-            "data": data.fingerprint,
-            "model": sha256_file(Path(model_dir) / MODEL_FILE),
-        }
-    )
+    return job_fingerprint("finetune", cfg, {}, data, model_dir)
 
 
 def finetune_model(
@@ -49,55 +38,39 @@ def finetune_model(
     data: PreparedData,
     out_dir: Path,
     resume_dir: Path,
-    on_epoch: Callable[[int, dict[str, float]], None],
+    on_epoch: EpochCallback,
     run_id: str | None,
 ) -> TrainResult:
-    """Fine-tune the model in ``model_dir`` with ``cfg["finetune"]`` and save it to ``out_dir``.
-
-    Epochs, peak LR and fingerprint are the fine-tuning ones, without warm-up (the model is
-    already trained); everything else is ``train.fit`` with ``cfg["train"]``. With
-    ``finetune.epochs`` 0 the model file is copied byte for byte (a one-shot study) and the
-    result reports its val top-1 with ``epochs`` 0.
-    """
-    started = time.perf_counter()
-    f = cfg["finetune"]
-    epochs = int(f["epochs"])
-    if epochs < 0:
-        raise ShrinkflowError(f"finetune.epochs: {epochs} is not >= 0")
+    """``jobs.run_finetune`` of the model file in ``model_dir`` with ``train.fit``, whose step
+    hook re-applies the model's zeros after every step."""
     dev = resolve_device("auto")
-    model, spec = load_model(model_dir, dev)  # validates the file before anything is written
-    if epochs == 0:
-        shutil.copyfile(Path(model_dir) / MODEL_FILE, Path(out_dir) / MODEL_FILE)
+
+    def val_top1(model: nn.Module) -> float:
         x, y = to_device_tensors(data, "val", dev)
-        _, val_top1 = evaluate_split(model, x, y, int(cfg["train"]["batch_size"]), False)
-        return TrainResult(
-            epochs=0,
-            best_epoch=0,
-            best_val_top1=val_top1,
-            resumed_from_epoch=0,
-            history=[],
-            seconds=time.perf_counter() - started,
-        )
-    # Layers without zeros need no mask: skipping them saves a pass over their weights per step.
-    masks = {n: keep for n, keep in masks_from_zeros(model, []).items() if not bool(keep.all())}
+        return evaluate_split(model, x, y, int(cfg["train"]["batch_size"]), False)[1]
 
-    def keep_zeros(step: int) -> None:
-        apply_masks(model, masks)
+    def fit_zeros_held(model: nn.Module, **args) -> TrainResult:
+        # Layers without zeros need no mask: skipping them saves a pass over their weights per
+        # step.
+        zeros = masks_from_zeros(model, [])
+        masks = {name: keep for name, keep in zeros.items() if not bool(keep.all())}
 
-    return fit(
-        model,
+        def keep_zeros(step: int) -> None:
+            apply_masks(model, masks)
+
+        hook = keep_zeros if masks else None
+        return fit(model, cfg, data, step_hook=hook, device=str(dev), **args)
+
+    return run_finetune(
         cfg,
-        data,
-        epochs=epochs,
-        lr=float(f["lr"]),
-        warmup_epochs=0,
-        out_dir=Path(out_dir),
-        resume_dir=Path(resume_dir),
-        fingerprint=finetune_fingerprint(cfg, model_dir, data),
-        on_epoch=on_epoch,
-        run_id=run_id,
-        spec=spec,
-        step_hook=keep_zeros if masks else None,
-        device=str(dev),
-        lr_key="finetune.lr",
+        model_dir,
+        out_dir,
+        resume_dir,
+        on_epoch,
+        run_id,
+        model_files=[MODEL_FILE],
+        fingerprint=lambda: finetune_fingerprint(cfg, model_dir, data),
+        load=lambda: load_model(model_dir, dev),
+        val_top1=val_top1,
+        fit=fit_zeros_held,
     )

@@ -1,4 +1,5 @@
-"""Gradual magnitude pruning during training: the sparsity schedules and the step hook.
+"""`shrinkflow prune` for ``gradual_polynomial`` and ``gradual_constant``: magnitude pruning
+during re-training. The sparsity schedules, the step hook and the prune job.
 
 Zhu & Gupta (2017), "To prune, or not to prune": from step ``begin`` the sparsity rises from
 s_i to s_f along s_t = s_f + (s_i - s_f) (1 - (t - begin) / (end - begin))^3, recomputing the
@@ -9,20 +10,31 @@ schedule (tfmot's ``ConstantSparsity``) prunes to s_f at ``begin`` and holds it:
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from shrinkflow.backends.torch.artifact import load_model
+from shrinkflow.backends.torch.device import resolve_device
 from shrinkflow.backends.torch.prune_unstructured import (
     apply_masks,
     check_scope,
     check_sparsity,
     layer_masks,
     prunable_modules,
+    saved_facts,
 )
+from shrinkflow.backends.torch.resume_state import job_fingerprint
+from shrinkflow.backends.torch.train import fit
+from shrinkflow.data.prepared import PreparedData
 from shrinkflow.errors import ShrinkflowError
+from shrinkflow.training import steps_per_epoch
 
+METHODS = ("gradual_polynomial", "gradual_constant")
 SCHEDULES = ("polynomial", "constant")
 
 
@@ -132,3 +144,83 @@ class GradualPruner:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.masks = dict(state["masks"]) or None
         self.sparsity = float(state["sparsity"])
+
+
+def gradual_fingerprint(
+    cfg: dict, method: str, sparsity: float, model_dir: Path, data: PreparedData
+) -> str:
+    """Hash of what decides a gradual run (the stage table's keys for this method's family, so
+    adding a value to the sweep lists does not discard the resume states of other branches)."""
+    point = {"method": method, "sparsity": float(sparsity)}
+    return job_fingerprint("prune", cfg, point, data, model_dir)
+
+
+def prune_gradually(
+    cfg: dict,
+    method: str,
+    sparsity: float,
+    model_dir: Path,
+    data: PreparedData,
+    out_dir: Path,
+    resume_dir: Path,
+    on_epoch: Callable[[int, dict[str, float]], None],
+    run_id: str | None,
+    sensitivity_dir: Path | None,
+) -> dict[str, float | int]:
+    """Re-train the model in ``model_dir`` while ``method``'s schedule prunes it to
+    ``sparsity``; save it to ``out_dir``. The saved epoch is the best one AT the target sparsity.
+
+    Only epochs that end after the schedule's last mask update compete for best-on-val: an
+    earlier epoch carries fewer zeros, so it would often win on accuracy and then be either
+    saved below the target or cut to it afterwards without its accuracy ever measured. After
+    the last update the masks no longer change and are re-applied after every step, so every
+    competing epoch is already exactly at the target.
+
+    ``sensitivity_dir`` is unused: the signature is shared by every prune family
+    (``prune.prune_model``). Returns ``prune_unstructured.saved_facts`` plus ``epochs``,
+    ``best_epoch`` and ``resumed_from_epoch``.
+    """
+    if method not in METHODS:
+        raise ShrinkflowError(f"prune.methods: {method!r} is not one of {', '.join(METHODS)}")
+    check_sparsity(sparsity)
+    dev = resolve_device("auto")
+    model, spec = load_model(model_dir, dev)
+    p, g = cfg["prune"], cfg["prune"]["gradual"]
+    epochs, per_epoch = int(g["epochs"]), steps_per_epoch(cfg, data)
+    pruner = GradualPruner(
+        model,
+        method.removeprefix("gradual_"),
+        sparsity,
+        epochs * per_epoch,
+        g,
+        p["scope"],
+        p["exclude"],
+    )
+
+    def with_sparsity(epoch: int, metrics: dict[str, float]) -> None:
+        on_epoch(epoch, {**metrics, "sparsity": pruner.sparsity})
+
+    result = fit(
+        model,
+        cfg,
+        data,
+        epochs=epochs,
+        lr=float(g["lr"]),
+        warmup_epochs=0,
+        out_dir=Path(out_dir),
+        resume_dir=Path(resume_dir),
+        fingerprint=gradual_fingerprint(cfg, method, sparsity, model_dir, data),
+        on_epoch=with_sparsity,
+        run_id=run_id,
+        spec=spec,
+        step_hook=pruner,
+        select_from_epoch=math.ceil(pruner.end / per_epoch),
+        device=str(dev),
+        lr_key="prune.gradual.lr",
+    )
+    facts = {
+        "epochs": result.epochs,
+        "best_epoch": result.best_epoch,
+        "resumed_from_epoch": result.resumed_from_epoch,
+    }
+    return {**saved_facts(cfg, out_dir, data, dev), **facts}

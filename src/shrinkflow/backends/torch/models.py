@@ -64,6 +64,11 @@ def create_model(
     return model
 
 
+def model_params(name: str) -> int:
+    """Parameters of ``name`` built for 10 classes of 3x32x32 images (`shrinkflow models`)."""
+    return sum(p.numel() for p in create_model(name, 10, in_channels=3, image_size=32).parameters())
+
+
 def output_layer_name(model: nn.Module) -> str:
     """The qualified name of the layer producing the logits (the model's final ``nn.Linear``).
 

@@ -19,6 +19,7 @@ the fine-tuning between ``prune.structured.rounds`` would be repeated.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,15 +31,19 @@ import torch_pruning as tp
 from torch import nn
 
 from shrinkflow.backends.torch.artifact import load_model, save_model
+from shrinkflow.backends.torch.device import resolve_device
 from shrinkflow.backends.torch.evaluate import ACCURACY_BATCH, PRUNABLE, count_macs
 from shrinkflow.backends.torch.prune_unstructured import prunable_modules
 from shrinkflow.backends.torch.tensors import to_device_tensors
-from shrinkflow.backends.torch.train import evaluate_split, fit_in_memory, resolve_device
+from shrinkflow.backends.torch.train import fit_in_memory
+from shrinkflow.backends.torch.trainer import evaluate_split
 from shrinkflow.data.prepared import PreparedData
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.progress import say
 
 METHODS = ("structured_l1", "structured_random", "structured_sensitivity")
+# The sensitivity stage's per-group ratios for ``structured_sensitivity`` (sensitivity.py).
+RATIOS_FILE = "ratios.json"
 # Ratios a hair above a limit only through float round-off (a profile scaled to its own mean)
 # still count as on the limit.
 _TOLERANCE = 1e-9
@@ -160,9 +165,6 @@ def plan_ratios(
             "prune.exclude: no layer group is left to prune (every group holds an excluded layer)"
         )
     if method == "structured_sensitivity":
-        # sensitivity.py builds on this module, so its reader is imported only when needed.
-        from shrinkflow.backends.torch.sensitivity import RATIOS_FILE, load_ratios
-
         if sensitivity_dir is None:
             raise ShrinkflowError("structured_sensitivity needs the sensitivity stage's folder")
         source = str(Path(sensitivity_dir) / RATIOS_FILE)
@@ -190,6 +192,23 @@ def plan_ratios(
                 f"(prune.structured.max_layer_ratio {max_ratio})"
             )
     return ratios
+
+
+def load_ratios(sensitivity_dir: Path) -> dict[str, float]:
+    """The per-group ratios a sensitivity run wrote to ``sensitivity_dir/ratios.json``."""
+    path = Path(sensitivity_dir) / RATIOS_FILE
+    try:
+        ratios = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ShrinkflowError(f"{path}: not found (run shrinkflow sensitivity first)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ShrinkflowError(f"{path}: unreadable ({type(e).__name__})") from None
+    if not isinstance(ratios, dict) or not all(
+        isinstance(r, int | float) and not isinstance(r, bool) and 0 <= r < 1
+        for r in ratios.values()
+    ):
+        raise ShrinkflowError(f"{path}: expected an object of layer group -> ratio in [0, 1)")
+    return {str(name): float(r) for name, r in ratios.items()}
 
 
 def fill_to_mean(

@@ -1,14 +1,14 @@
-"""`shrinkflow prune` for the unstructured methods: magnitude (L1) pruning of single weights.
+"""`shrinkflow prune` for ``l1_unstructured``, and the magnitude masks of every unstructured method.
 
 ``l1_unstructured`` prunes the trained baseline once; ``gradual_polynomial`` and
-``gradual_constant`` re-train the baseline while ``gradual.GradualPruner`` raises the sparsity on
-a schedule. Either way the saved model holds plain weights with the pruned ones exactly zero (no
-``weight_orig`` + ``weight_mask`` pairs), and every fact returned is measured on the saved file.
+``gradual_constant`` (``gradual``) re-train the baseline while ``gradual.GradualPruner`` raises
+the sparsity on a schedule with this module's masks. Either way the saved model holds plain
+weights with the pruned ones exactly zero (no ``weight_orig`` + ``weight_mask`` pairs), and
+every fact returned is measured on the saved file (``saved_facts``).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -17,21 +17,16 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from shrinkflow.backends.torch.artifact import MODEL_FILE, load_model, save_model
+from shrinkflow.backends.torch.artifact import load_model, save_model
+from shrinkflow.backends.torch.device import resolve_device
 from shrinkflow.backends.torch.evaluate import count_params
 from shrinkflow.backends.torch.models import output_layer_name
 from shrinkflow.backends.torch.tensors import to_device_tensors
-from shrinkflow.backends.torch.train import (
-    evaluate_split,
-    fingerprint_of,
-    fit,
-    resolve_device,
-    steps_per_epoch,
-)
-from shrinkflow.data.prepared import PreparedData, sha256_file
+from shrinkflow.backends.torch.trainer import evaluate_split
+from shrinkflow.data.prepared import PreparedData
 from shrinkflow.errors import ShrinkflowError
 
-METHODS = ("l1_unstructured", "gradual_polynomial", "gradual_constant")
+METHODS = ("l1_unstructured",)  # the gradual methods: gradual.METHODS
 SCOPES = ("global", "layer")
 PRUNABLE = (nn.Conv2d, nn.Linear)
 OUTPUT = "output"  # the exclusion pattern standing for models.output_layer_name(model)
@@ -129,26 +124,6 @@ def check_scope(scope: str) -> None:
         raise ShrinkflowError(f"prune.scope: {scope!r} is not one of {', '.join(SCOPES)}")
 
 
-def gradual_fingerprint(
-    cfg: dict, method: str, sparsity: float, model_dir: Path, data: PreparedData
-) -> str:
-    """Hash of what decides a gradual run. Of ``prune`` only the keys the run reads count, so
-    adding a value to the sweep lists does not discard the resume states of other branches."""
-    p = cfg["prune"]
-    return fingerprint_of(
-        {
-            "stage": "prune",
-            "method": method,
-            "sparsity": float(sparsity),
-            "prune": {k: p[k] for k in ("scope", "exclude", "gradual")},
-            "train": cfg["train"],
-            "seed": cfg["seed"],
-            "data": data.fingerprint,
-            "model": sha256_file(Path(model_dir) / MODEL_FILE),
-        }
-    )
-
-
 def prune_unstructured(
     cfg: dict,
     method: str,
@@ -161,107 +136,22 @@ def prune_unstructured(
     run_id: str | None,
     sensitivity_dir: Path | None,
 ) -> dict[str, float | int]:
-    """Prune the model in ``model_dir`` with ``method`` to ``sparsity``; save it to ``out_dir``.
+    """Prune the model in ``model_dir`` once to ``sparsity``; save it to ``out_dir``.
 
-    ``sensitivity_dir`` is unused: the signature is shared by every prune family. Returns
-    ``measured_sparsity`` (zeros over the pruned layers, counted in the saved file),
-    ``val_top1``, ``params`` and ``nonzero_params`` of the saved model; the gradual methods add
-    ``epochs``, ``best_epoch`` and ``resumed_from_epoch``.
+    ``resume_dir``, ``on_epoch``, ``run_id`` and ``sensitivity_dir`` are unused: the signature
+    is shared by every prune family (``prune.prune_model``). Returns ``saved_facts``.
     """
     if method not in METHODS:
         raise ShrinkflowError(f"prune.methods: {method!r} is not one of {', '.join(METHODS)}")
     check_sparsity(sparsity)
     p, dev = cfg["prune"], resolve_device("auto")
     model, spec = load_model(model_dir, dev)
-    facts: dict[str, float | int] = {}
-    if method == "l1_unstructured":
-        apply_masks(model, magnitude_masks(model, sparsity, p["scope"], p["exclude"]))
-        save_model(model, spec, Path(out_dir))
-    else:
-        facts = _prune_gradually(
-            cfg,
-            method,
-            sparsity,
-            model,
-            spec,
-            model_dir,
-            data,
-            dev,
-            out_dir=out_dir,
-            resume_dir=resume_dir,
-            on_epoch=on_epoch,
-            run_id=run_id,
-        )
-    return {**_saved_facts(cfg, out_dir, data, dev), **facts}
+    apply_masks(model, magnitude_masks(model, sparsity, p["scope"], p["exclude"]))
+    save_model(model, spec, Path(out_dir))
+    return saved_facts(cfg, out_dir, data, dev)
 
 
-def _prune_gradually(
-    cfg: dict,
-    method: str,
-    sparsity: float,
-    model: nn.Module,
-    spec: dict,
-    model_dir: Path,
-    data: PreparedData,
-    dev: torch.device,
-    *,
-    out_dir: Path,
-    resume_dir: Path,
-    on_epoch: Callable[[int, dict[str, float]], None],
-    run_id: str | None,
-) -> dict[str, int]:
-    """Re-train under the schedule; the saved epoch is the best one AT the target sparsity.
-
-    Only epochs that end after the schedule's last mask update compete for best-on-val: an
-    earlier epoch carries fewer zeros, so it would often win on accuracy and then be either
-    saved below the target or cut to it afterwards without its accuracy ever measured. After
-    the last update the masks no longer change and are re-applied after every step, so every
-    competing epoch is already exactly at the target.
-    """
-    # Imported here: gradual builds on this module's mask functions.
-    from shrinkflow.backends.torch.gradual import GradualPruner
-
-    p, g = cfg["prune"], cfg["prune"]["gradual"]
-    epochs, per_epoch = int(g["epochs"]), steps_per_epoch(cfg, data)
-    pruner = GradualPruner(
-        model,
-        method.removeprefix("gradual_"),
-        sparsity,
-        epochs * per_epoch,
-        g,
-        p["scope"],
-        p["exclude"],
-    )
-
-    def with_sparsity(epoch: int, metrics: dict[str, float]) -> None:
-        on_epoch(epoch, {**metrics, "sparsity": pruner.sparsity})
-
-    result = fit(
-        model,
-        cfg,
-        data,
-        epochs=epochs,
-        lr=float(g["lr"]),
-        warmup_epochs=0,
-        out_dir=Path(out_dir),
-        resume_dir=Path(resume_dir),
-        fingerprint=gradual_fingerprint(cfg, method, sparsity, model_dir, data),
-        on_epoch=with_sparsity,
-        run_id=run_id,
-        spec=spec,
-        step_hook=pruner,
-        select_from_epoch=math.ceil(pruner.end / per_epoch),
-        device=str(dev),
-        lr_key="prune.gradual.lr",
-    )
-    return {
-        "epochs": result.epochs,
-        "best_epoch": result.best_epoch,
-        "resumed_from_epoch": result.resumed_from_epoch,
-    }
-
-
-def _saved_facts(
+def saved_facts(
     cfg: dict, out_dir: Path, data: PreparedData, dev: torch.device
 ) -> dict[str, float | int]:
     """Sparsity, size and val top-1 of the model as saved in ``out_dir``."""

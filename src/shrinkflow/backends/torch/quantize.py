@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,35 +24,20 @@ from torch import nn
 
 from shrinkflow.backends.torch import pt2e
 from shrinkflow.backends.torch.artifact import MODEL_FILE, load_model, save_fixed_point
+from shrinkflow.backends.torch.resume_state import job_fingerprint, resumable_run_id
 from shrinkflow.backends.torch.tensors import normalize, to_device_tensors
-from shrinkflow.backends.torch.train import (
-    TrainResult,
-    batch_bounds,
-    fingerprint_of,
-    fit,
-    resumable_run_id,
-)
-from shrinkflow.data.prepared import PreparedData, check_fits, sha256_file
+from shrinkflow.backends.torch.train import fit
+from shrinkflow.data.prepared import PreparedData, check_fits
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.progress import say
 from shrinkflow.quantization import QuantMethod, parse_quant_method
-
-EpochCallback = Callable[[int, dict[str, float]], None]
+from shrinkflow.training import TrainResult, batch_bounds
+from shrinkflow.training.loop import EpochCallback
 
 
 def quantize_fingerprint(cfg: dict, method: str, model_dir: Path, data: PreparedData) -> str:
     """Hash of what decides a QAT run: its resume state is reused only on a match."""
-    return fingerprint_of(
-        {
-            "stage": "quantize",
-            "method": method,
-            "quantize": cfg["quantize"],
-            "train": cfg["train"],
-            "seed": cfg["seed"],
-            "data": data.fingerprint,
-            "model": sha256_file(Path(model_dir) / MODEL_FILE),
-        }
-    )
+    return job_fingerprint("quantize", cfg, {"qmethod": method}, data, model_dir)
 
 
 def resumable_quantize_run_id(

@@ -8,21 +8,23 @@ with the unpruned model's.
 
 The caller's empty folder receives ``sensitivity.csv`` and ``sensitivity.png`` (see
 ``shrinkflow.sensitivity_report``) and ``ratios.json``: ``{group: ratio}`` for
-``structured_sensitivity``. A group's ratio is the largest tested one up to which every tested
-ratio keeps the drop within ``sensitivity.max_drop`` (0.0 if even the smallest does not):
-robust layers are pruned more, sensitive ones less, and one lucky large ratio after a failed
-smaller one cannot make a sensitive layer look robust.
+``structured_sensitivity`` (read by ``prune_structured.load_ratios``). A group's ratio is the
+largest tested one up to which every tested ratio keeps the drop within
+``sensitivity.max_drop`` (0.0 if even the smallest does not): robust layers are pruned more,
+sensitive ones less, and one lucky large ratio after a failed smaller one cannot make a
+sensitive layer look robust.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 from itertools import product
 from pathlib import Path
 
 from shrinkflow.backends.torch.artifact import load_model
+from shrinkflow.backends.torch.device import resolve_device
 from shrinkflow.backends.torch.prune_structured import (
+    RATIOS_FILE,
     build_pruner,
     example_input,
     ignored_layers,
@@ -33,14 +35,11 @@ from shrinkflow.backends.torch.prune_structured import (
     val_top1,
 )
 from shrinkflow.backends.torch.tensors import to_device_tensors
-from shrinkflow.backends.torch.train import resolve_device
 from shrinkflow.data.prepared import PreparedData
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.outputs import write_json
 from shrinkflow.progress import track
 from shrinkflow.sensitivity_report import CSV_FILE, PLOT_FILE, SensitivityRecord, plot, write_csv
-
-RATIOS_FILE = "ratios.json"
 
 
 def analyze_sensitivity(
@@ -103,23 +102,6 @@ def analyze_sensitivity(
     )
     write_json(out_dir / RATIOS_FILE, _robust_ratios(results, max_drop))
     return {"groups": len(groups), "baseline_val_top1": baseline_top1}
-
-
-def load_ratios(sensitivity_dir: Path) -> dict[str, float]:
-    """The per-group ratios a sensitivity run wrote to ``sensitivity_dir/ratios.json``."""
-    path = Path(sensitivity_dir) / RATIOS_FILE
-    try:
-        ratios = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ShrinkflowError(f"{path}: not found (run shrinkflow sensitivity first)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ShrinkflowError(f"{path}: unreadable ({type(e).__name__})") from None
-    if not isinstance(ratios, dict) or not all(
-        isinstance(r, int | float) and not isinstance(r, bool) and 0 <= r < 1
-        for r in ratios.values()
-    ):
-        raise ShrinkflowError(f"{path}: expected an object of layer group -> ratio in [0, 1)")
-    return {str(name): float(r) for name, r in ratios.items()}
 
 
 def _robust_ratios(results: list[SensitivityRecord], max_drop: float) -> dict[str, float]:

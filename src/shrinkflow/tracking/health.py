@@ -14,7 +14,7 @@ import urllib.request
 from urllib.parse import urlsplit, urlunsplit
 
 from shrinkflow.errors import ShrinkflowError
-from shrinkflow.tracking import tracking_uri
+from shrinkflow.tracking.uri import tracking_uri
 
 # A tracking server the jobs of a run must reach (``http(s)://`` URIs only).
 SERVER_WAIT_ENV = "SHRINKFLOW_TRACKING_WAIT_S"

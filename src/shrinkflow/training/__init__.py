@@ -1,7 +1,15 @@
 """What both backends' training loops share, so that they train the same way on the same data.
 
-No framework imports: ``backends/torch/train.py`` and ``backends/tensorflow/train.py`` both build
-on these definitions, and a change here changes both backends at once.
+No framework imports (ruff's TID251 bans them outside the backends): every backend builds on
+these definitions, and a change here changes both backends at once.
+
+- this module: a run's plan and result, the recipe constants, the batch split, the model spec
+  and the error that stops a diverged run;
+- ``loop``: the epoch loop itself (``train_epochs``), which drives a backend's ``EpochRun``;
+- ``resume``: the resume state's fingerprint, reading and matching (each backend writes its
+  own file format);
+- ``jobs``: the train and finetune jobs around the loop (their plans; 0 epochs of fine-tuning
+  copies the model).
 """
 
 from __future__ import annotations
@@ -21,6 +29,11 @@ NO_VALIDATION_IMAGES = (
 )
 
 
+# The recipe constants of both backends, so that they train the same way on the same data.
+WARMUP_START = 0.1  # the LR factor at step 0 of the warm-up (lr/10), rising linearly to 1
+CROP_PAD_DIVISOR = 8  # crop padding = image_size // 8: CIFAR's 4 pixels at 32x32, scaled
+
+
 @dataclass
 class TrainResult:
     epochs: int
@@ -29,6 +42,24 @@ class TrainResult:
     resumed_from_epoch: int  # the last epoch restored from the resume state; 0 for a fresh start
     history: list[dict]
     seconds: float  # wall time of this call (a resumed run counts only its own epochs)
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """How long and how fast a run trains: ``epochs``, the peak LR reached after
+    ``warmup_epochs``, and the params key that LR comes from (``lr_key``, named by
+    ``diverged``). Its fields are keyword arguments of every backend's ``train.fit``."""
+
+    epochs: int
+    lr: float
+    warmup_epochs: int = 0
+    lr_key: str = "train.lr"
+
+
+def steps_per_epoch(cfg: dict, data: Any) -> int:
+    """Optimizer steps in one epoch over the training split (``data`` is a ``PreparedData``)
+    with ``cfg["train"]["batch_size"]``."""
+    return len(batch_bounds(len(data.train), int(cfg["train"]["batch_size"])))
 
 
 def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
@@ -50,6 +81,24 @@ def global_batches(n: int, batch_size: int, processes: int) -> list[tuple[int, i
     if processes > 1 and len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < 2 * processes:
         bounds[-2:] = [(bounds[-2][0], n)]
     return bounds
+
+
+def train_batches(batch_size: int, n: int, processes: int) -> list[tuple[int, int]]:
+    """``global_batches`` of a training split of ``n`` images, after the checks that every
+    training loop makes of ``train.batch_size`` and of the split (one-line errors)."""
+    if batch_size < 1:
+        raise ShrinkflowError(f"train.batch_size: {batch_size} is not >= 1")
+    if n == 0:
+        raise ShrinkflowError(
+            "prepared data has no training images "
+            "(lower data.val_fraction / data.test_fraction or add images)"
+        )
+    if batch_size % processes:
+        raise ShrinkflowError(
+            f"train.batch_size: {batch_size} does not divide among {processes} processes "
+            "(train.distributed.processes)"
+        )
+    return global_batches(n, batch_size, processes)
 
 
 def model_spec(model_name: str, data: Any) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """`make mlflow-server`: a shared MLflow tracking server with a PostgreSQL store.
 
-    python -m shrinkflow.tracking_server [--folder .mlflow-server] [--port 5000] [--host ...]
+    python -m shrinkflow.tracking.server [--folder .mlflow-server] [--port 5000] [--host ...]
 
 With ``MLFLOW_BACKEND_STORE_URI`` set (``postgresql://user:password@host:port/db``) the server
 uses that database. Otherwise it keeps a PostgreSQL cluster in ``<folder>/postgres``: created on
@@ -33,7 +33,7 @@ from urllib.parse import quote
 
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.progress import say
-from shrinkflow.tracking_health import server_problem, shown_uri
+from shrinkflow.tracking.health import server_problem, shown_uri
 
 DATABASE = "mlflow"
 SUPERUSER = "mlflow"  # the cluster's superuser, whichever system user runs PostgreSQL
@@ -344,7 +344,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m shrinkflow.tracking_server", description=__doc__.split("\n")[0]
+        prog="python -m shrinkflow.tracking.server", description=__doc__.split("\n")[0]
     )
     parser.add_argument(
         "--folder", type=Path, default=DEFAULT_FOLDER, help="data and artefacts (%(default)s)"
