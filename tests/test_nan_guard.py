@@ -19,6 +19,7 @@ import torch
 from data_fixtures import digits_data
 from torch_fixtures import with_train
 
+from shrinkflow.backends.base import JobContext
 from shrinkflow.backends.torch.models import create_model
 from shrinkflow.backends.torch.train import fit, fit_in_memory, train_model
 from shrinkflow.errors import ShrinkflowError
@@ -101,7 +102,7 @@ def test_a_huge_learning_rate_stops_baseline_training_in_one_line(tmp_path):
     out.mkdir()
     cfg = with_train(epochs=2, lr=1e6, augment=False, warmup_epochs=0)
     with pytest.raises(ShrinkflowError) as info:
-        train_model(cfg, "resnet20", digits_data(SMALL), out, tmp_path / "r", lambda e, m: None)
+        train_model(cfg, "resnet20", digits_data(SMALL), JobContext(out, tmp_path / "r"))
     message = str(info.value)
     assert message.startswith("train: loss became "), message
     assert "lower train.lr (now 1e+06), raise train.warmup_epochs or check the data" in message
@@ -283,7 +284,7 @@ def test_tensorflow_resume_state_without_a_validation_split_is_valid_json(tmp_pa
     out = tmp_path / "out"
     out.mkdir()
     cfg = tf_with_train(epochs=1, augment=False)
-    result = tf_train_model(cfg, "resnet20", data, out, tmp_path / "resume", lambda e, m: None)
+    result = tf_train_model(cfg, "resnet20", data, JobContext(out, tmp_path / "resume"))
     assert math.isnan(result.best_val_top1)
     state = json.loads((tmp_path / "resume" / "state.json").read_text(), parse_constant=_refuse)
     assert state["best_val_top1"] is None and state["history"][0]["val_top1"] is None

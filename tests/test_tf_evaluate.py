@@ -14,6 +14,7 @@ from tf_fixtures import TFLITE_CFG as CFG
 from tf_fixtures import check_layer_sparsity, interpreter_top1, keras_top1, quantize
 
 from shrinkflow import metrics
+from shrinkflow.backends.base import JobContext
 from shrinkflow.backends.tensorflow import evaluate, tflite
 from shrinkflow.backends.tensorflow.artifact import (
     FIXED_FILE,
@@ -308,7 +309,7 @@ def test_count_macs_matches_the_hand_formula():
 
 def test_a_fixed_point_node_is_measured_on_its_own_file(nodes, keras_result, tmp_path):
     folder, _, data, _ = nodes
-    quantize_model(CFG, "fixed_w8", folder, data, tmp_path, tmp_path, None, None)
+    quantize_model(CFG, "fixed_w8", folder, data, JobContext(tmp_path, tmp_path))
     result = evaluate.evaluate_model(QUICK, tmp_path, data)
     assert result["size_bytes"] == (tmp_path / FIXED_FILE).stat().st_size
     assert result["size_bytes"] < 0.5 * keras_result["size_bytes"]

@@ -8,6 +8,7 @@ import tf_keras as keras
 from tf_fixtures import DATA, check_layer_sparsity, trained_baseline
 
 from shrinkflow import bitpack
+from shrinkflow.backends.base import JobContext
 from shrinkflow.backends.tensorflow import evaluate
 from shrinkflow.backends.tensorflow.artifact import (
     FIXED_FILE,
@@ -50,7 +51,7 @@ def quantized(source, tmp_path_factory) -> dict[int, tuple[Path, dict]]:
         out.mkdir()
         result[bits] = (
             out,
-            quantize_model(CFG, f"fixed_w{bits}", source, DATA, out, out, None, None),
+            quantize_model(CFG, f"fixed_w{bits}", source, DATA, JobContext(out, out)),
         )
     return result
 
@@ -147,7 +148,7 @@ def test_evaluate_counts_zero_codes_per_layer(source, quantized):
 @pytest.mark.parametrize("method", ["fixed_w1", "fixed_w17"])
 def test_bit_widths_outside_2_to_16_are_refused(source, tmp_path, method):
     with pytest.raises(ShrinkflowError, match=r"2\.\.16"):
-        quantize_model(CFG, method, source, DATA, tmp_path, tmp_path, None, None)
+        quantize_model(CFG, method, source, DATA, JobContext(tmp_path, tmp_path))
     assert list(tmp_path.iterdir()) == []
 
 

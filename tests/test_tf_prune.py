@@ -13,6 +13,7 @@ import tf_keras as keras  # noqa: E402
 from data_fixtures import TRAIN  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
+from shrinkflow.backends.base import JobContext  # noqa: E402
 from shrinkflow.backends.tensorflow.artifact import (  # noqa: E402
     KERAS_FILE,
     load_model,
@@ -131,10 +132,7 @@ def prune(
         sparsity,
         baseline[0],
         baseline[1],
-        out,
-        tmp_path / "resume",
-        on_epoch,
-        run_id,
+        JobContext(out, tmp_path / "resume", on_epoch, run_id),
         None,
     )
     return out, facts, epochs
@@ -298,10 +296,11 @@ def test_bad_input_is_one_line_and_writes_nothing(
             sparsity,
             baseline[0],
             baseline[1],
-            out,
-            tmp_path / "resume",
-            lambda e, m: pytest.fail("trained although the input is bad"),
-            None,
+            JobContext(
+                out,
+                tmp_path / "resume",
+                lambda e, m: pytest.fail("trained although the input is bad"),
+            ),
             None,
         )
     assert "\n" not in str(error.value)
@@ -416,10 +415,9 @@ def test_gradual_resumes_mid_schedule_to_the_same_model(baseline, polynomial_run
         0.6,
         baseline[0],
         baseline[1],
-        out,
-        resume,
-        lambda epoch, metrics: epochs.append((epoch, metrics["sparsity"])),
-        "run-1",
+        JobContext(
+            out, resume, lambda epoch, metrics: epochs.append((epoch, metrics["sparsity"])), "run-1"
+        ),
         None,
     )
     assert resumed == {**polynomial_run["facts"], "resumed_from_epoch": 1}

@@ -22,6 +22,7 @@ from data_fixtures import digits_data, write_data_file  # noqa: E402
 from tf_fixtures import TRAIN_CFG as CFG  # noqa: E402
 from tf_fixtures import one_thread, with_train  # noqa: E402
 
+from shrinkflow.backends.base import JobContext  # noqa: E402
 from shrinkflow.backends.tensorflow import trainer  # noqa: E402
 from shrinkflow.backends.tensorflow.artifact import (  # noqa: E402
     KERAS_FILE,
@@ -85,7 +86,9 @@ def no_epochs(epoch: int, metrics: dict) -> None:
 def train_into(tmp_path: Path, cfg: dict, data: PreparedData, run_id=None):
     out = tmp_path / "out"
     out.mkdir()
-    result = train_model(cfg, "resnet20", data, out, tmp_path / "resume", no_epochs, run_id)
+    result = train_model(
+        cfg, "resnet20", data, JobContext(out, tmp_path / "resume", no_epochs, run_id)
+    )
     return out, result
 
 
@@ -102,7 +105,7 @@ def reference(tmp_path_factory, data):
     out.mkdir()
     epochs = []
     result = train_model(
-        CFG, "resnet20", data, out, resume, lambda e, m: epochs.append((e, m)), "run-1"
+        CFG, "resnet20", data, JobContext(out, resume, lambda e, m: epochs.append((e, m)), "run-1")
     )
     return {"out": out, "resume": resume, "result": result, "epochs": epochs}
 
@@ -171,7 +174,7 @@ def test_killed_job_resumes_to_the_uninterrupted_weights(reference, data, tmp_pa
     assert resumable_run_id(resume, train_fingerprint(CFG, "resnet20", data)) == "run-7"
 
     capsys.readouterr()
-    result = train_model(CFG, "resnet20", data, out, resume, no_epochs, "run-7")
+    result = train_model(CFG, "resnet20", data, JobContext(out, resume, no_epochs, "run-7"))
     assert "resuming from epoch 2/2" in capsys.readouterr().err
     assert result.resumed_from_epoch == 1
     timeless = [{**h, "epoch_seconds": 0} for h in reference["result"].history]
@@ -185,7 +188,7 @@ def test_finished_state_is_reused_without_training(reference, data, tmp_path, ca
     out = tmp_path / "out"
     out.mkdir()
     result = train_model(
-        CFG, "resnet20", data, out, tmp_path / "resume", lambda e, m: calls.append(e)
+        CFG, "resnet20", data, JobContext(out, tmp_path / "resume", lambda e, m: calls.append(e))
     )
     assert calls == [] and result.resumed_from_epoch == 2
     assert result.history == reference["result"].history
@@ -306,12 +309,16 @@ def test_a_final_single_sample_batch_joins_the_one_before():
 
 def test_epochs_below_one_is_an_error(data, tmp_path):
     with pytest.raises(ShrinkflowError, match="train.epochs: 0 is not >= 1"):
-        train_model(with_train(epochs=0), "resnet20", data, tmp_path, tmp_path, no_epochs)
+        train_model(
+            with_train(epochs=0), "resnet20", data, JobContext(tmp_path, tmp_path, no_epochs)
+        )
 
 
 def test_empty_train_split_is_an_error(tmp_path):
     with pytest.raises(ShrinkflowError, match="no training images"):
-        train_model(CFG, "resnet20", digits_data(slice(0, 0)), tmp_path, tmp_path, no_epochs)
+        train_model(
+            CFG, "resnet20", digits_data(slice(0, 0)), JobContext(tmp_path, tmp_path, no_epochs)
+        )
 
 
 @pytest.fixture(scope="module")
@@ -347,7 +354,7 @@ def test_finetune_keeps_zeros_at_zero_and_trains_the_rest(pruned, data, tmp_path
     out.mkdir()
     epochs = []
     result = finetune_model(
-        CFG, pruned, data, out, resume, lambda e, m: epochs.append(e), run_id="run-f"
+        CFG, pruned, data, JobContext(out, resume, lambda e, m: epochs.append(e), "run-f")
     )
     assert result.epochs == 1 and epochs == [1] and result.best_val_top1 > 0.6
     before, after = load_model(pruned)[0], load_model(out)[0]
@@ -363,7 +370,7 @@ def test_finetune_keeps_zeros_at_zero_and_trains_the_rest(pruned, data, tmp_path
 
 def test_finetune_zero_epochs_copies_the_model(pruned, data, tmp_path):
     cfg = {**CFG, "finetune": {"epochs": 0, "lr": 0.01}}
-    result = finetune_model(cfg, pruned, data, tmp_path, tmp_path / "resume", no_epochs, None)
+    result = finetune_model(cfg, pruned, data, JobContext(tmp_path, tmp_path / "resume", no_epochs))
     for name in (KERAS_FILE, SPEC_FILE):
         assert (tmp_path / name).read_bytes() == (pruned / name).read_bytes()
     _, top1 = evaluate_split(load_model(pruned)[0], data, "val", 32)

@@ -11,6 +11,7 @@ from torch_prune_fixtures import (  # noqa: F401 (fixed_threads: an autouse fixt
     saved_weights,
 )
 
+from shrinkflow.backends.base import JobContext
 from shrinkflow.backends.torch.artifact import MODEL_FILE, load_model, save_model
 from shrinkflow.backends.torch.finetune import finetune_fingerprint, finetune_model
 from shrinkflow.backends.torch.prune_unstructured import (
@@ -31,7 +32,7 @@ def pruned(torch_digits_baseline, tmp_path_factory):
     out = root / "pruned"
     out.mkdir()
     prune_unstructured(
-        PRUNE_CFG, "l1_unstructured", 0.7, model_dir, data, out, root / "r", None, None, None
+        PRUNE_CFG, "l1_unstructured", 0.7, model_dir, data, JobContext(out, root / "r"), None
     )
     model, spec = load_model(out)
     x, y = to_device_tensors(data, "val", "cpu")
@@ -47,7 +48,10 @@ def finetune(pruned, tmp_path, cfg=PRUNE_CFG, name="out"):
     out.mkdir()
     epochs = []
     result = finetune_model(
-        cfg, pruned[0], pruned[1], out, tmp_path / "resume", lambda e, m: epochs.append(e), "r-1"
+        cfg,
+        pruned[0],
+        pruned[1],
+        JobContext(out, tmp_path / "resume", lambda e, m: epochs.append(e), "r-1"),
     )
     return out, result, epochs
 

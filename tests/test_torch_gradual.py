@@ -13,6 +13,7 @@ from torch_prune_fixtures import (  # noqa: F401 (fixed_threads: an autouse fixt
     with_gradual,
 )
 
+from shrinkflow.backends.base import JobContext
 from shrinkflow.backends.torch.artifact import load_model
 from shrinkflow.backends.torch.gradual import (
     GradualPruner,
@@ -147,10 +148,7 @@ def test_gradual_prune_stage_saves_the_target_sparsity(baseline, tmp_path, metho
         0.7,
         model_dir,
         data,
-        out,
-        tmp_path / "r",
-        lambda e, m: epochs.append((e, m)),
-        "run-3",
+        JobContext(out, tmp_path / "r", lambda e, m: epochs.append((e, m)), "run-3"),
         None,
     )
     state = saved_weights(out)

@@ -17,6 +17,7 @@ from torch_prune_fixtures import (  # noqa: F401 (fixed_threads: an autouse fixt
     with_prune,
 )
 
+from shrinkflow.backends.base import JobContext
 from shrinkflow.backends.torch.artifact import MODEL_FILE, load_model
 from shrinkflow.backends.torch.evaluate import evaluate_model
 from shrinkflow.backends.torch.prune import prune_model
@@ -53,7 +54,7 @@ def prune(baseline, tmp_path, method="l1_unstructured", sparsity=0.7, cfg=PRUNE_
     out = tmp_path / "out"
     out.mkdir()
     facts = prune_model(
-        cfg, method, sparsity, baseline[0], baseline[1], out, tmp_path / "r", None, None, None
+        cfg, method, sparsity, baseline[0], baseline[1], JobContext(out, tmp_path / "r"), None
     )
     return out, facts
 
@@ -201,7 +202,13 @@ def test_bad_input_is_one_line_and_writes_nothing(
     out.mkdir()
     with pytest.raises(ShrinkflowError, match=message) as error:
         prune_model(
-            cfg, method, sparsity, baseline[0], baseline[1], out, tmp_path / "r", None, None, None
+            cfg,
+            method,
+            sparsity,
+            baseline[0],
+            baseline[1],
+            JobContext(out, tmp_path / "r"),
+            None,
         )
     assert "\n" not in str(error.value)
     assert list(out.iterdir()) == [] and not (tmp_path / "r").exists()

@@ -18,6 +18,7 @@ from torch_prune_fixtures import (  # noqa: F401 (fixed_threads: an autouse fixt
     fixed_threads,
 )
 
+from shrinkflow.backends.base import JobContext
 from shrinkflow.backends.torch import evaluate, fixed_point, pt2e
 from shrinkflow.backends.torch.artifact import MODEL_FILE, load_model, save_model
 from shrinkflow.backends.torch.quantize import quantize_model
@@ -61,10 +62,8 @@ def _quantize(method, source, data, tmp_path, cfg=QCFG, on_epoch=None, resume=No
     out.mkdir(parents=True)
     resume = resume or tmp_path / f"{method}-resume"
     resume.mkdir(exist_ok=True)
-    facts = quantize_model(
-        cfg, method, source, data, out, resume, on_epoch or (lambda epoch, metrics: None),
-        run_id=None,
-    )  # fmt: skip
+    context = JobContext(out, resume, on_epoch or (lambda epoch, metrics: None))
+    facts = quantize_model(cfg, method, source, data, context)
     return out, facts
 
 

@@ -16,6 +16,7 @@ from data_fixtures import digits_data, write_data_file
 from torch_fixtures import THREADS, fixed_threads, with_train  # noqa: F401 (an autouse fixture)
 from torch_fixtures import TRAIN_CFG as CFG
 
+from shrinkflow.backends.base import JobContext
 from shrinkflow.backends.torch.artifact import MODEL_FILE, load_model, save_model
 from shrinkflow.backends.torch.augment import Augment
 from shrinkflow.backends.torch.models import create_model
@@ -47,7 +48,11 @@ def reference(tmp_path_factory):
     data = digits_data()
     epochs = []
     result = train_model(
-        CFG, "resnet20", data, out, resume, lambda e, m: epochs.append((e, m)), "run-1", "cpu"
+        CFG,
+        "resnet20",
+        data,
+        JobContext(out, resume, lambda e, m: epochs.append((e, m)), "run-1"),
+        "cpu",
     )
     return {"data": data, "out": out, "resume": resume, "result": result, "epochs": epochs}
 
@@ -80,7 +85,11 @@ def test_same_seed_gives_bit_identical_weights(reference, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     train_model(
-        CFG, "resnet20", reference["data"], out, tmp_path / "r", lambda e, m: None, device="cpu"
+        CFG,
+        "resnet20",
+        reference["data"],
+        JobContext(out, tmp_path / "r"),
+        device="cpu",
     )
     assert_same_weights(weights(out), weights(reference["out"]))
 
@@ -115,7 +124,7 @@ def test_killed_job_resumes_to_the_uninterrupted_weights(reference, tmp_path, ca
     assert resumable_run_id(resume, fingerprint) == "run-7"
 
     capsys.readouterr()
-    result = train_model(CFG, "resnet20", data, out, resume, lambda e, m: None, "run-7", "cpu")
+    result = train_model(CFG, "resnet20", data, JobContext(out, resume, run_id="run-7"), "cpu")
     assert "resuming from epoch 2/3" in capsys.readouterr().err
     assert result.resumed_from_epoch == 1
     resumed = [{**h, "epoch_seconds": 0} for h in result.history]
@@ -129,7 +138,11 @@ def test_finished_state_is_reused_without_training(reference, tmp_path, capsys):
     out.mkdir()
     calls = []
     result = train_model(
-        CFG, "resnet20", reference["data"], out, resume, lambda e, m: calls.append(e), device="cpu"
+        CFG,
+        "resnet20",
+        reference["data"],
+        JobContext(out, resume, lambda e, m: calls.append(e)),
+        device="cpu",
     )
     assert calls == [] and result.resumed_from_epoch == 3
     assert result.history == reference["result"].history
@@ -151,10 +164,7 @@ def test_changed_params_start_over(reference, tmp_path, capsys):
         cfg,
         "resnet20",
         reference["data"],
-        out,
-        resume,
-        lambda e, m: None,
-        run_id="run-2",
+        JobContext(out, resume, run_id="run-2"),
         device="cpu",
     )
     err = capsys.readouterr().err
@@ -234,9 +244,7 @@ def test_empty_train_split_is_an_error(tmp_path):
             CFG,
             "resnet20",
             digits_data(train=slice(0, 0)),
-            tmp_path,
-            tmp_path / "r",
-            lambda e, m: None,
+            JobContext(tmp_path, tmp_path / "r"),
             device="cpu",
         )
 
@@ -288,7 +296,11 @@ def test_cuda_mixed_precision_trains(tmp_path):
     out.mkdir()
     cfg = with_train(epochs=2, mixed_precision=True)
     result = train_model(
-        cfg, "resnet20", digits_data(), out, tmp_path / "r", lambda e, m: None, device="cuda"
+        cfg,
+        "resnet20",
+        digits_data(),
+        JobContext(out, tmp_path / "r"),
+        device="cuda",
     )
     assert result.best_val_top1 > 0.5
     model, _ = load_model(out, "cuda")

@@ -15,6 +15,7 @@ import tf_keras as keras  # noqa: E402
 from ai_edge_litert.interpreter import Interpreter  # noqa: E402
 from data_fixtures import TRAIN_WITH_REGULARISATION, digits_data  # noqa: E402
 
+from shrinkflow.backends.base import JobContext  # noqa: E402
 from shrinkflow.backends.tensorflow.artifact import save_model  # noqa: E402
 from shrinkflow.backends.tensorflow.models import create_model  # noqa: E402
 from shrinkflow.backends.tensorflow.quantize import METHODS, quantize_model  # noqa: E402
@@ -92,9 +93,7 @@ def quantize(method: str, source: Path, data: PreparedData, root: Path, cfg: dic
     """``quantize_model`` of ``source`` by ``method`` into ``root/method``: (folder, facts)."""
     out = root / method
     out.mkdir(parents=True)
-    facts = quantize_model(
-        cfg, method, source, data, out, root / "resume", lambda epoch, m: None, run_id=None
-    )
+    facts = quantize_model(cfg, method, source, data, JobContext(out, root / "resume"))
     return out, facts
 
 

@@ -22,6 +22,7 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 import tensorflow as tf  # noqa: E402
 from data_fixtures import load_data_file  # noqa: E402
 
+from shrinkflow.backends.base import JobContext  # noqa: E402
 from shrinkflow.backends.tensorflow.train import train_model  # noqa: E402
 
 
@@ -37,7 +38,9 @@ def main() -> None:
             time.sleep(600)
 
     cfg = json.loads(Path(cfg_file).read_text())
-    result = train_model(cfg, "resnet20", data, Path(out_dir), Path(resume_dir), on_epoch, run_id)
+    result = train_model(
+        cfg, "resnet20", data, JobContext(Path(out_dir), Path(resume_dir), on_epoch, run_id)
+    )
     print(json.dumps(asdict(result)))
 
 

@@ -12,6 +12,7 @@ from data_fixtures import TRAIN, digits_data
 from torch import nn
 from torch_fixtures import TRAIN_CFG, fixed_threads, one_thread  # noqa: F401 (fixed_threads: re-exported)
 
+from shrinkflow.backends.base import JobContext
 from shrinkflow.backends.torch import prune_structured as ps
 from shrinkflow.backends.torch.artifact import MODEL_FILE, load_model, save_model
 from shrinkflow.backends.torch.models import create_model
@@ -62,7 +63,11 @@ def train_baseline(root: Path) -> tuple[Path, PreparedData]:
     out.mkdir()
     with one_thread():
         train_model(
-            PRUNE_CFG, "resnet20", data, out, root / "resume", lambda e, m: None, device="cpu"
+            PRUNE_CFG,
+            "resnet20",
+            data,
+            JobContext(out, root / "resume"),
+            device="cpu",
         )
     return out, data
 
@@ -162,10 +167,7 @@ def prune_structured(
         sparsity,
         baseline,
         QUADRANTS,
-        out,
-        tmp_path / "resume",
-        lambda step, metrics: rounds.append((step, metrics)),
-        None,
+        JobContext(out, tmp_path / "resume", lambda step, metrics: rounds.append((step, metrics))),
         sensitivity_dir,
     )
     model, _ = load_model(out)

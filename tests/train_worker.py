@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from data_fixtures import load_data_file
 
+from shrinkflow.backends.base import JobContext
 from shrinkflow.backends.torch.train import train_model
 
 
@@ -29,7 +30,9 @@ def main() -> None:
             time.sleep(600)
 
     cfg = json.loads(Path(cfg_file).read_text())
-    train_model(cfg, "resnet20", data, Path(out_dir), Path(resume_dir), on_epoch, run_id, "cpu")
+    train_model(
+        cfg, "resnet20", data, JobContext(Path(out_dir), Path(resume_dir), on_epoch, run_id), "cpu"
+    )
 
 
 if __name__ == "__main__":

@@ -63,3 +63,14 @@ def parse_quant_method(name: str, key: str = "--method") -> QuantMethod:
             f"{MIN_BITS}..{MAX_BITS}"
         )
     return QuantMethod(name, "fixed", bits)
+
+
+def calibration_count(cfg: dict, train_images: int) -> int:
+    """How many batches ``quantize.calibration_batches`` asks to calibrate activations with,
+    checked (>= 1, and a training split to draw them from); each backend draws them its way."""
+    wanted = int(cfg["quantize"]["calibration_batches"])
+    if wanted < 1:
+        raise ShrinkflowError(f"quantize.calibration_batches: {wanted} is not in [1, inf)")
+    if train_images == 0:
+        raise ShrinkflowError("prepared data has no training images to calibrate with")
+    return wanted

@@ -12,7 +12,11 @@ backend (ruff's TID251, configured in pyproject.toml and the backends' ruff.toml
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.quantization import FIXED_PREFIX, FLOAT_METHODS, INT8_METHODS, parse_quant_method
@@ -39,6 +43,34 @@ QUANT_FAMILIES: dict[str, tuple[str, ...]] = {
     "torch": ("static", "dynamic", "qat", "fixed"),
     "tensorflow": ("static", "dynamic", "float", "fixed"),
 }
+
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+def _ignore_epoch(step: int, metrics: dict[str, float]) -> None:
+    """The default per-epoch callback: nothing to log (a direct call, a follower process)."""
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What a stage hands a backend job besides the job's own arguments: the (staging) folder
+    to write the model into, the folder that keeps its resume state, the callback that logs
+    each epoch's (or round's) metrics, and the MLflow run id saved with a resume state."""
+
+    out_dir: Path
+    resume_dir: Path
+    on_epoch: EpochCallback = _ignore_epoch
+    run_id: str | None = None
+
+    def fit_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of a backend's ``train.fit`` that come from the job."""
+        return {
+            "out_dir": Path(self.out_dir),
+            "resume_dir": Path(self.resume_dir),
+            "on_epoch": self.on_epoch,
+            "run_id": self.run_id,
+        }
 
 
 # Every backend's job modules (backends/<backend>/<module>.py), the public functions each must
@@ -100,6 +132,20 @@ def check_model_args(
     ):
         if value < minimum:
             raise ShrinkflowError(f"model {name!r}: {arg} {value} is not >= {minimum}")
+
+
+# Where magnitude pruning ranks weights: across all pruned layers at once, or within each.
+SCOPES = ("global", "layer")
+
+
+def check_sparsity(sparsity: float) -> None:
+    if not 0.0 <= sparsity < 1.0:
+        raise ShrinkflowError(f"prune.sparsities: {sparsity} is not in [0, 1)")
+
+
+def check_scope(scope: str) -> None:
+    if scope not in SCOPES:
+        raise ShrinkflowError(f"prune.scope: {scope!r} is not one of {', '.join(SCOPES)}")
 
 
 def check_prune_method(backend: str, method: str, key: str) -> None:

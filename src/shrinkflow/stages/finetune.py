@@ -35,10 +35,7 @@ def run(cfg: dict, model_dir: Path, data_dir: Path, out: Path) -> None:
             cfg,
             model_dir,
             data,
-            out_dir=job.staging,
-            resume_dir=job.resume_dir,
-            on_epoch=job.on_epoch,
-            run_id=job.run.run_id,
+            job.context,
         )
         job.facts = asdict(result)
     say(f"finetune {node_label(node)}: best val top-1 {result.best_val_top1:.4f}")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from shrinkflow import tracking
+from shrinkflow.backends.base import JobContext
 from shrinkflow.dag import node_label, node_tags
 from shrinkflow.outputs import atomic_dir, write_json
 from shrinkflow.stages import write_node
@@ -44,6 +45,12 @@ class ModelJob:
     staging: Path
     resume_dir: Path
     facts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def context(self) -> JobContext:
+        """What the backend job is handed: write into the staging folder, keep the resume
+        state beside the output, log each epoch (or round) in this run."""
+        return JobContext(self.staging, self.resume_dir, self.on_epoch, self.run.run_id)
 
     def on_epoch(self, step: int, metrics: dict[str, float]) -> None:
         """The backends' per-epoch (or per-round) callback: log ``metrics`` at ``step``."""

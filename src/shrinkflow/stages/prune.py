@@ -63,10 +63,7 @@ def run(
             sparsity,
             model_dir,
             data,
-            out_dir=job.staging,
-            resume_dir=job.resume_dir,
-            on_epoch=job.on_epoch,
-            run_id=job.run.run_id,
+            job.context,
             sensitivity_dir=sensitivity_dir,
         )
     say(

@@ -33,10 +33,7 @@ def run(cfg: dict, method: str, model_dir: Path, data_dir: Path, out: Path) -> N
             method,
             model_dir,
             data,
-            out_dir=job.staging,
-            resume_dir=job.resume_dir,
-            on_epoch=job.on_epoch,
-            run_id=job.run.run_id,
+            job.context,
         )
     say(
         f"quantize {node_label(node)}: {job.facts['quantized_layers']} layer(s), val top-1 "

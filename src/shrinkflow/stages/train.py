@@ -18,7 +18,7 @@ from types import ModuleType
 import yaml
 
 from shrinkflow import invocation
-from shrinkflow.backends.base import backend_module, check_model
+from shrinkflow.backends.base import JobContext, backend_module, check_model
 from shrinkflow.data.prepared import PreparedData, load_prepared
 from shrinkflow.progress import say
 from shrinkflow.stages.model_job import TRAINING_METRICS, model_job, resume_dir_for
@@ -54,10 +54,7 @@ def run(cfg: dict, backend_name: str, model_name: str, data_dir: Path, out: Path
             cfg,
             model_name,
             data,
-            out_dir=job.staging,
-            resume_dir=job.resume_dir,
-            on_epoch=job.on_epoch,
-            run_id=job.run.run_id,
+            job.context,
         )
         job.facts = asdict(result)
     say(
@@ -106,8 +103,5 @@ def _follow(
             cfg,
             model_name,
             data,
-            out_dir=Path(scratch),
-            resume_dir=resume_dir,
-            on_epoch=lambda epoch, metrics: None,
-            run_id=None,
+            JobContext(Path(scratch), resume_dir),
         )

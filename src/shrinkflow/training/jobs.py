@@ -16,9 +16,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
 
+from shrinkflow.backends.base import JobContext
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.training import TrainPlan, TrainResult
-from shrinkflow.training.loop import EpochCallback
 
 Model = TypeVar("Model")
 
@@ -41,27 +41,16 @@ def finetune_plan(cfg: dict) -> TrainPlan:
     return TrainPlan(epochs, float(f["lr"]), 0, "finetune.lr")
 
 
-def fit_args(
-    plan: TrainPlan, out_dir: Path, resume_dir: Path, on_epoch: EpochCallback, run_id: str | None
-) -> dict[str, Any]:
+def fit_args(plan: TrainPlan, context: JobContext) -> dict[str, Any]:
     """The keyword arguments of a backend's ``train.fit`` for ``plan`` and the job's outputs
     (see ``loop.train_epochs``); the backend adds the model's ``fingerprint`` and ``spec``."""
-    return {
-        **asdict(plan),
-        "out_dir": Path(out_dir),
-        "resume_dir": Path(resume_dir),
-        "on_epoch": on_epoch,
-        "run_id": run_id,
-    }
+    return {**asdict(plan), **context.fit_kwargs()}
 
 
 def run_finetune(
     cfg: dict,
     model_dir: Path,
-    out_dir: Path,
-    resume_dir: Path,
-    on_epoch: EpochCallback,
-    run_id: str | None,
+    context: JobContext,
     *,
     model_files: Sequence[str],
     fingerprint: Callable[[], str],
@@ -69,7 +58,7 @@ def run_finetune(
     val_top1: Callable[[Model], float],
     fit: Callable[..., TrainResult],
 ) -> TrainResult:
-    """Fine-tune the model in ``model_dir`` with ``cfg["finetune"]`` into ``out_dir``.
+    """Fine-tune the model in ``model_dir`` with ``cfg["finetune"]`` into ``context.out_dir``.
 
     The backend supplies ``load()`` (its model and spec, which validates the file before
     anything is written), ``val_top1(model)``, ``fingerprint()`` (of the fine-tuning run) and
@@ -82,7 +71,7 @@ def run_finetune(
     model, spec = load()
     if plan.epochs == 0:
         for name in model_files:
-            shutil.copyfile(Path(model_dir) / name, Path(out_dir) / name)
+            shutil.copyfile(Path(model_dir) / name, Path(context.out_dir) / name)
         return TrainResult(
             epochs=0,
             best_epoch=0,
@@ -91,5 +80,4 @@ def run_finetune(
             history=[],
             seconds=time.perf_counter() - started,
         )
-    args = fit_args(plan, out_dir, resume_dir, on_epoch, run_id)
-    return fit(model, fingerprint=fingerprint(), spec=spec, **args)
+    return fit(model, fingerprint=fingerprint(), spec=spec, **fit_args(plan, context))

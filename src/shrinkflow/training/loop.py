@@ -16,11 +16,10 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from shrinkflow.backends.base import EpochCallback
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.progress import say
 from shrinkflow.training import TrainResult
-
-EpochCallback = Callable[[int, dict[str, float]], None]
 
 
 class EpochRun(Protocol):

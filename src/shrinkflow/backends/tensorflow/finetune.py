@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
+from shrinkflow.backends.base import JobContext  # noqa: E402
 from shrinkflow.backends.tensorflow.artifact import KERAS_FILE, SPEC_FILE, load_model  # noqa: E402
 from shrinkflow.backends.tensorflow.device import distribution_strategy  # noqa: E402
 from shrinkflow.backends.tensorflow.resume_state import job_fingerprint  # noqa: E402
@@ -29,7 +30,6 @@ from shrinkflow.backends.tensorflow.trainer import evaluate_split  # noqa: E402
 from shrinkflow.data.prepared import PreparedData  # noqa: E402
 from shrinkflow.training import TrainResult  # noqa: E402
 from shrinkflow.training.jobs import run_finetune  # noqa: E402
-from shrinkflow.training.loop import EpochCallback  # noqa: E402
 
 
 def finetune_fingerprint(cfg: dict, model_dir: Path, data: PreparedData) -> str:
@@ -41,10 +41,7 @@ def finetune_model(
     cfg: dict,
     model_dir: Path,
     data: PreparedData,
-    out_dir: Path,
-    resume_dir: Path,
-    on_epoch: EpochCallback,
-    run_id: str | None,
+    context: JobContext,
 ) -> TrainResult:
     """``jobs.run_finetune`` of the model files in ``model_dir`` with ``train.fit``, whose
     ``KeepZeros`` callback re-applies the model's zeros after every batch."""
@@ -62,10 +59,7 @@ def finetune_model(
     return run_finetune(
         cfg,
         model_dir,
-        out_dir,
-        resume_dir,
-        on_epoch,
-        run_id,
+        context,
         model_files=[KERAS_FILE, SPEC_FILE],
         fingerprint=lambda: finetune_fingerprint(cfg, model_dir, data),
         load=load,

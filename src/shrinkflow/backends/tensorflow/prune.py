@@ -38,7 +38,12 @@ from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper im
     PruneLowMagnitude,
 )
 
-from shrinkflow.backends.base import PRUNE_METHODS  # noqa: E402
+from shrinkflow.backends.base import (  # noqa: E402
+    PRUNE_METHODS,  # noqa: E402
+    JobContext,  # noqa: E402
+    check_scope,
+    check_sparsity,
+)
 from shrinkflow.backends.tensorflow import weights  # noqa: E402
 from shrinkflow.backends.tensorflow.artifact import load_model, save_model  # noqa: E402
 from shrinkflow.backends.tensorflow.device import distribution_strategy  # noqa: E402
@@ -51,7 +56,6 @@ from shrinkflow.progress import say  # noqa: E402
 from shrinkflow.training import steps_per_epoch  # noqa: E402
 
 METHODS = PRUNE_METHODS["tensorflow"]  # one list for this module and config validation
-SCOPES = ("global", "layer")
 
 
 def check_method(method: str) -> None:
@@ -60,16 +64,6 @@ def check_method(method: str) -> None:
             f"prune.methods: {method!r} is not available for backend tensorflow "
             f"(available: {', '.join(METHODS)})"
         )
-
-
-def check_sparsity(sparsity: float) -> None:
-    if not 0.0 <= sparsity < 1.0:
-        raise ShrinkflowError(f"prune.sparsities: {sparsity} is not in [0, 1)")
-
-
-def check_scope(scope: str) -> None:
-    if scope not in SCOPES:
-        raise ShrinkflowError(f"prune.scope: {scope!r} is not one of {', '.join(SCOPES)}")
 
 
 def pruned_layers(model: keras.Model, exclude: Sequence[str]) -> list[keras.layers.Layer]:
@@ -208,13 +202,11 @@ def prune_model(
     sparsity: float,
     model_dir: Path,
     data: PreparedData,
-    out_dir: Path,
-    resume_dir: Path,
-    on_epoch: Callable[[int, dict[str, float]], None],
-    run_id: str | None,
-    sensitivity_dir: Path | None,
+    context: JobContext,
+    sensitivity_dir: Path | None = None,
 ) -> dict[str, float | int]:
-    """Prune the model in ``model_dir`` with ``method`` to ``sparsity``; save it to ``out_dir``.
+    """Prune the model in ``model_dir`` with ``method`` to ``sparsity``, into
+    ``context.out_dir``.
 
     ``sensitivity_dir`` is unused: the signature is shared by every prune family and backend.
     Every input is checked before anything is written or trained. Returns
@@ -230,7 +222,7 @@ def prune_model(
     facts: dict[str, float | int] = {}
     if method == "l1_unstructured":
         prune_one_shot(model, sparsity, p["scope"], p["exclude"])
-        save_model(model, spec, Path(out_dir))
+        save_model(model, spec, Path(context.out_dir))
     else:
         facts = _prune_gradually(
             cfg,
@@ -240,12 +232,9 @@ def prune_model(
             spec,
             model_dir,
             data,
-            out_dir=Path(out_dir),
-            resume_dir=Path(resume_dir),
-            on_epoch=on_epoch,
-            run_id=run_id,
+            **context.fit_kwargs(),
         )
-    return {**_saved_facts(cfg, Path(out_dir), data), **facts}
+    return {**_saved_facts(cfg, Path(context.out_dir), data), **facts}
 
 
 def _prune_gradually(

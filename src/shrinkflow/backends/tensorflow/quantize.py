@@ -9,8 +9,8 @@
 A pruned model's zeros survive: TFLite's int8 and the fixed-point weights are symmetric (zero
 maps to code 0), and float16 represents zero exactly.
 
-Every method takes seconds, so a job never resumes: ``resume_dir``, ``on_epoch`` and ``run_id``
-are accepted for the backend interface (torch's QAT trains and resumes) and not used.
+Every method takes seconds, so a job never resumes: of the job's context only ``out_dir`` is
+used (torch's QAT trains and resumes, with the rest of it).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from shrinkflow.backends.base import JobContext
 from shrinkflow.backends.tensorflow import tflite
 from shrinkflow.backends.tensorflow.artifact import (
     FIXED_FILE,
@@ -38,8 +39,7 @@ from shrinkflow.data.prepared import PreparedData, check_fits
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.metrics import topk_accuracy
 from shrinkflow.progress import say
-from shrinkflow.quantization import FIXED_PREFIX, parse_quant_method
-from shrinkflow.training.loop import EpochCallback  # noqa: E402
+from shrinkflow.quantization import FIXED_PREFIX, calibration_count, parse_quant_method
 
 
 def resumable_quantize_run_id(
@@ -56,11 +56,7 @@ def calibration_batches(cfg: dict, data: PreparedData) -> list[np.ndarray]:
     Un-augmented training images: the activation ranges a deployed model meets. Fewer batches
     exist when the split is small; all of them are then used.
     """
-    wanted = int(cfg["quantize"]["calibration_batches"])
-    if wanted < 1:
-        raise ShrinkflowError(f"quantize.calibration_batches: {wanted} is not in [1, inf)")
-    if len(data.train) == 0:
-        raise ShrinkflowError("prepared data has no training images to calibrate with")
+    wanted = calibration_count(cfg, len(data.train))
     size = int(cfg["train"]["batch_size"])
     order = np.random.default_rng(cfg["seed"]).permutation(np.asarray(data.train))
     chosen = order[: wanted * size]
@@ -74,12 +70,9 @@ def quantize_model(
     method: str,
     model_dir: Path,
     data: PreparedData,
-    out_dir: Path,
-    resume_dir: Path,
-    on_epoch: EpochCallback,
-    run_id: str | None,
+    context: JobContext,
 ) -> dict[str, float | int | str]:
-    """Quantize the Keras model in ``model_dir`` with ``method``; write it into ``out_dir``.
+    """Quantize the Keras model in ``model_dir`` with ``method``; write it into ``context.out_dir``.
 
     Returns facts for the run: the artefact's file name, the weights' ``bits``, the conv and
     dense layers whose weights the file stores quantized (``quantized_layers``), the val top-1
@@ -91,9 +84,9 @@ def quantize_model(
     started = time.perf_counter()
     if method.startswith(FIXED_PREFIX):
         bits = parse_quant_method(method).bits
-        facts = _quantize_fixed(cfg, bits, Path(model_dir), data, Path(out_dir))
+        facts = _quantize_fixed(cfg, bits, Path(model_dir), data, Path(context.out_dir))
     else:
-        facts = _convert(cfg, method, Path(model_dir), data, Path(out_dir))
+        facts = _convert(cfg, method, Path(model_dir), data, Path(context.out_dir))
     facts["seconds"] = time.perf_counter() - started
     return facts
 

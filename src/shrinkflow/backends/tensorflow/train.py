@@ -38,6 +38,7 @@ from typing import Any  # noqa: E402
 
 import tf_keras as keras  # noqa: E402
 
+from shrinkflow.backends.base import EpochCallback, JobContext  # noqa: E402
 from shrinkflow.backends.tensorflow.artifact import save_model  # noqa: E402
 from shrinkflow.backends.tensorflow.device import distribution_strategy, reproducible  # noqa: E402
 from shrinkflow.backends.tensorflow.models import create_model  # noqa: E402
@@ -52,23 +53,20 @@ from shrinkflow.training import (  # noqa: E402
     model_spec,
 )
 from shrinkflow.training.jobs import fit_args, train_plan  # noqa: E402
-from shrinkflow.training.loop import EpochCallback, train_epochs  # noqa: E402
+from shrinkflow.training.loop import train_epochs  # noqa: E402
 
 
 def train_model(
     cfg: dict,
     model_name: str,
     data: PreparedData,
-    out_dir: Path,
-    resume_dir: Path,
-    on_epoch: EpochCallback,
-    run_id: str | None = None,
+    context: JobContext,
 ) -> TrainResult:
     """Train a fresh ``model_name`` with ``cfg["train"]`` and save its best-on-val epoch.
 
     The arguments are those of ``fit``; the model is initialised from ``cfg["seed"]``.
     """
-    args = fit_args(train_plan(cfg), out_dir, resume_dir, on_epoch, run_id)
+    args = fit_args(train_plan(cfg), context)
     reproducible(cfg["seed"])
     with distribution_strategy().scope():
         model = create_model(

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
+from shrinkflow.backends.base import JobContext
 from shrinkflow.backends.torch.artifact import MODEL_FILE, load_model
 from shrinkflow.backends.torch.device import resolve_device
 from shrinkflow.backends.torch.prune_unstructured import apply_masks, masks_from_zeros
@@ -24,7 +25,6 @@ from shrinkflow.backends.torch.trainer import evaluate_split
 from shrinkflow.data.prepared import PreparedData
 from shrinkflow.training import TrainResult
 from shrinkflow.training.jobs import run_finetune
-from shrinkflow.training.loop import EpochCallback
 
 
 def finetune_fingerprint(cfg: dict, model_dir: Path, data: PreparedData) -> str:
@@ -36,10 +36,7 @@ def finetune_model(
     cfg: dict,
     model_dir: Path,
     data: PreparedData,
-    out_dir: Path,
-    resume_dir: Path,
-    on_epoch: EpochCallback,
-    run_id: str | None,
+    context: JobContext,
 ) -> TrainResult:
     """``jobs.run_finetune`` of the model file in ``model_dir`` with ``train.fit``, whose step
     hook re-applies the model's zeros after every step."""
@@ -64,10 +61,7 @@ def finetune_model(
     return run_finetune(
         cfg,
         model_dir,
-        out_dir,
-        resume_dir,
-        on_epoch,
-        run_id,
+        context,
         model_files=[MODEL_FILE],
         fingerprint=lambda: finetune_fingerprint(cfg, model_dir, data),
         load=lambda: load_model(model_dir, dev),

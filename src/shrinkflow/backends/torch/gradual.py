@@ -11,19 +11,17 @@ schedule (tfmot's ``ConstantSparsity``) prunes to s_f at ``begin`` and holds it:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from shrinkflow.backends.base import JobContext, check_scope, check_sparsity
 from shrinkflow.backends.torch.artifact import load_model
 from shrinkflow.backends.torch.device import resolve_device
 from shrinkflow.backends.torch.prune_unstructured import (
     apply_masks,
-    check_scope,
-    check_sparsity,
     layer_masks,
     prunable_modules,
     saved_facts,
@@ -161,14 +159,12 @@ def prune_gradually(
     sparsity: float,
     model_dir: Path,
     data: PreparedData,
-    out_dir: Path,
-    resume_dir: Path,
-    on_epoch: Callable[[int, dict[str, float]], None],
-    run_id: str | None,
-    sensitivity_dir: Path | None,
+    context: JobContext,
+    sensitivity_dir: Path | None = None,
 ) -> dict[str, float | int]:
     """Re-train the model in ``model_dir`` while ``method``'s schedule prunes it to
-    ``sparsity``; save it to ``out_dir``. The saved epoch is the best one AT the target sparsity.
+    ``sparsity``; save it to ``context.out_dir``. The saved epoch is the best one AT the target
+    sparsity.
 
     Only epochs that end after the schedule's last mask update compete for best-on-val: an
     earlier epoch carries fewer zeros, so it would often win on accuracy and then be either
@@ -198,7 +194,7 @@ def prune_gradually(
     )
 
     def with_sparsity(epoch: int, metrics: dict[str, float]) -> None:
-        on_epoch(epoch, {**metrics, "sparsity": pruner.sparsity})
+        context.on_epoch(epoch, {**metrics, "sparsity": pruner.sparsity})
 
     result = fit(
         model,
@@ -207,11 +203,11 @@ def prune_gradually(
         epochs=epochs,
         lr=float(g["lr"]),
         warmup_epochs=0,
-        out_dir=Path(out_dir),
-        resume_dir=Path(resume_dir),
+        out_dir=Path(context.out_dir),
+        resume_dir=Path(context.resume_dir),
         fingerprint=gradual_fingerprint(cfg, method, sparsity, model_dir, data),
         on_epoch=with_sparsity,
-        run_id=run_id,
+        run_id=context.run_id,
         spec=spec,
         step_hook=pruner,
         select_from_epoch=math.ceil(pruner.end / per_epoch),
@@ -223,4 +219,4 @@ def prune_gradually(
         "best_epoch": result.best_epoch,
         "resumed_from_epoch": result.resumed_from_epoch,
     }
-    return {**saved_facts(cfg, out_dir, data, dev), **facts}
+    return {**saved_facts(cfg, context.out_dir, data, dev), **facts}

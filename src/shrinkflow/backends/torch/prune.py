@@ -13,13 +13,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shrinkflow.backends.base import check_prune_method
+from shrinkflow.backends.base import JobContext, check_prune_method
 from shrinkflow.backends.torch import gradual, prune_structured, prune_unstructured
 from shrinkflow.backends.torch.artifact import load_model
 from shrinkflow.backends.torch.evaluate import count_params
 from shrinkflow.backends.torch.gradual import gradual_fingerprint
 from shrinkflow.data.prepared import PreparedData
-from shrinkflow.training.loop import EpochCallback
 
 __all__ = ["gradual_fingerprint", "prunable_weights", "prune_model"]
 
@@ -36,13 +35,11 @@ def prune_model(
     sparsity: float,
     model_dir: Path,
     data: PreparedData,
-    out_dir: Path,
-    resume_dir: Path,
-    on_epoch: EpochCallback,
-    run_id: str | None,
-    sensitivity_dir: Path | None,
+    context: JobContext,
+    sensitivity_dir: Path | None = None,
 ) -> dict[str, float | int]:
-    """Prune the model in ``model_dir`` with ``method`` to ``sparsity``; save it to ``out_dir``.
+    """Prune the model in ``model_dir`` with ``method`` to ``sparsity``, into
+    ``context.out_dir``.
 
     Returns the facts of the method's family (see its module): always ``measured_sparsity``
     and ``val_top1``.
@@ -60,9 +57,6 @@ def prune_model(
         sparsity,
         model_dir,
         data,
-        out_dir,
-        resume_dir,
-        on_epoch,
-        run_id,
+        context,
         sensitivity_dir,
     )

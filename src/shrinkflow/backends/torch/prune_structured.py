@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from shrinkflow.backends.base import JobContext
 from shrinkflow.backends.torch.artifact import load_model, save_model
 from shrinkflow.backends.torch.device import resolve_device
 from shrinkflow.backends.torch.evaluate import ACCURACY_BATCH, PRUNABLE, count_macs
@@ -341,18 +341,15 @@ def prune_structured(
     sparsity: float,
     model_dir: Path,
     data: PreparedData,
-    out_dir: Path,
-    resume_dir: Path,
-    on_epoch: Callable[[int, dict[str, float]], None],
-    run_id: str | None,
-    sensitivity_dir: Path | None,
+    context: JobContext,
+    sensitivity_dir: Path | None = None,
 ) -> dict[str, float | int]:
     """Remove the ``sparsity`` share of filters from the model in ``model_dir``; save it smaller.
 
     Pruning runs in ``prune.structured.rounds`` equal steps with ``round_epochs`` of
     fine-tuning (at ``finetune.lr``) between them, none after the last: the DAG's finetune
-    stage follows. ``on_epoch(round, metrics)`` receives round, params, macs and val_top1
-    measured right after each round's pruning. ``run_id`` is unused (nothing is resumed).
+    stage follows. ``context.on_epoch(round, metrics)`` receives round, params, macs and
+    val_top1 measured right after each round's pruning. Nothing is resumed.
 
     Returns ``measured_sparsity`` (share of conv and linear weights removed), ``val_top1``,
     ``params``, ``params_before``, ``macs``, ``macs_before`` and ``layer_groups``.
@@ -399,7 +396,7 @@ def prune_structured(
             f"({metrics['params'] / params_before:.1%}), {metrics['macs']} MACs "
             f"({metrics['macs'] / macs_before:.1%}), val top-1 {metrics['val_top1']:.4f}"
         )
-        on_epoch(round_, metrics)
+        context.on_epoch(round_, metrics)
         if round_ < rounds and round_epochs > 0:
             fit_in_memory(
                 model,
@@ -412,7 +409,7 @@ def prune_structured(
             )
 
     model.eval()
-    save_model(model, spec, Path(out_dir))
+    save_model(model, spec, Path(context.out_dir))
     return {
         "measured_sparsity": 1.0 - weight_count(model) / weights_before,
         "val_top1": metrics["val_top1"],

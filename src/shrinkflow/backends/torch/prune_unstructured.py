@@ -9,7 +9,6 @@ every fact returned is measured on the saved file (``saved_facts``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from fnmatch import fnmatchcase
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+from shrinkflow.backends.base import JobContext, check_scope, check_sparsity
 from shrinkflow.backends.torch.artifact import load_model, save_model
 from shrinkflow.backends.torch.device import resolve_device
 from shrinkflow.backends.torch.evaluate import count_params
@@ -27,7 +27,6 @@ from shrinkflow.data.prepared import PreparedData
 from shrinkflow.errors import ShrinkflowError
 
 METHODS = ("l1_unstructured",)  # the gradual methods: gradual.METHODS
-SCOPES = ("global", "layer")
 PRUNABLE = (nn.Conv2d, nn.Linear)
 OUTPUT = "output"  # the exclusion pattern standing for models.output_layer_name(model)
 _LISTED = 8  # layer names quoted in an error message before the rest are only counted
@@ -114,32 +113,19 @@ def sparsity_of(model: nn.Module, names: list[str]) -> float:
     return 1.0 - sum(int(torch.count_nonzero(w)) for w in weights) / total
 
 
-def check_sparsity(sparsity: float) -> None:
-    if not 0.0 <= sparsity < 1.0:
-        raise ShrinkflowError(f"prune.sparsities: {sparsity} is not in [0, 1)")
-
-
-def check_scope(scope: str) -> None:
-    if scope not in SCOPES:
-        raise ShrinkflowError(f"prune.scope: {scope!r} is not one of {', '.join(SCOPES)}")
-
-
 def prune_unstructured(
     cfg: dict,
     method: str,
     sparsity: float,
     model_dir: Path,
     data: PreparedData,
-    out_dir: Path,
-    resume_dir: Path,
-    on_epoch: Callable[[int, dict[str, float]], None],
-    run_id: str | None,
-    sensitivity_dir: Path | None,
+    context: JobContext,
+    sensitivity_dir: Path | None = None,
 ) -> dict[str, float | int]:
-    """Prune the model in ``model_dir`` once to ``sparsity``; save it to ``out_dir``.
+    """Prune the model in ``model_dir`` once to ``sparsity``; save it to ``context.out_dir``.
 
-    ``resume_dir``, ``on_epoch``, ``run_id`` and ``sensitivity_dir`` are unused: the signature
-    is shared by every prune family (``prune.prune_model``). Returns ``saved_facts``.
+    Only the context's ``out_dir`` is used, and not ``sensitivity_dir``: the signature is
+    shared by every prune family (``prune.prune_model``). Returns ``saved_facts``.
     """
     if method not in METHODS:
         raise ShrinkflowError(f"prune.methods: {method!r} is not one of {', '.join(METHODS)}")
@@ -147,8 +133,8 @@ def prune_unstructured(
     p, dev = cfg["prune"], resolve_device("auto")
     model, spec = load_model(model_dir, dev)
     apply_masks(model, magnitude_masks(model, sparsity, p["scope"], p["exclude"]))
-    save_model(model, spec, Path(out_dir))
-    return saved_facts(cfg, out_dir, data, dev)
+    save_model(model, spec, Path(context.out_dir))
+    return saved_facts(cfg, context.out_dir, data, dev)
 
 
 def saved_facts(

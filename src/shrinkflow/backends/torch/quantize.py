@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from shrinkflow.backends.base import JobContext
 from shrinkflow.backends.torch import pt2e
 from shrinkflow.backends.torch.artifact import MODEL_FILE, load_model, save_fixed_point
 from shrinkflow.backends.torch.resume_state import job_fingerprint, resumable_run_id
@@ -30,9 +31,8 @@ from shrinkflow.backends.torch.train import fit
 from shrinkflow.data.prepared import PreparedData, check_fits
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.progress import say
-from shrinkflow.quantization import QuantMethod, parse_quant_method
+from shrinkflow.quantization import QuantMethod, calibration_count, parse_quant_method
 from shrinkflow.training import TrainResult, batch_bounds
-from shrinkflow.training.loop import EpochCallback
 
 
 def quantize_fingerprint(cfg: dict, method: str, model_dir: Path, data: PreparedData) -> str:
@@ -55,11 +55,7 @@ def calibration_batches(cfg: dict, data: PreparedData, spec: dict) -> list[torch
     Un-augmented training images: the activation ranges a deployed model meets. Fewer batches
     exist when the split is small; all of them are then used.
     """
-    wanted = int(cfg["quantize"]["calibration_batches"])
-    if wanted < 1:
-        raise ShrinkflowError(f"quantize.calibration_batches: {wanted} is not in [1, inf)")
-    if len(data.train) == 0:
-        raise ShrinkflowError("prepared data has no training images to calibrate with")
+    wanted = calibration_count(cfg, len(data.train))
     bounds = batch_bounds(len(data.train), int(cfg["train"]["batch_size"]))[:wanted]
     index = np.asarray(data.train)
     return [normalize(data.images[index[a:b]], spec["mean"], spec["std"]) for a, b in bounds]
@@ -73,10 +69,7 @@ class _Job:
     method: QuantMethod
     model_dir: Path
     data: PreparedData
-    out_dir: Path
-    resume_dir: Path
-    on_epoch: EpochCallback
-    run_id: str | None
+    context: JobContext
 
 
 def quantize_model(
@@ -84,29 +77,23 @@ def quantize_model(
     method: str,
     model_dir: Path,
     data: PreparedData,
-    out_dir: Path,
-    resume_dir: Path,
-    on_epoch: EpochCallback,
-    run_id: str | None,
+    context: JobContext,
 ) -> dict[str, float | int | str]:
-    """Quantize the float model in ``model_dir`` with ``method``; write it into ``out_dir``.
+    """Quantize the float model in ``model_dir`` with ``method``; write it into ``context.out_dir``.
 
     Returns facts for the run: the artefact's file name, the calibration batches seen, the
     layers quantized, the val top-1 of the quantized model (computed on the reference int8
     graph, for the record; ``evaluate`` measures the saved artefact) and the seconds taken.
     """
     started = time.perf_counter()
-    job = _Job(
-        cfg, parse_quant_method(method), Path(model_dir), data, Path(out_dir), Path(resume_dir),
-        on_epoch, run_id,
-    )  # fmt: skip
+    job = _Job(cfg, parse_quant_method(method), Path(model_dir), data, context)
     model, spec = load_model(model_dir)  # validates the input before anything is written
     check_fits(spec, data, job.model_dir / MODEL_FILE)
     if job.method.family == "fixed":
-        save_fixed_point(model, spec, job.method.bits, job.out_dir)
+        save_fixed_point(model, spec, job.method.bits, job.context.out_dir)
         facts: dict = {"artifact": MODEL_FILE, "bits": job.method.bits}
         facts["quantized_layers"] = _count_layers(model, (nn.Conv2d, nn.Linear))
-        reloaded, _ = load_model(job.out_dir)
+        reloaded, _ = load_model(job.context.out_dir)
         facts["val_top1"] = _val_top1(reloaded, cfg, data)
     else:
         facts = _quantize_pt2e(job, model, spec)
@@ -137,7 +124,7 @@ def _quantize_pt2e(job: _Job, model: nn.Module, spec: dict) -> dict:
     facts["quantized_layers"] = _count_int8_weights(converted)
     if facts["quantized_layers"] == 0:
         raise ShrinkflowError(f"--method {name}: no layer of {spec['arch']} was quantized")
-    pt2e.save(converted, spec, job.out_dir)
+    pt2e.save(converted, spec, job.context.out_dir)
     facts["val_top1"] = _val_top1(converted, job.cfg, job.data)
     return facts
 
@@ -172,11 +159,8 @@ def _train_qat(job: _Job, model: nn.Module, spec: dict) -> tuple[torch.fx.GraphM
         epochs=int(qat["epochs"]),
         lr=float(qat["lr"]),
         warmup_epochs=0,
-        out_dir=job.out_dir,
-        resume_dir=job.resume_dir,
         fingerprint=quantize_fingerprint(job.cfg, job.method.name, job.model_dir, job.data),
-        on_epoch=job.on_epoch,
-        run_id=job.run_id,
+        **job.context.fit_kwargs(),
         spec=spec,
         step_hook=keep_zeros if masks else None,
         lr_key="quantize.qat.lr",

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from shrinkflow.backends.base import EpochCallback, JobContext
 from shrinkflow.backends.torch import distributed
 from shrinkflow.backends.torch.artifact import save_model
 from shrinkflow.backends.torch.device import deterministic_on_cpu, resolve_device
@@ -47,17 +48,14 @@ from shrinkflow.backends.torch.trainer import (
 from shrinkflow.data.prepared import PreparedData
 from shrinkflow.training import TrainPlan, TrainResult, model_spec
 from shrinkflow.training.jobs import fit_args, train_plan
-from shrinkflow.training.loop import EpochCallback, train_epochs, train_in_memory
+from shrinkflow.training.loop import train_epochs, train_in_memory
 
 
 def train_model(
     cfg: dict,
     model_name: str,
     data: PreparedData,
-    out_dir: Path,
-    resume_dir: Path,
-    on_epoch: EpochCallback,
-    run_id: str | None = None,
+    context: JobContext,
     device: str = "auto",
 ) -> TrainResult:
     """Train a fresh ``model_name`` with ``cfg["train"]`` and save its best-on-val epoch.
@@ -65,7 +63,7 @@ def train_model(
     The arguments are those of ``fit``; the model is initialised from ``cfg["seed"]``. In a
     torchrun worker it trains data-parallel on the worker's device (``device`` is ignored).
     """
-    args = fit_args(train_plan(cfg), out_dir, resume_dir, on_epoch, run_id)
+    args = fit_args(train_plan(cfg), context)
     torch.manual_seed(cfg["seed"])
     model = create_model(
         model_name, data.num_classes, in_channels=data.channels, image_size=data.image_size
