@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from shrinkflow.backends.torch import pt2e
+from shrinkflow.backends.torch import pt2e, pt2e_archive
 from shrinkflow.backends.torch.artifact import save_model
 from shrinkflow.backends.torch.models import create_model
 from shrinkflow.measure import time_interleaved
@@ -64,8 +64,8 @@ def pt2e_program(model: torch.nn.Module, spec: dict, folder: Path):
     prepared = pt2e.prepare(copy.deepcopy(model), spec, "static")
     pt2e.calibrate(prepared, CALIBRATION)
     converted = pt2e.convert(prepared)
-    path = pt2e.save(converted, spec, folder)
-    return pt2e.load(folder)[0], path.stat().st_size
+    path = pt2e_archive.save(converted, spec, folder)
+    return pt2e_archive.load(folder)[0], path.stat().st_size
 
 
 def fx_torchscript(model: torch.nn.Module, folder: Path):

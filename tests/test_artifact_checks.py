@@ -15,7 +15,7 @@ import torch
 from artifact_fixtures import CLASSES, SPEC
 
 from shrinkflow import cli
-from shrinkflow.backends.torch import pt2e
+from shrinkflow.backends.torch import pt2e, pt2e_archive
 from shrinkflow.backends.torch.artifact import (
     MODEL_FILE,
     load_model,
@@ -93,7 +93,7 @@ def torch_nodes(tmp_path_factory) -> dict[str, Path]:
     save_model(model, SPEC, folders["float"])
     save_fixed_point(model, SPEC, 8, folders["fixed8"])
     prepared = pt2e.prepare(model, SPEC, "dynamic")  # dynamic: no calibration, quickest
-    pt2e.save(pt2e.convert(prepared), SPEC, folders["int8"])
+    pt2e_archive.save(pt2e.convert(prepared), SPEC, folders["int8"])
     return folders
 
 
@@ -137,7 +137,7 @@ def test_matching_torch_nodes_load(torch_nodes, tmp_path):
         read_node(folder)
         assert load_model(folder)[1]["arch"] == "resnet20"
     read_node(int8)
-    assert pt2e.load(int8)[1]["arch"] == "resnet20"
+    assert pt2e_archive.load(int8)[1]["arch"] == "resnet20"
 
 
 def test_an_int8_program_of_another_architecture_is_refused(torch_nodes, tmp_path):
@@ -147,7 +147,7 @@ def test_an_int8_program_of_another_architecture_is_refused(torch_nodes, tmp_pat
     )  # fmt: skip
     said = f"{folder / NODE_FILE} says a torch vgg16 int8 model (model.pt2), but "
     one_line_error(lambda: read_node(folder), said)  # read from the archive, before any run
-    one_line_error(lambda: pt2e.load(folder), said)  # and again by the loader
+    one_line_error(lambda: pt2e_archive.load(folder), said)  # and again by the loader
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ from artifact_fixtures import SPEC
 from torch import nn
 
 from shrinkflow.backends.torch import evaluate as torch_evaluate
-from shrinkflow.backends.torch import pt2e
+from shrinkflow.backends.torch import pt2e, pt2e_archive
 from shrinkflow.backends.torch.artifact import FORMAT, MODEL_FILE, load_model
 from shrinkflow.backends.torch.models import create_model
 from shrinkflow.errors import ShrinkflowError
@@ -136,8 +136,8 @@ def good_pt2(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("pt2")
     prepared = pt2e.prepare(_Tiny().eval(), SPEC, "static")
     pt2e.calibrate(prepared, [torch.randn(4, 1, 8, 8)])
-    pt2e.save(pt2e.convert(prepared), SPEC, folder)
-    return folder / pt2e.PT2_FILE
+    pt2e_archive.save(pt2e.convert(prepared), SPEC, folder)
+    return folder / pt2e_archive.PT2_FILE
 
 
 def rewrite(source: Path, target: Path, change: Callable[[dict[str, bytes]], None]) -> None:
@@ -278,11 +278,11 @@ PLANTS = [
 
 @pytest.mark.parametrize("plant", PLANTS, ids=[p.__name__ for p in PLANTS])
 def test_a_payload_in_a_pt2_archive_is_refused(good_pt2, tmp_path, marker, plant):
-    rewrite(good_pt2, tmp_path / pt2e.PT2_FILE, plant(marker_code(marker)))
+    rewrite(good_pt2, tmp_path / pt2e_archive.PT2_FILE, plant(marker_code(marker)))
     # load_subject loads the program and runs it once (MACs), as evaluate does
     refused(
         lambda: torch_evaluate.load_subject(tmp_path, torch.device("cpu")),
-        tmp_path / pt2e.PT2_FILE,
+        tmp_path / pt2e_archive.PT2_FILE,
         marker,
     )
 
@@ -296,8 +296,10 @@ def test_the_unaltered_archive_loads_and_runs(good_pt2):
 def test_a_damaged_pt2_is_one_line_without_torch_log(good_pt2, tmp_path, capfd, damage):
     good = good_pt2.read_bytes()
     data = {"random": np.random.default_rng(0).bytes(4096), "truncated": good[: len(good) // 2]}
-    (tmp_path / pt2e.PT2_FILE).write_bytes(data.get(damage, b""))
-    refused(lambda: pt2e.load(tmp_path), tmp_path / pt2e.PT2_FILE, tmp_path / "unused")
+    (tmp_path / pt2e_archive.PT2_FILE).write_bytes(data.get(damage, b""))
+    refused(
+        lambda: pt2e_archive.load(tmp_path), tmp_path / pt2e_archive.PT2_FILE, tmp_path / "unused"
+    )
     assert capfd.readouterr().err == ""
 
 

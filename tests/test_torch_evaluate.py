@@ -352,7 +352,7 @@ class _Tiny(nn.Module):
 
 
 def test_layer_sparsity_of_an_int8_program(tmp_path):
-    from shrinkflow.backends.torch import pt2e
+    from shrinkflow.backends.torch import pt2e, pt2e_archive
 
     torch.manual_seed(0)
     model = _Tiny().eval()
@@ -361,12 +361,12 @@ def test_layer_sparsity_of_an_int8_program(tmp_path):
     spec = {**_spec(), "arch": "tiny"}
     prepared = pt2e.prepare(model, spec, "static")
     pt2e.calibrate(prepared, [torch.randn(4, 1, 8, 8)])
-    pt2e.save(pt2e.convert(prepared), spec, tmp_path)
+    pt2e_archive.save(pt2e.convert(prepared), spec, tmp_path)
 
     counts = evaluate.load_subject(tmp_path, torch.device("cpu")).counts
     _check_layer_sparsity(counts, _conv_linear(model))
     assert [e["layer"] for e in counts["layer_sparsity"]] == ["features.0", "fc"]
-    program, _ = pt2e.load(tmp_path)
+    program, _ = pt2e_archive.load(tmp_path)
     stored = [t for t in pt2e.weight_tensors(program).values() if t.ndim > 1]
     assert all(t.dtype == torch.int8 for t in stored)
     assert counts["prunable_weights"] == sum(t.numel() for t in stored)

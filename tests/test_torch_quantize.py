@@ -19,7 +19,7 @@ from torch_prune_fixtures import (  # noqa: F401 (fixed_threads: an autouse fixt
 )
 
 from shrinkflow.backends.base import JobContext
-from shrinkflow.backends.torch import evaluate, fixed_point, pt2e
+from shrinkflow.backends.torch import evaluate, fixed_point, pt2e, pt2e_archive
 from shrinkflow.backends.torch.artifact import MODEL_FILE, load_model, save_model
 from shrinkflow.backends.torch.quantize import quantize_model
 from shrinkflow.errors import ShrinkflowError
@@ -133,9 +133,9 @@ def static(baseline, tmp_path_factory):
 
 def test_static_int8_saves_int8_weights_for_every_conv_and_linear(static):
     out, facts = static
-    assert facts["artifact"] == pt2e.PT2_FILE and not (out / MODEL_FILE).exists()
+    assert facts["artifact"] == pt2e_archive.PT2_FILE and not (out / MODEL_FILE).exists()
     assert facts["calibration_batches"] == 4 and facts["calibration_images"] == 4 * 32
-    program, spec = pt2e.load(out)
+    program, spec = pt2e_archive.load(out)
     assert spec["arch"] == "resnet20"
     weights = [t for t in pt2e.weight_tensors(program).values() if t.ndim > 1]
     assert len(weights) == facts["quantized_layers"] == 22  # 21 convolutions and the output layer
@@ -145,7 +145,7 @@ def test_static_int8_saves_int8_weights_for_every_conv_and_linear(static):
 def test_static_int8_runs_on_onednn_int8_kernels_and_agrees_with_its_graph(static, baseline):
     out, _ = static
     _, data = baseline
-    program, spec = pt2e.load(out)
+    program, spec = pt2e_archive.load(out)
     lowered = pt2e.lower(program, spec, 8)
     ops = {str(n.target) for n in lowered.graph.nodes if n.op == "call_function"}
     assert "onednn.qconv_pointwise.default" in ops, ops
@@ -170,7 +170,7 @@ def test_int8_accuracy_stays_near_float_and_the_file_is_smaller(static, static_e
     assert result["top1"] == pytest.approx(float_result["top1"], abs=0.03)
     assert result["macs"] == float_result["macs"]
     assert result["reference_size_bytes"] == (folder / MODEL_FILE).stat().st_size
-    assert result["size_bytes"] == (out / pt2e.PT2_FILE).stat().st_size
+    assert result["size_bytes"] == (out / pt2e_archive.PT2_FILE).stat().st_size
     assert result["size_ratio"] == pytest.approx(
         result["size_bytes"] / result["reference_size_bytes"]
     )
@@ -228,7 +228,7 @@ def test_dynamic_int8_quantizes_the_linear_layers_only(baseline, tmp_path):
     folder, data = baseline
     out, facts = _quantize("dynamic_int8", folder, data, tmp_path)
     assert facts["quantized_layers"] == 1  # resnet20's one nn.Linear
-    program, _ = pt2e.load(out)
+    program, _ = pt2e_archive.load(out)
     weights = [t for t in pt2e.weight_tensors(program).values() if t.ndim > 1]
     assert sorted({str(w.dtype) for w in weights}) == ["torch.float32", "torch.int8"]
     assert sum(w.dtype == torch.int8 for w in weights) == 1
@@ -257,7 +257,7 @@ def test_qat_trains_keeps_zeros_and_resumes_after_an_interruption(sparse, baseli
         _quantize("qat_int8", sparse, data, tmp_path / "a", cfg, crash_in_second_epoch, resume)
     out, facts = _quantize("qat_int8", sparse, data, tmp_path / "b", cfg, resume=resume)
     assert facts["qat_resumed_from_epoch"] == 1 and facts["qat_epochs"] == 2
-    program, _ = pt2e.load(out)
+    program, _ = pt2e_archive.load(out)
     weights = [t for t in pt2e.weight_tensors(program).values() if t.ndim > 1]
     assert all(w.dtype == torch.int8 for w in weights)
     assert _zero_share(weights) >= SPARSITY - 0.01  # fine-tuning did not revive pruned weights
@@ -300,7 +300,7 @@ def test_a_damaged_int8_file_is_named(static, tmp_path):
     out, _ = static
     broken = tmp_path / "broken"
     broken.mkdir()
-    data = (out / pt2e.PT2_FILE).read_bytes()
-    (broken / pt2e.PT2_FILE).write_bytes(data[: len(data) // 2])
+    data = (out / pt2e_archive.PT2_FILE).read_bytes()
+    (broken / pt2e_archive.PT2_FILE).write_bytes(data[: len(data) // 2])
     with pytest.raises(ShrinkflowError, match="not a readable torch.export program"):
-        pt2e.load(broken)
+        pt2e_archive.load(broken)

@@ -126,14 +126,14 @@ def _float_subject(model_dir: Path, device: torch.device) -> Subject:
 
 
 def _int8_subject(model_dir: Path, device: torch.device) -> Subject:
-    from shrinkflow.backends.torch import pt2e  # torchao costs 2.3 s to import: only here
+    from shrinkflow.backends.torch import pt2e, pt2e_archive  # torchao: 2.3 s to import
 
     if device.type != "cpu":
         raise ShrinkflowError(
             f"evaluate.device: {device.type!r}, but {model_dir / INT8_FILE} is an int8 "
             "program for x86 CPUs; evaluate it with evaluate.device cpu"
         )
-    program, spec = pt2e.load(model_dir)
+    program, spec = pt2e_archive.load(model_dir)
     lowered: dict[int, Forward] = {}
 
     def forward_at(batch: int) -> Forward:

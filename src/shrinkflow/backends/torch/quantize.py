@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from shrinkflow.backends.base import JobContext
-from shrinkflow.backends.torch import pt2e
+from shrinkflow.backends.torch import pt2e, pt2e_archive
 from shrinkflow.backends.torch.artifact import MODEL_FILE, load_model, save_fixed_point
 from shrinkflow.backends.torch.resume_state import job_fingerprint, resumable_run_id
 from shrinkflow.backends.torch.tensors import normalize, to_device_tensors
@@ -109,7 +109,7 @@ def _quantize_pt2e(job: _Job, model: nn.Module, spec: dict) -> dict:
             "dynamic int8 quantizes (use static_int8)"
         )
     batches = calibration_batches(job.cfg, job.data, spec)
-    facts: dict = {"artifact": pt2e.PT2_FILE, "bits": 8}
+    facts: dict = {"artifact": pt2e_archive.PT2_FILE, "bits": 8}
     if family == "qat":
         prepared, result = _train_qat(job, model, spec)
         facts.update(qat_epochs=result.epochs, qat_best_epoch=result.best_epoch)
@@ -124,7 +124,7 @@ def _quantize_pt2e(job: _Job, model: nn.Module, spec: dict) -> dict:
     facts["quantized_layers"] = _count_int8_weights(converted)
     if facts["quantized_layers"] == 0:
         raise ShrinkflowError(f"--method {name}: no layer of {spec['arch']} was quantized")
-    pt2e.save(converted, spec, job.context.out_dir)
+    pt2e_archive.save(converted, spec, job.context.out_dir)
     facts["val_top1"] = _val_top1(converted, job.cfg, job.data)
     return facts
 
