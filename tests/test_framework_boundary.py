@@ -34,12 +34,17 @@ except SystemExit:
     pass
 {LOADED}
 """
-# A job of one backend: the CLI, every job module of the backend (so every module-level import
-# of it is checked) and a real call that needs the framework (`shrinkflow models`' count).
+# A job of one backend: the CLI, every stage module that calls a backend (the stage table's),
+# every job module of the backend (so every module-level import of it is checked) and a real
+# call that needs the framework (`shrinkflow models`' count). A real job imports a subset.
 JOB = f"""
-import json, sys
+import importlib, json, sys
 import shrinkflow.cli
 from shrinkflow.backends.base import JOB_MODULES, backend_module
+from shrinkflow.stage_table import STAGES
+for stage in STAGES:
+    if stage.backend_job:
+        importlib.import_module(f"shrinkflow.stages.{{stage.module}}")
 for job in JOB_MODULES:
     backend_module(sys.argv[1], job)
 assert backend_module(sys.argv[1], "models").model_params("resnet20") > 0
