@@ -20,6 +20,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -170,7 +171,7 @@ def _maxrss_mib() -> float:
     return maxrss / (1 << 20) if sys.platform == "darwin" else maxrss / 1024
 
 
-class _Probe:
+class _Probe(ABC):
     """How far memory rises during a ``with`` block: ``peak_mb`` (MiB), measured as ``method``
     says; a subclass reads its counters on entry (``_begin``) and on exit (``_end``)."""
 
@@ -179,11 +180,13 @@ class _Probe:
     def __init__(self) -> None:
         self.peak_mb = 0.0
 
+    @abstractmethod
     def _begin(self) -> None:
-        raise NotImplementedError
+        """Reset or read the counters before the block."""
 
+    @abstractmethod
     def _end(self) -> float:
-        raise NotImplementedError
+        """The rise in MiB since ``_begin``."""
 
     def __enter__(self) -> Self:
         self._begin()
