@@ -317,25 +317,26 @@ def snakemake_rule(name: str, cfg: Mapping, literal: tuple[str, ...] = ()) -> Sn
     def path(template: str) -> str:
         return template.replace("{dataset}", str(cfg["data"]["name"]))
 
+    inputs = {k: path(v) for k, v in entry.inputs.items()}
+    outputs = {k: path(v) for k, v in entry.outputs.items()}
     paths = {
-        **{f"input.{k}": path(v) for k, v in entry.inputs.items()},
-        **{f"output.{k}": path(v) for k, v in entry.outputs.items()},
+        **{f"input.{k}": v for k, v in inputs.items()},
+        **{f"output.{k}": v for k, v in outputs.items()},
     }
+
+    def shell_field(match: re.Match) -> str:
+        ref = match.group(1)
+        if ref in literal:
+            return paths[ref]  # a path the rule declares under other names
+        if "." in ref:
+            return match.group(0)  # {input.x}, {output.x}: Snakemake fills them in
+        return f"{{wildcards.{ref}}}"  # a field: the job's wildcard
+
     sub_command, _, rest = entry.command.partition(" ")
-    rest = re.sub(
-        r"\{(\w+(?:\.\w+)?)\}",
-        lambda m: (
-            paths[m.group(1)]
-            if m.group(1) in literal
-            else m.group(0)
-            if "." in m.group(1)
-            else f"{{wildcards.{m.group(1)}}}"
-        ),
-        path(rest),
-    )
+    rest = re.sub(r"\{(\w+(?:\.\w+)?)\}", shell_field, path(rest))
     return SnakemakeRule(
-        input={k: path(v) for k, v in entry.inputs.items()},
-        output={k: path(v) for k, v in entry.outputs.items()},
+        input=inputs,
+        output=outputs,
         shell=f"shrinkflow {sub_command} {{PARAMS}} {rest} 2> {{log}}",
         params=lambda wildcards: read_params(name, cfg, dict(wildcards.items())),
     )
