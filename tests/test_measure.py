@@ -92,10 +92,23 @@ def test_measure_speeds_times_latency_and_throughput_batches_taking_turns():
 
 def test_measure_speeds_times_one_batch_once_when_both_are_the_same():
     prepared = []
-    settings = {"batch_sizes": [8], "warmup": 0, "repeats": 2}
+    settings = {"batch_sizes": [1], "warmup": 0, "repeats": 2}
     (speed,) = measure.measure_speeds([lambda b: prepared.append(b) or (lambda: None)], settings)
-    assert prepared == [8]
-    assert speed.throughput_ips == pytest.approx(8 / (speed.latency.median_ms / 1e3))
+    assert prepared == [1]
+    assert speed.throughput_ips == pytest.approx(1 / (speed.latency.median_ms / 1e3))
+
+
+def test_latency_is_timed_at_batch_1_whatever_the_batch_sizes():
+    timed = []
+
+    def call_at(batch):
+        return lambda: timed.append(batch)
+
+    settings = {"batch_sizes": [8, 64], "warmup": 1, "repeats": 2}
+    (speed,) = measure.measure_speeds([call_at], settings)
+    assert timed == [1] * 3 + [64] * 3  # neither 8 nor the first entry: batch 1, then the largest
+    figures = measure.speed_figures(speed, settings)
+    assert figures["latency_batch"] == 1 and figures["throughput_batch"] == 64
 
 
 def test_measure_speeds_syncs_and_times_inside_the_context():
@@ -119,7 +132,7 @@ def test_measure_speeds_syncs_and_times_inside_the_context():
 
 def test_speed_figures_name_the_batches_timed():
     speed = measure.Speed(measure.LatencyStats(2.0, 3.0, 1.0), 500.0)
-    assert measure.speed_figures(speed, {"batch_sizes": [1, 32, 8]}) == {
+    assert measure.speed_figures(speed, {"batch_sizes": [4, 32, 8]}) == {
         "latency_ms_b1": 2.0,
         "latency_ms_b1_p90": 3.0,
         "latency_batch": 1,

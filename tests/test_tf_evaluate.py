@@ -15,7 +15,7 @@ from tf_fixtures import check_layer_sparsity, interpreter_top1, keras_top1, quan
 
 from shrinkflow import metrics
 from shrinkflow.backends.base import JobContext
-from shrinkflow.backends.tensorflow import evaluate, tflite
+from shrinkflow.backends.tensorflow import evaluate, stored_weights, tflite
 from shrinkflow.backends.tensorflow.artifact import (
     FIXED_FILE,
     KERAS_FILE,
@@ -42,6 +42,9 @@ KEYS = {
     "macs",
     "size_bytes",
     "gzip_bytes",
+    "nominal_bytes",
+    "sparse_bytes",
+    "sparse_gzip_bytes",
     "latency_ms_b1",
     "latency_ms_b1_p90",
     "latency_batch",
@@ -51,16 +54,24 @@ KEYS = {
     "peak_mem_method",
     "threads",
     "device",
+    "runtime",
+    "test_images",
+    "val_images",
 }
 REFERENCE_KEYS = {
     "reference_size_bytes",
     "reference_gzip_bytes",
+    "reference_runtime",
     "reference_latency_ms_b1",
     "reference_throughput_ips",
     "size_ratio",
     "gzip_ratio",
     "latency_speedup",
     "throughput_speedup",
+    "float_latency_ms_b1",
+    "float_throughput_ips",
+    "speedup_b1",
+    "throughput_speedup_same_runtime",
 }
 QUICK = {**CFG, "evaluate": {"device": "cpu", "batch_sizes": [8], "warmup": 0, "repeats": 1}}
 
@@ -87,9 +98,33 @@ def keras_result(nodes):
 
 
 @pytest.fixture(scope="module")
-def tflite_result(nodes):
+def tflite_timed(nodes):
+    """The static int8 file evaluated against its Keras reference, with the TFLite files the
+    evaluation ran (``(path, batch, file bytes)`` per runner built) and the conversions it
+    made (``(method, file bytes)``)."""
     folder, int8, data, _ = nodes
-    return evaluate.evaluate_model(CFG, int8, data, reference_dir=folder)
+    built, converted = [], []
+
+    class Recording(tflite.Runner):
+        def __init__(self, path, batch, threads):
+            built.append((path, batch, path.read_bytes()))
+            super().__init__(path, batch, threads)
+
+    def recording_convert(model, method, calibration):
+        converted.append((method, convert(model, method, calibration)))
+        return converted[-1][1]
+
+    convert = tflite.convert
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tflite, "Runner", Recording)
+        patch.setattr(tflite, "convert", recording_convert)
+        result = evaluate.evaluate_model(CFG, int8, data, reference_dir=folder)
+    return result, built, converted
+
+
+@pytest.fixture(scope="module")
+def tflite_result(tflite_timed):
+    return tflite_timed[0]
 
 
 def _sane_speed_and_memory(result: dict) -> None:
@@ -105,18 +140,29 @@ def test_a_keras_node_gets_every_key_with_sane_values(nodes, keras_result):
     assert set(keras_result) == KEYS
     assert KEYS & set(metrics.SUMMARY_COLUMNS) == {
         "top1",
+        "val_top1",
         "top5",
+        "test_images",
+        "val_images",
+        "runtime",
         "params",
         "nonzero_params",
         "measured_sparsity",
         "macs",
         "size_bytes",
         "gzip_bytes",
+        "nominal_bytes",
+        "sparse_bytes",
+        "sparse_gzip_bytes",
         "latency_ms_b1",
         "throughput_ips",
         "peak_mem_mb",
     }
     _sane_speed_and_memory(keras_result)
+    assert keras_result["runtime"] == "keras"
+    data = nodes[2]
+    assert (keras_result["test_images"], keras_result["val_images"]) == (360, 180)
+    assert (len(data.test), len(data.val)) == (360, 180)
     file = nodes[0] / KERAS_FILE
     assert keras_result["size_bytes"] == file.stat().st_size
     assert keras_result["gzip_bytes"] == metrics.gzip_bytes(file)
@@ -129,6 +175,9 @@ def test_a_tflite_node_gets_every_key_and_the_reference_figures(nodes, tflite_re
     file, reference = int8 / TFLITE_FILE, folder / KERAS_FILE
     assert tflite_result["size_bytes"] == file.stat().st_size
     assert tflite_result["gzip_bytes"] == metrics.gzip_bytes(file)
+    sizes = stored_weights.encoding_sizes(int8)  # the file's int8 kernels, sparse
+    assert sizes == {k: tflite_result[k] for k in sizes}
+    assert tflite_result["nominal_bytes"] < tflite_result["sparse_bytes"]
     assert tflite_result["reference_size_bytes"] == reference.stat().st_size
     assert tflite_result["reference_gzip_bytes"] == metrics.gzip_bytes(reference)
     assert tflite_result["size_ratio"] == pytest.approx(
@@ -141,6 +190,28 @@ def test_a_tflite_node_gets_every_key_and_the_reference_figures(nodes, tflite_re
     assert tflite_result["throughput_speedup"] == pytest.approx(
         tflite_result["throughput_ips"] / tflite_result["reference_throughput_ips"]
     )
+
+
+def test_a_tflite_node_is_timed_against_a_tflite_float32_conversion(nodes, tflite_timed):
+    """Like with like: besides its Keras reference (the cross-runtime latency_speedup), the
+    int8 file is timed against the reference converted to TFLite float32, at batch 1 too."""
+    _, int8, _, _ = nodes
+    result, built, converted = tflite_timed
+    assert result["runtime"] == "tflite" and result["reference_runtime"] == "keras"
+    ((method, float32_bytes),) = converted
+    assert method == "float32"
+    others = [(path, batch, data) for path, batch, data in built if path != int8 / TFLITE_FILE]
+    # The conversion's file, timed at batch 1 and at the throughput batch.
+    assert sorted(batch for _, batch, _ in others) == [1, 16]
+    assert all(data == float32_bytes for _, _, data in others)
+    float32 = others[0][0]
+    assert result["speedup_b1"] == pytest.approx(
+        result["float_latency_ms_b1"] / result["latency_ms_b1"]
+    )
+    assert result["throughput_speedup_same_runtime"] == pytest.approx(
+        result["throughput_ips"] / result["float_throughput_ips"]
+    )
+    assert not float32.exists()  # converted in a temporary folder, removed after timing
 
 
 def test_accuracy_matches_an_independent_computation(nodes, keras_result, tflite_result):
@@ -310,7 +381,11 @@ def test_count_macs_matches_the_hand_formula():
 def test_a_fixed_point_node_is_measured_on_its_own_file(nodes, keras_result, tmp_path):
     folder, _, data, _ = nodes
     quantize_model(CFG, "fixed_w8", folder, data, JobContext(tmp_path, tmp_path))
-    result = evaluate.evaluate_model(QUICK, tmp_path, data)
+    result = evaluate.evaluate_model(QUICK, tmp_path, data, reference_dir=folder)
+    # Keras runs both: the reference is the same-runtime float model, nothing is converted.
+    assert result["runtime"] == result["reference_runtime"] == "keras"
+    assert result["float_latency_ms_b1"] == result["reference_latency_ms_b1"]
+    assert result["speedup_b1"] == result["latency_speedup"]
     assert result["size_bytes"] == (tmp_path / FIXED_FILE).stat().st_size
     assert result["size_bytes"] < 0.5 * keras_result["size_bytes"]
     assert result["params"] == keras_result["params"]

@@ -106,6 +106,7 @@ def test_returns_every_measurement_with_summary_names(result):
         "macs",
         "size_bytes",
         "gzip_bytes",
+        "nominal_bytes",
         "sparse_bytes",
         "sparse_gzip_bytes",
         "prunable_weights",
@@ -120,11 +121,21 @@ def test_returns_every_measurement_with_summary_names(result):
         "peak_mem_method",
         "threads",
         "device",
+        "runtime",
+        "test_images",
+        "val_images",
     }
     assert set(result) == expected
     assert expected & set(metrics.SUMMARY_COLUMNS) == {
         "top1",
+        "val_top1",
         "top5",
+        "test_images",
+        "val_images",
+        "runtime",
+        "nominal_bytes",
+        "sparse_bytes",
+        "sparse_gzip_bytes",
         "params",
         "nonzero_params",
         "measured_sparsity",
@@ -135,7 +146,8 @@ def test_returns_every_measurement_with_summary_names(result):
         "throughput_ips",
         "peak_mem_mb",
     }
-    assert result["device"] == "cpu"
+    assert result["device"] == "cpu" and result["runtime"] == "torch"
+    assert (result["test_images"], result["val_images"]) == (10, 10)
     assert result["threads"] == torch.get_num_threads()
     assert result["latency_batch"] == 1 and result["throughput_batch"] == 16
     assert 0 < result["latency_ms_b1"] <= result["latency_ms_b1_p90"]
@@ -372,3 +384,25 @@ def test_layer_sparsity_of_an_int8_program(tmp_path):
     assert counts["prunable_weights"] == sum(t.numel() for t in stored)
     assert counts["prunable_nonzero"] == sum(int(torch.count_nonzero(t)) for t in stored)
     assert counts["layer_sparsity"][0]["nonzero"] <= 18  # int8 keeps every zero
+
+
+def test_an_int8_program_is_timed_against_its_float_reference_in_torch(setup, tmp_path):
+    """torch runs both, so the same-runtime float figures are the reference's own timing."""
+    from shrinkflow.backends.torch import pt2e, pt2e_archive
+
+    model, data, folder = setup
+    prepared = pt2e.prepare(model.eval(), _spec(), "static")
+    pt2e.calibrate(prepared, [torch.randn(4, 1, 8, 8)])
+    pt2e_archive.save(pt2e.convert(prepared), _spec(), tmp_path)
+    cfg = {"evaluate": {"device": "cpu", "batch_sizes": [1], "warmup": 0, "repeats": 2}}
+
+    result = evaluate.evaluate_model(cfg, tmp_path, data, reference_dir=folder)
+    assert result["runtime"] == result["reference_runtime"] == "torch"
+    assert result["float_latency_ms_b1"] == result["reference_latency_ms_b1"]
+    assert result["float_throughput_ips"] == result["reference_throughput_ips"]
+    assert (
+        result["speedup_b1"]
+        == result["latency_speedup"]
+        == pytest.approx(result["reference_latency_ms_b1"] / result["latency_ms_b1"])
+    )
+    assert result["throughput_speedup_same_runtime"] == result["throughput_speedup"]

@@ -87,11 +87,20 @@ def train(
     out: OutOption,
     params: ParamsOption = None,
     set_: SetOption = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=2**32 - 1,
+            help="The training seed (a `seeds` entry); default: the first `seeds` entry.",
+        ),
+    ] = None,
 ) -> None:
     """Train a baseline model; a killed job resumes from its last completed epoch."""
     from shrinkflow.stages import train as stage
 
-    stage.run(_params(params, set_), backend, model, in_, out)
+    cfg = _params(params, set_)
+    stage.run(cfg, backend, model, cfg["seeds"][0] if seed is None else seed, in_, out)
 
 
 @app.command()
@@ -203,6 +212,22 @@ def report(
     from shrinkflow.stages import report as stage
 
     stage.run(_params(params, set_), summary, models, out)
+
+
+@app.command("export-sparse")
+def export_sparse(
+    in_: Annotated[Path, typer.Option("--in", help="A model folder written by a stage.")],
+    out: OutOption,
+) -> None:
+    """Write a model's weights at their precision, pruned zeros left out, as one .npz archive
+    (load it with shrinkflow.sparse_format.load)."""
+    from shrinkflow.sparse_export import export
+
+    done = export(in_, out)
+    typer.echo(
+        f"{out}: {done.tensors} tensors, {done.file_bytes} bytes (model file "
+        f"{done.source_bytes}, nominal {done.nominal_bytes})"
+    )
 
 
 @app.command()

@@ -5,10 +5,10 @@ call at a batch size (``CallAt``: load or lower the model for that size, place i
 ``sync`` of an asynchronous device, the context the calls run in (torch's ``no_grad``), and a
 probe of its device allocator (``DevicePeak``). The protocol is the same for both:
 
-- ``measure_speeds``: latency at ``batch_sizes[0]`` (median of ``repeats`` calls) and
-  throughput at the largest batch size, each after ``warmup`` untimed calls; a model and its
-  reference take turns call by call (``time_interleaved``), so their ratio holds on a busy
-  machine;
+- ``measure_speeds``: latency at batch 1 (``LATENCY_BATCH``, median of ``repeats`` calls)
+  and throughput at the largest of ``batch_sizes``, each after ``warmup`` untimed calls; a
+  model and the models it is compared with take turns call by call (``time_interleaved``), so
+  their ratios hold on a busy machine;
 - ``peak_memory``: what one call adds on top of the loaded model and its input, on the host
   (``PeakMemory``) or on a device (``DevicePeak``).
 
@@ -32,6 +32,10 @@ import numpy as np
 
 Call = Callable[[], object]  # one timed call: a forward pass on an input already in place
 CallAt = Callable[[int], Call]  # batch size -> the timed call for that size
+
+# Latency is the time of one image alone (``latency_ms_b1``), whatever ``batch_sizes`` holds:
+# a latency at another batch size would not compare across configurations.
+LATENCY_BATCH = 1
 
 
 def time_calls(
@@ -97,7 +101,7 @@ class LatencyStats:
 
 @dataclass(frozen=True)
 class Speed:
-    """How fast one model ran: latency at the latency batch, throughput at the largest one."""
+    """How fast one model ran: latency at batch 1, throughput at the largest batch size."""
 
     latency: LatencyStats
     throughput_ips: float  # images per second at the throughput batch
@@ -109,14 +113,15 @@ def measure_speeds(
     sync: Callable[[], None] | None = None,
     context: Callable[[], AbstractContextManager] = nullcontext,
 ) -> list[Speed]:
-    """Median latency at ``settings["batch_sizes"][0]`` and throughput at the largest batch
-    size, one ``Speed`` per model of ``calls_at``; the models take turns call by call.
+    """Median latency at batch 1 (``LATENCY_BATCH``) and throughput at the largest of
+    ``settings["batch_sizes"]``, one ``Speed`` per model of ``calls_at``; the models take turns
+    call by call.
 
     ``settings`` is ``cfg["evaluate"]`` (``batch_sizes``, ``warmup``, ``repeats``). Each batch
     size's calls are prepared (``calls_at``, model by model) before any is timed, and timed
     inside ``context()``; ``sync`` runs after every call (``time_interleaved``).
     """
-    latency_batch = settings["batch_sizes"][0]
+    latency_batch = LATENCY_BATCH
     throughput_batch = max(settings["batch_sizes"])
 
     def timings(batch: int) -> list[LatencyStats]:
@@ -138,7 +143,7 @@ def speed_figures(speed: Speed, settings: Mapping) -> dict[str, float | int]:
     return {
         "latency_ms_b1": speed.latency.median_ms,
         "latency_ms_b1_p90": speed.latency.p90_ms,
-        "latency_batch": settings["batch_sizes"][0],
+        "latency_batch": LATENCY_BATCH,
         "throughput_ips": speed.throughput_ips,
         "throughput_batch": max(settings["batch_sizes"]),
     }

@@ -10,7 +10,7 @@ from __future__ import annotations
 import gzip
 import io
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,25 +18,47 @@ import numpy as np
 
 if TYPE_CHECKING:
     from shrinkflow import measure
+    from shrinkflow.data.prepared import PreparedData
 
-# The columns of results/summary.csv (DESIGN.md section 5), in order.
+# The columns of results/summary.csv (DESIGN.md section 5), in order. One row per evaluated
+# artefact and training seed (`seed`: the seeds entry it was trained with; the split's seed is
+# params' `seed` and the same for every row). `val_top1` decides (budget, Pareto front,
+# champion), `top1` is the test accuracy reported beside it; `val_images`/`test_images` are
+# the split sizes the binomial intervals need. Sizes: `size_bytes` is the file as deployed,
+# `gzip_bytes` that file gzipped, `nominal_bytes` the nonzero weights x their bits / 8,
+# `sparse_bytes`/`sparse_gzip_bytes` the weights in shrinkflow's sparse encoding at their
+# stored precision (shrinkflow.sparse_format). Speed: `runtime` is what ran the artefact
+# (torch, keras, tflite); `float_latency_ms_b1` is the float model of the same runtime, timed
+# side by side (a quantized/converted artefact's source, converted to that runtime's float
+# form where needed), and `speedup_b1` = float_latency_ms_b1 / latency_ms_b1; both are empty
+# for float models, whose speed-up the report takes against the baseline.
 SUMMARY_COLUMNS: tuple[str, ...] = (
     "backend",
     "model",
+    "seed",
     "stage",
     "prune_method",
     "target_sparsity",
     "measured_sparsity",
     "quant_method",
     "top1",
+    "val_top1",
     "top5",
+    "test_images",
+    "val_images",
     "params",
     "nonzero_params",
     "macs",
     "size_bytes",
     "gzip_bytes",
+    "nominal_bytes",
+    "sparse_bytes",
+    "sparse_gzip_bytes",
     "latency_ms_b1",
     "throughput_ips",
+    "runtime",
+    "float_latency_ms_b1",
+    "speedup_b1",
     "peak_mem_mb",
     "run_id",
     "artifact",
@@ -108,21 +130,58 @@ def gzip_bytes(path: Path, level: int = 9) -> int:
 
 
 def reference_comparison(
-    result: dict, reference_file: Path, speed: measure.Speed
-) -> dict[str, float]:
-    """The reference model's size and speed (``speed`` timed alongside the model's, see
-    ``measure.measure_speeds``) and ``result``'s ratios to them: the keys evaluate adds with
-    ``--reference``."""
+    result: dict,
+    reference_file: Path,
+    speed: measure.Speed,
+    reference_runtime: str,
+    float_speed: measure.Speed,
+) -> dict[str, float | str]:
+    """The keys evaluate adds with ``--reference`` (the float model a quantized or converted
+    artefact came from), from ``result`` (the artefact's own figures, ``runtime`` included)
+    and speeds timed side by side with the artefact's (``measure.measure_speeds``).
+
+    Two comparisons, told apart by their names:
+
+    - against the reference file as it runs (``speed``, in ``reference_runtime``):
+      ``reference_*``, ``size_ratio``, ``gzip_ratio``, ``latency_speedup`` and
+      ``throughput_speedup``. Where ``reference_runtime`` differs from ``result["runtime"]``
+      (a TFLite file against its Keras model) the speed ratios are cross-runtime: they
+      include what one runtime costs per call over the other, not only what quantization buys;
+    - against the float model in the artefact's own runtime (``float_speed``: the reference
+      itself where its runtime is the artefact's, else its conversion to that runtime's float
+      form): ``float_latency_ms_b1``, ``float_throughput_ips``, ``speedup_b1`` (float latency
+      over the artefact's) and ``throughput_speedup_same_runtime``, like with like.
+    """
     size, gzip_size = file_bytes(reference_file), gzip_bytes(reference_file)
     return {
         "reference_size_bytes": size,
         "reference_gzip_bytes": gzip_size,
+        "reference_runtime": reference_runtime,
         "reference_latency_ms_b1": speed.latency.median_ms,
         "reference_throughput_ips": speed.throughput_ips,
         "size_ratio": result["size_bytes"] / size,
         "gzip_ratio": result["gzip_bytes"] / gzip_size,
         "latency_speedup": speed.latency.median_ms / result["latency_ms_b1"],
         "throughput_speedup": result["throughput_ips"] / speed.throughput_ips,
+        "float_latency_ms_b1": float_speed.latency.median_ms,
+        "float_throughput_ips": float_speed.throughput_ips,
+        "speedup_b1": float_speed.latency.median_ms / result["latency_ms_b1"],
+        "throughput_speedup_same_runtime": result["throughput_ips"] / float_speed.throughput_ips,
+    }
+
+
+def accuracy_figures(
+    test: Mapping[int, float], val: Mapping[int, float], data: PreparedData
+) -> dict[str, float | int]:
+    """The accuracy keys evaluate reports from ``topk_accuracy`` of the test and validation
+    splits of ``data`` (a ``PreparedData``): top-1 and top-5 on test, top-1 on validation, and
+    the two split sizes, which the report's binomial intervals need."""
+    return {
+        "top1": test[1],
+        "top5": test[5],
+        "val_top1": val[1],
+        "test_images": len(data.test),
+        "val_images": len(data.val),
     }
 
 

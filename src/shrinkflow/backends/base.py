@@ -98,6 +98,9 @@ JOB_MODULES: dict[str, tuple[str, ...]] = {
     "quantize": ("resumable_quantize_run_id", "quantize_model"),
     # `shrinkflow evaluate`: a model, and with a reference the float model it came from
     "evaluate": ("evaluate_model",),
+    # a model's weights at their stored precision (shrinkflow.sparse_format): evaluate's
+    # nominal and sparse sizes, `shrinkflow export-sparse`
+    "stored_weights": ("stored_weights", "encoding_sizes"),
 }
 
 

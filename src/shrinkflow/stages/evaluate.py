@@ -42,5 +42,5 @@ def run(
         say(
             f"evaluate {node_label(node)}: "
             f"top-1 {metrics['top1']:.4f}, {metrics['size_bytes']} bytes, "
-            f"{metrics['latency_ms_b1']:.2f} ms at batch 1"
+            f"{metrics['latency_ms_b1']:.2f} ms at batch 1 in {metrics['runtime']}"
         )

@@ -12,7 +12,10 @@ keys are torch's, so both backends share one summary table. Two kinds of node ar
 Both take raw 0..255 pixels (the models normalise their input) and are scored in batches of
 the throughput batch size, the last one zero-padded: in inference mode an image's logits do
 not depend on the rest of its batch. With a ``reference`` model (the Keras model a TFLite file
-came from) both are timed in the same process, taking turns call by call.
+came from) both are timed in the same process, taking turns call by call; where the two run in
+different runtimes (``runtime``: ``keras`` or ``tflite``) the reference converted to a TFLite
+float32 file is timed with them, so that a TFLite artefact's speed-up (``speedup_b1``) is
+taken against float in its own runtime rather than against Keras' per-call overhead.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import os
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # before tensorflow: tfmot needs Keras 2
 
 import functools  # noqa: E402
+import tempfile  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -32,12 +36,13 @@ import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
 from shrinkflow import measure, metrics  # noqa: E402
-from shrinkflow.backends.tensorflow import tflite  # noqa: E402
+from shrinkflow.backends.tensorflow import stored_weights, tflite  # noqa: E402
 from shrinkflow.backends.tensorflow.artifact import (  # noqa: E402
     TFLITE_FILE,
     load_model,
     model_file,
     read_spec,
+    write_spec,
 )
 from shrinkflow.backends.tensorflow.weights import (  # noqa: E402
     Counts,
@@ -158,6 +163,22 @@ def load_subject(model_dir: Path, device: str, threads: int) -> Subject:
     )
 
 
+def runtime(subject: Subject) -> str:
+    """What runs ``subject``: ``tflite`` for a ``.tflite`` file, else ``keras`` (a Keras model,
+    a fixed-point one included: it runs as the float model its integer weights describe)."""
+    return "tflite" if subject.file.name == TFLITE_FILE else "keras"
+
+
+def tflite_float32(keras_dir: Path, folder: Path, threads: int) -> Subject:
+    """The Keras model in ``keras_dir`` as a TFLite float32 file in ``folder`` (converted as the
+    ``float32`` quant method converts it, ``tflite.convert``): the float model a TFLite
+    artefact of it is timed against in its own runtime."""
+    model, spec = load_model(keras_dir)
+    (folder / TFLITE_FILE).write_bytes(tflite.convert(model, "float32", []))
+    write_spec(spec, folder)
+    return load_subject(folder, "cpu", threads)
+
+
 def logits(runner: Runner, images: np.ndarray) -> np.ndarray:
     """Float32 logits of uint8 ``images`` in batches of ``runner.batch``, the last one
     zero-padded to that size."""
@@ -178,7 +199,7 @@ def _accuracy(runner: Runner, data: PreparedData) -> dict[str, float]:
         scores[split] = metrics.topk_accuracy(
             logits(runner, data.images[index]), data.labels[index]
         )
-    return {"top1": scores["test"][1], "top5": scores["test"][5], "val_top1": scores["val"][1]}
+    return metrics.accuracy_figures(scores["test"], scores["val"], data)
 
 
 def _timing_images(data: PreparedData, batch: int) -> np.ndarray:
@@ -219,13 +240,15 @@ def evaluate_model(
     """Measure the model saved in ``model_dir`` on ``data`` as ``cfg['evaluate']`` says.
 
     Returns the keys of the torch backend's ``evaluate_model``: those of
-    ``metrics.SUMMARY_COLUMNS`` it measures, plus ``val_top1``, ``prunable_weights``,
-    ``prunable_nonzero``, ``layer_sparsity`` (the same counts per conv/dense layer, see
-    ``weights.count_weights``), ``latency_ms_b1_p90``, ``latency_batch``/``throughput_batch``,
+    ``metrics.SUMMARY_COLUMNS`` it measures (``runtime``, ``test_images`` and ``val_images``
+    included), plus ``val_top1``, ``prunable_weights``, ``prunable_nonzero``,
+    ``layer_sparsity`` (the same counts per conv/dense layer, see ``weights.count_weights``),
+    ``latency_ms_b1_p90``, ``latency_batch`` (always 1)/``throughput_batch``,
     ``peak_mem_method``, ``threads`` and ``device``; with ``reference_dir`` also
-    ``reference_size_bytes``, ``reference_gzip_bytes``, ``reference_latency_ms_b1``,
-    ``reference_throughput_ips`` and the ratios ``size_ratio``, ``gzip_ratio``,
-    ``latency_speedup`` and ``throughput_speedup``.
+    ``metrics.reference_comparison``'s keys. Their same-runtime float model is the reference
+    itself for a Keras artefact, and the reference converted to TFLite float32
+    (``tflite_float32``) for a TFLite one, timed alongside the artefact and the Keras reference,
+    whose ``latency_speedup`` is then cross-runtime.
     """
     device = _device(cfg)
     settings = cfg["evaluate"]
@@ -246,19 +269,45 @@ def evaluate_model(
     result["macs"] = subject.macs
     result["size_bytes"] = metrics.file_bytes(subject.file)
     result["gzip_bytes"] = metrics.gzip_bytes(subject.file)
-    reference = None
+    # What the zeros buy on disk: nominal bytes and a sparse encoding (see stored_weights).
+    result.update(stored_weights.encoding_sizes(Path(model_dir)))
+    # The artefact, its reference and, where the two run in different runtimes, the float
+    # model in the artefact's runtime: taking turns, call by call.
+    timed = [subject]
     if reference_dir is not None:
-        reference = load_subject(Path(reference_dir), device, threads)
-    speeds = measure.measure_speeds(
-        [_call_at(s, data) for s in [subject] + ([reference] if reference else [])], settings
-    )
+        timed.append(load_subject(Path(reference_dir), device, threads))
+    with tempfile.TemporaryDirectory(prefix="shrinkflow-float32-") as scratch:
+        if len(timed) == 2 and runtime(timed[1]) != runtime(subject):
+            timed.append(_same_runtime_float(subject, Path(reference_dir), Path(scratch), threads))
+        speeds = measure.measure_speeds([_call_at(s, data) for s in timed], settings)
     result.update(
         measure.speed_figures(speeds[0], settings),
         peak_mem_mb=peak_mb,
         peak_mem_method=peak_method,
         threads=threads,
         device=device,
+        runtime=runtime(subject),
     )
-    if reference is not None:
-        result.update(metrics.reference_comparison(result, reference.file, speeds[1]))
+    if len(timed) > 1:
+        # speeds[-1]: the float model in the artefact's runtime, the reference itself where
+        # it runs in that runtime already (nothing converted).
+        reference = timed[1]
+        result.update(
+            metrics.reference_comparison(
+                result, reference.file, speeds[1], runtime(reference), speeds[-1]
+            )
+        )
     return result
+
+
+def _same_runtime_float(
+    subject: Subject, reference_dir: Path, folder: Path, threads: int
+) -> Subject:
+    """The float model in ``subject``'s runtime where its reference runs in another: the Keras
+    reference of a TFLite artefact converted to TFLite float32 in ``folder``."""
+    if runtime(subject) != "tflite":
+        raise ShrinkflowError(
+            f"--reference {reference_dir}: a TFLite file, but {subject.file} is a Keras model; "
+            "a quantized model's reference is the Keras model it came from"
+        )
+    return tflite_float32(reference_dir, folder, threads)

@@ -6,8 +6,10 @@ sparsity is counted from the loaded weights and the sizes are the bytes on disk.
 Three kinds of file are measured alike: a float model (``model.pt``), a fixed-point one (the
 same file name; it runs as the float model its integer weights describe), and an int8
 ``torch.export`` program (``model.pt2``), which runs on oneDNN's int8 kernels after
-``pt2e.lower`` (once per batch size timed). With a ``reference`` model (the float model a
-quantized one came from) both are timed in the same process, so their speeds compare.
+``pt2e.lower`` (once per batch size timed). All three run in one runtime, torch's
+(``RUNTIME``; the int8 program on its oneDNN kernels). With a ``reference`` model (the float
+model a quantized one came from) both are timed in the same process, so their speeds compare,
+like with like.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from shrinkflow import measure, metrics
 from shrinkflow.backends.torch.artifact import INT8_FILE, MODEL_FILE, load_model
-from shrinkflow.backends.torch.sparse import sparse_bytes
+from shrinkflow.backends.torch.stored_weights import encoding_sizes
 from shrinkflow.backends.torch.tensors import normalize
 from shrinkflow.data.prepared import PreparedData, check_fits
 from shrinkflow.errors import ShrinkflowError
@@ -39,6 +41,10 @@ ACCURACY_BATCH = 256
 # The layers pruning acts on. Biases and batch-norm parameters are never pruned, so counting
 # them would dilute measured sparsity below the target the pruning stage aimed for.
 PRUNABLE = (nn.Conv2d, nn.Linear)
+
+# What runs every kind of file here, the ``runtime`` evaluate reports: float and fixed-point
+# models in eager torch, int8 programs in torch with oneDNN's int8 kernels.
+RUNTIME = "torch"
 
 
 def _device(cfg: dict) -> torch.device:
@@ -99,7 +105,6 @@ class Subject:
     fixed_batch: bool  # whether forward_at(n) takes batches of exactly n images only
     counts: Counts  # count_params' keys
     macs: int
-    extra: dict[str, int | str]  # sparse_bytes / sparse_gzip_bytes, quant_format
 
 
 def load_subject(model_dir: Path, device: torch.device) -> Subject:
@@ -112,8 +117,6 @@ def load_subject(model_dir: Path, device: torch.device) -> Subject:
 def _float_subject(model_dir: Path, device: torch.device) -> Subject:
     model, spec = load_model(model_dir, device)
     model.eval()
-    # What the zeros buy on disk: the dense file does not shrink, a sparse encoding does.
-    sparse, sparse_gzip = sparse_bytes(model.state_dict())
     return Subject(
         file=model_dir / MODEL_FILE,
         spec=spec,
@@ -121,7 +124,6 @@ def _float_subject(model_dir: Path, device: torch.device) -> Subject:
         fixed_batch=False,
         counts=count_params(model),
         macs=count_macs(model, _input_shape(spec)),
-        extra={"sparse_bytes": sparse, "sparse_gzip_bytes": sparse_gzip},
     )
 
 
@@ -152,7 +154,6 @@ def _int8_subject(model_dir: Path, device: torch.device) -> Subject:
         counts=counts,
         # The saved (reference) graph runs the same convolutions and matrix products in float.
         macs=count_macs(program.module(), _input_shape(spec)),
-        extra={},
     )
 
 
@@ -198,7 +199,7 @@ def _accuracy(subject: Subject, data: PreparedData, batch: int, device: torch.de
         images = normalize(data.images[index], spec["mean"], spec["std"], device)
         logits = _logits(subject, images, batch)
         scores[split] = metrics.topk_accuracy(logits, data.labels[index])
-    return {"top1": scores["test"][1], "top5": scores["test"][5], "val_top1": scores["val"][1]}
+    return metrics.accuracy_figures(scores["test"], scores["val"], data)
 
 
 def _timing_batch(data: PreparedData, spec: dict, batch: int, device: torch.device) -> torch.Tensor:
@@ -241,15 +242,15 @@ def evaluate_model(
     """Measure the model saved in ``model_dir`` on ``data`` as ``cfg['evaluate']`` says.
 
     Returns a dict whose keys follow ``metrics.SUMMARY_COLUMNS`` where they overlap, plus
-    ``val_top1``, ``prunable_weights``/``prunable_nonzero`` and ``layer_sparsity`` (the same
-    counts per conv/linear layer, see ``tally``), ``latency_ms_b1_p90``,
-    ``latency_batch``/``throughput_batch`` (the batch sizes actually timed),
-    ``peak_mem_method``, ``threads``, ``device``, for float models
-    ``sparse_bytes``/``sparse_gzip_bytes`` (the weights in a sparse encoding, see ``sparse``),
-    and with ``reference_dir`` the reference's ``reference_size_bytes``,
-    ``reference_gzip_bytes``, ``reference_latency_ms_b1`` and ``reference_throughput_ips``
-    (timed in this process, taking turns with the model call by call) and the ratios
-    ``size_ratio``, ``gzip_ratio``, ``latency_speedup`` and ``throughput_speedup`` against it.
+    ``val_top1``, ``test_images``/``val_images`` (the split sizes scored),
+    ``prunable_weights``/``prunable_nonzero`` and ``layer_sparsity`` (the same counts per
+    conv/linear layer, see ``tally``), ``latency_ms_b1_p90``, ``latency_batch`` (always 1) and
+    ``throughput_batch``, ``runtime`` (``RUNTIME``), ``peak_mem_method``, ``threads``,
+    ``device``, ``nominal_bytes``/``sparse_bytes``/``sparse_gzip_bytes`` (the weights at their
+    precision in a sparse encoding, see ``stored_weights``), and with ``reference_dir``
+    ``metrics.reference_comparison``'s keys: the reference is timed in this process, taking
+    turns with the model call by call, and being torch's too it is also the same-runtime float
+    model (``float_latency_ms_b1``, ``speedup_b1``).
     """
     device = _device(cfg)
     settings = cfg["evaluate"]
@@ -269,7 +270,8 @@ def evaluate_model(
     result["macs"] = subject.macs
     result["size_bytes"] = metrics.file_bytes(subject.file)
     result["gzip_bytes"] = metrics.gzip_bytes(subject.file)
-    result.update(subject.extra)
+    # What the zeros buy on disk: the dense file does not shrink, a sparse encoding does.
+    result.update(encoding_sizes(Path(model_dir)))
     reference = None if reference_dir is None else load_subject(Path(reference_dir), device)
     speeds = measure.measure_speeds(
         [_call_at(s, data, device) for s in [subject] + ([reference] if reference else [])],
@@ -283,7 +285,10 @@ def evaluate_model(
         peak_mem_method=peak_method,
         threads=torch.get_num_threads(),
         device=device.type,
+        runtime=RUNTIME,
     )
     if reference is not None:
-        result.update(metrics.reference_comparison(result, reference.file, speeds[1]))
+        result.update(
+            metrics.reference_comparison(result, reference.file, speeds[1], RUNTIME, speeds[1])
+        )
     return result
