@@ -34,7 +34,7 @@ def prepare_digits(dest: Path, overrides: tuple[str, ...] = DIGITS_8X8) -> Path:
 
 def make_stage_project(dest: Path) -> Path:
     """params.yaml, prepared 8x8 digits (``prepared/``, and ``raw/``: the download) and an
-    untrained resnet20 baseline (``results/models/torch/resnet20/baseline/model``), made
+    untrained resnet20 baseline (``results/models/torch/resnet20/seed0/baseline/model``), made
     in-process without MLflow runs."""
     import torch
 
@@ -56,10 +56,11 @@ def make_stage_project(dest: Path) -> Path:
     torch.manual_seed(0)
     spec = model_spec("resnet20", data)
     model = create_model("resnet20", len(data.classes), spec["in_channels"], spec["image_size"])
-    folder = dest / "results/models/torch/resnet20/baseline/model"
+    folder = dest / "results/models/torch/resnet20/seed0/baseline/model"
     folder.mkdir(parents=True)
     save_model(model, spec, folder)
-    write_json(folder / NODE_FILE, {"backend": "torch", "model": "resnet20", "stage": "baseline"})
+    node = {"backend": "torch", "model": "resnet20", "stage": "baseline", "seed": 0}
+    write_json(folder / NODE_FILE, node)
     return dest
 
 

@@ -29,7 +29,7 @@ from shrinkflow.nodes import NODE_FILE, read_node
 
 ROOT = Path(__file__).resolve().parents[1]
 SHRINKFLOW = str(Path(sys.executable).parent / "shrinkflow")
-BASELINE = {"backend": "torch", "model": "resnet20", "stage": "baseline"}
+BASELINE = {"backend": "torch", "model": "resnet20", "stage": "baseline", "seed": 0}
 
 
 def node(folder: Path, **fields) -> Path:
@@ -67,8 +67,17 @@ def one_line_error(call, starts: str) -> str:
         ),
         (
             b'{"backend": "tensorflow", "model": "resnet20", "stage": "quantized", '
-            b'"quant_method": "qat_int8"}',
+            b'"quant_method": "qat_int8", "seed": 0}',
             "quant_method 'qat_int8' does not exist for tensorflow",
+        ),
+        (b'{"backend": "torch", "model": "resnet20", "stage": "baseline"}', "seed None is not"),
+        (
+            b'{"backend": "torch", "model": "resnet20", "stage": "baseline", "seed": -1}',
+            "seed -1 is not a training seed",
+        ),
+        (
+            b'{"backend": "torch", "model": "resnet20", "stage": "baseline", "seed": "1"}',
+            "seed '1' is not a training seed",
         ),
     ],
 )

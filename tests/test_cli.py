@@ -45,7 +45,7 @@ def shrinkflow(project: Path, *args: str) -> subprocess.CompletedProcess:
         ),
         (
             ["summarize", "--models", "results/models", "--out", "s.csv"],
-            "error: results/models/torch/resnet20/baseline/metrics.json: missing",
+            "error: results/models/torch/resnet20/seed0/baseline/metrics.json: missing",
         ),
         (
             [

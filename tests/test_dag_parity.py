@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+from functools import reduce
 from pathlib import Path
 
 import pytest
@@ -177,6 +178,32 @@ def test_parity_holds_for_a_sweep_over_models(tmp_path):
     assert any("--backend tensorflow --model resnet56" in c for c in smk)
 
 
+def test_parity_holds_for_two_training_seeds(tmp_path):
+    """Both expand seeds like backends and models: every job after prepare runs once per seed,
+    in that seed's folder, on the one prepared split."""
+    project = project_copy(
+        tmp_path,
+        seeds=[0, 1],
+        backends=["torch"],
+        prune={"methods": ["l1_unstructured"], "sparsities": [0.5]},
+        quantize={"methods": ["fixed_w8"]},
+    )
+    smk = same_graph(project)
+    counts = stage_counts(smk)
+    assert (counts["download"], counts["prepare"], counts["summarize"]) == (1, 1, 1)
+    for kind in ("train", "sensitivity", "prune", "finetune"):
+        assert counts[kind] == 2, kind
+    for kind in ("evaluate", "quantize", "evaluate_quantized"):  # the baseline and 1 point
+        assert counts[kind] == 2 * 2, kind
+    trains = [c for c in smk if c.split()[1] == "train"]
+    for seed in (0, 1):
+        assert any(f" --seed {seed} " in c and f"/seed{seed}/baseline/model" in c for c in trains)
+        later = [c for c in smk if f"/seed{seed}/" in c and c.split()[1] not in ("train",)]
+        assert all(f"/seed{1 - seed}/" not in c for c in later)
+        # sensitivity, prune, finetune; evaluate, quantize, evaluate_quantized of 2 sources
+        assert len(later) == 3 + 3 * 2
+
+
 @pytest.mark.parametrize("preset", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.stem)
 def test_parity_holds_for_every_preset(tmp_path, preset):
     """DVC reads only params.yaml, so the preset is merged into it there."""
@@ -270,7 +297,9 @@ def test_the_graph_check_sees_a_dep_or_params_key_missing_on_one_side(checkout, 
     project = project_copy(tmp_path / "project")
     dvc_file = project / "dvc.yaml"
     head, prune = dvc_file.read_text().split("\n  prune:\n")
-    sensitivity = "    - results/models/${item.backend}/${item.model}/sensitivity\n"
+    sensitivity = (
+        "    - results/models/${item.backend}/${item.model}/seed${item.seed}/sensitivity\n"
+    )
     dvc_file.write_text(f"{head}\n  prune:\n" + prune.replace(sensitivity, "", 1))
     missing = graph_differences(project)
     assert any("DVC lacks the input" in p and "/sensitivity" in p for p in missing)
@@ -295,7 +324,7 @@ def test_configfile_reaches_every_job(tmp_path, checkout):
 def test_config_overrides_are_validated_and_forwarded(checkout):
     """`snakemake --config seed=3` reaches every job as `--set`; bad values stop it at start-up."""
     commands = snakemake_commands("--config", "seed=3", "models=[resnet56]", cwd=checkout)
-    assert all("--set seed=3 --set 'models=[\"resnet56\"]'" in c for c in commands)
+    assert all("--set seed=3 --set 'models=[resnet56]'" in c for c in commands)
     assert any("--model resnet56" in c for c in commands)
     bad = subprocess.run(
         [str(BIN / "snakemake"), "-n", "--cores", "1", "--config", "seed=-1"],
@@ -355,12 +384,7 @@ def test_a_changed_quantize_setting_reruns_only_the_methods_that_read_it(tmp_pat
         prune={"methods": ["l1_unstructured"], "sparsities": [0.5]},
         quantize={"methods": ["static_int8", "qat_int8", "fixed_w4"]},
     )
-    fake = tmp_path / "bin" / "shrinkflow"
-    fake.parent.mkdir()
-    fake.write_text(FAKE_CLI)
-    fake.chmod(0o755)
-    env = tool_env()
-    env["PATH"] = f"{fake.parent}:{env['PATH']}"
+    env = _fake_cli(tmp_path)
     snakemake = [str(BIN / "snakemake"), "--cores", "2"]
     done = subprocess.run(snakemake, cwd=project, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -383,3 +407,94 @@ def test_a_changed_quantize_setting_reruns_only_the_methods_that_read_it(tmp_pat
     }
     for method in rerun:
         assert f"quantized/{method}/baseline/model" in dry.stdout
+
+
+def _fake_cli(folder: Path) -> dict[str, str]:
+    """The environment of a tool run with FAKE_CLI as its `shrinkflow`."""
+    fake = folder / "bin" / "shrinkflow"
+    fake.parent.mkdir(parents=True)
+    fake.write_text(FAKE_CLI)
+    fake.chmod(0o755)
+    env = tool_env()
+    env["PATH"] = f"{fake.parent}:{env['PATH']}"
+    return env
+
+
+# A small sweep for the seed tests: one backend, one pruning point, one quantize method.
+SMALL_SWEEP = {
+    "backends": ["torch"],
+    "prune": {"methods": ["l1_unstructured"], "sparsities": [0.5]},
+    "quantize": {"methods": ["fixed_w8"]},
+}
+
+
+def test_adding_a_seed_runs_only_its_jobs_in_snakemake(tmp_path):
+    """With seed 0's outputs in place and up to date, `seeds: [0, 1]` plans seed 1's chain and
+    the two jobs that list every node (summarize, report), nothing of seed 0."""
+    project = project_copy(tmp_path / "project", **SMALL_SWEEP)
+    env = _fake_cli(tmp_path)
+    snakemake = [str(BIN / "snakemake"), "--cores", "2"]
+    done = subprocess.run(snakemake, cwd=project, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (tmp_path / "seeds.yaml").write_text("seeds: [0, 1]\n")
+    dry = subprocess.run(
+        [*snakemake, "-n", "-p", "--configfile", str(tmp_path / "seeds.yaml")],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert job_counts(dry.stdout) == {
+        "train": 1,
+        "sensitivity": 1,
+        "prune": 1,
+        "finetune": 1,
+        "quantize": 2,
+        "evaluate": 2,
+        "evaluate_quantized": 2,
+        "summarize": 1,
+        "report": 1,
+        "all": 1,
+    }
+    commands = re.findall(r"^Shell command: (shrinkflow .*)$", dry.stdout, re.MULTILINE)
+    assert len(commands) == 12
+    assert not any("/seed0/" in c for c in commands)
+    assert sum("/seed1/" in c for c in commands) == 10  # all but summarize and report
+
+
+def _dvc_stages(cwd: Path) -> dict[str, dict]:
+    """Every stage DVC resolves, by name: its command, dependencies, params keys and their
+    values in params.yaml, and outputs: what `dvc repro` compares with dvc.lock."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+
+    cfg = yaml.safe_load((cwd / "params.yaml").read_text())
+
+    def value(key: str) -> object:
+        return reduce(lambda section, part: section[part], key.split("."), cfg)
+
+    stages = {}
+    with Repo(str(cwd)) as repo:
+        for stage in repo.index.stages:
+            params = [k for d in stage.deps if isinstance(d, ParamsDependency) for k in d.params]
+            stages[stage.name] = {
+                "cmd": stage.cmd,
+                "deps": [d.def_path for d in stage.deps if not isinstance(d, ParamsDependency)],
+                "params": {key: value(key) for key in params},
+                "outs": [o.def_path for o in stage.outs],
+            }
+    return stages
+
+
+def test_adding_a_seed_leaves_every_dvc_stage_of_the_others_as_it_was(tmp_path):
+    """`dvc repro` re-runs a stage whose command, dependencies, params values or outputs
+    changed: adding seed 1 changes none of seed 0's stages but summarize, which lists every
+    node (DVC's report depends on the summary and the models folder, not on params)."""
+    one = _dvc_stages(project_copy(tmp_path / "one", **SMALL_SWEEP))
+    two = _dvc_stages(project_copy(tmp_path / "two", **SMALL_SWEEP, seeds=[0, 1]))
+    changed = sorted(name for name in one if two.get(name) != one[name])
+    assert changed == ["summarize"]
+    added = set(two) - set(one)
+    assert len(added) == len(one) - 4  # not download, prepare, summarize, report
+    assert all("/seed1/" in two[name]["cmd"] for name in added)

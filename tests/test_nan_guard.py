@@ -238,7 +238,7 @@ def test_a_diverged_job_ends_its_mlflow_run_failed_and_writes_nothing(tmp_path, 
         ShrinkflowError,
         match=r"^train: (validation )?loss became \S+ at epoch \d.*lower train\.lr \(now 1e\+06\)",
     ):
-        stage.run(cfg, "torch", "resnet20", tmp_path / "prepared", out)
+        stage.run(cfg, "torch", "resnet20", 0, tmp_path / "prepared", out)
     assert not out.exists()
     assert not list(tmp_path.glob(".tmp-baseline-*"))
     client = MlflowClient(uri)

@@ -44,8 +44,8 @@ def evaluate(project: Path, invocation: str, cli: Path = BIN) -> subprocess.Pope
     """`shrinkflow evaluate` of the baseline as its own invocation (a new snakemake/dvc run), with
     the `shrinkflow` in ``cli``."""
     cmd = [str(cli / "shrinkflow"), "evaluate", *EVALUATE,
-           "--in", "results/models/torch/resnet20/baseline/model", "--data", "prepared",
-           "--out", "results/models/torch/resnet20/baseline/metrics.json"]  # fmt: skip
+           "--in", "results/models/torch/resnet20/seed0/baseline/model", "--data", "prepared",
+           "--out", "results/models/torch/resnet20/seed0/baseline/metrics.json"]  # fmt: skip
     env = tool_env(SHRINKFLOW_INVOCATION_ID=invocation)
     return subprocess.Popen(cmd, cwd=project, env=env, stderr=subprocess.PIPE, text=True)
 
@@ -62,7 +62,7 @@ def kill_once_running(job: subprocess.Popen, db: Path) -> None:
 
 def test_a_killed_evaluate_job_is_continued_by_the_next_invocation(project: Path) -> None:
     db = project / "mlflow.db"
-    metrics = project / "results/models/torch/resnet20/baseline/metrics.json"
+    metrics = project / "results/models/torch/resnet20/seed0/baseline/metrics.json"
     # the first attempt hangs once its run is open (it cannot end before the kill)
     hanging = stopping_cli(project / "bin", hang_in="evaluate")
     kill_once_running(evaluate(project, "first", cli=hanging), db)
@@ -207,9 +207,14 @@ def test_dvc_ignores_the_marker(tmp_path: Path) -> None:
     dvc = str(BIN / "dvc")
     env = tool_env(DVC_NO_ANALYTICS="1")
     subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=tmp_path, env=env, check=True)
-    marker = run_marker(Path("results/models/torch/resnet20/baseline/metrics.json"))
+    marker = run_marker(Path("results/models/torch/resnet20/seed0/baseline/metrics.json"))
     result = subprocess.run(
-        [dvc, "check-ignore", str(marker), "results/models/torch/resnet20/baseline/metrics.json"],
+        [
+            dvc,
+            "check-ignore",
+            str(marker),
+            "results/models/torch/resnet20/seed0/baseline/metrics.json",
+        ],
         cwd=tmp_path,
         env=env,
         capture_output=True,

@@ -18,7 +18,7 @@ from stage_projects import make_stage_project, make_tiny_dag_project
 from shrinkflow.cli import environment_failure
 from shrinkflow.outputs import check_writable
 
-MODEL = "results/models/torch/resnet20/baseline/model"
+MODEL = "results/models/torch/resnet20/seed0/baseline/model"
 
 
 @pytest.fixture(scope="module")

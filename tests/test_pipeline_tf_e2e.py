@@ -30,7 +30,7 @@ TINY_TF = {
 POINTS = [(m, "0.5") for m in TINY_TF["prune"]["methods"]]
 QUANT = TINY_TF["quantize"]["methods"]
 SOURCES = [("", ""), *POINTS]
-MODELS = "results/models/tensorflow/resnet20"
+MODELS = "results/models/tensorflow/resnet20/seed0"
 
 pytestmark = pytest.mark.slow
 

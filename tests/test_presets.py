@@ -178,7 +178,7 @@ def check_smoke_run(project: Path, preset: Path, execute: Executor) -> None:
         return
     (project / "quantize.yaml").write_text(yaml.safe_dump({"quantize": {"methods": methods}}))
     nodes = {
-        (b, m): f"results/models/{b}/{m}/quantized/{methods[0]}/baseline"
+        (b, m): f"results/models/{b}/{m}/seed0/quantized/{methods[0]}/baseline"
         for b in cfg["backends"]
         for m in cfg["models"]
     }
@@ -192,7 +192,7 @@ def check_smoke_run(project: Path, preset: Path, execute: Executor) -> None:
         assert (record["stage"], record["quant_method"]) == ("quantized", methods[0])
         assert 0.0 <= record["top1"] <= 1.0
         model_file = {"torch": "model.pt", "tensorflow": "model.keras"}[backend]
-        baseline = project / f"results/models/{backend}/{model}/baseline/model/{model_file}"
+        baseline = project / f"results/models/{backend}/{model}/seed0/baseline/model/{model_file}"
         assert record["size_bytes"] < record["reference_size_bytes"] == baseline.stat().st_size
 
 

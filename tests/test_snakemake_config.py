@@ -124,3 +124,12 @@ def test_a_bad_tracking_uri_in_the_environment_stops_snakemake_in_one_line(tmp_p
     env = {**os.environ, "MLFLOW_TRACKING_URI": "foo://host/x"}
     verdict = snakemake_verdict(dry_run(project, env=env))
     assert verdict.startswith("error: MLFLOW_TRACKING_URI: 'foo://host/x' has scheme 'foo'")
+
+
+def test_config_lists_of_numbers_reach_the_jobs_as_numbers(tmp_path):
+    """`--config 'seeds=[0,1]'`: Snakemake reads list items as text; the jobs see integers."""
+    project = workflow_copy(tmp_path, PARAMS)
+    result = dry_run(project, "--config", "seeds=[0,1]", "backends=[torch]", "-p")
+    assert result.returncode == 0, result.stderr
+    assert "--set 'seeds=[0, 1]'" in result.stdout
+    assert "results/models/torch/resnet20/seed1/baseline/model" in result.stdout

@@ -15,6 +15,7 @@ from shrinkflow.stages.summarize import collect_rows
 CFG = {
     "backends": ["torch"],
     "models": ["resnet20"],
+    "seeds": [0],
     "prune": {"methods": ["l1_unstructured"], "sparsities": [0.5]},
     "quantize": {"methods": ["static_int8", "fixed_w8"]},
 }
@@ -48,3 +49,13 @@ def test_a_missing_quantized_metrics_file_is_named(tmp_path):
         write_metrics(tmp_path, node, top1=0.5)
     with pytest.raises(ShrinkflowError, match=r"quantized/fixed_w8/finetuned/l1_unstructured/0\.5"):
         collect_rows(CFG, tmp_path)
+
+
+def test_every_row_carries_its_training_seed(tmp_path):
+    cfg = {**CFG, "seeds": [0, 3]}
+    for node in dag.evaluated_nodes(cfg):
+        write_metrics(tmp_path, node, top1=0.5)
+    rows = collect_rows(cfg, tmp_path)
+    per_seed = len(dag.evaluated_nodes(CFG))
+    assert [r["seed"] for r in rows] == [0] * per_seed + [3] * per_seed
+    assert (tmp_path / "torch/resnet20/seed3/quantized/fixed_w8/baseline/metrics.json").is_file()

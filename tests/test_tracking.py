@@ -468,7 +468,7 @@ def test_a_cli_job_refuses_an_unreachable_server_before_writing(tmp_path: Path) 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{closed_port()}"}
     env[tracking_health.SERVER_WAIT_ENV] = "1"
-    out = tmp_path / "results/models/torch/resnet20/baseline/model"
+    out = tmp_path / "results/models/torch/resnet20/seed0/baseline/model"
     result = subprocess.run(
         [str(Path(sys.executable).parent / "shrinkflow"), "train", "--backend", "torch",
          "--model", "resnet20", "--params", str(root / "params.yaml"),

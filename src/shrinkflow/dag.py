@@ -17,7 +17,11 @@ REPORT = RESULTS / "report"
 RAW = "data/raw/{dataset}"
 PREPARED = "data/prepared/{dataset}"
 
-# A node's folder below results/models/<backend>/<model>, per DAG stage; `{source}` is the
+# Every training seed's chain (train -> prune -> fine-tune -> quantize -> evaluate) lives in its
+# own folder below results/models/<backend>/<model>, on the one split that params' `seed` made.
+SEED_FOLDER = "seed{seed}"
+
+# A node's folder below results/models/<backend>/<model>/seed<k>, per DAG stage; `{source}` is the
 # folder of the float model a quantized node was quantized from (the baseline's or a fine-tuned
 # point's). The stage table (shrinkflow.stage_table) builds both DAG files' paths from these.
 NODE_FOLDERS = {
@@ -29,7 +33,7 @@ NODE_FOLDERS = {
 
 MODEL_DIR = "model"  # a node's model artefact, inside its folder
 METRICS_FILE = "metrics.json"  # evaluate's record of a node, beside MODEL_DIR
-SENSITIVITY = "sensitivity"  # a baseline's sensitivity sweep, beside its folder
+SENSITIVITY = "sensitivity"  # a baseline's sensitivity sweep, beside its folder (same seed)
 
 # The stages a quantized node can start from (the `{source}` wildcard of workflow/rules).
 QUANTIZABLE_STAGES = ("baseline", "finetuned")
@@ -48,12 +52,14 @@ class Node:
     """One evaluated artefact of the DAG (a row of results/summary.csv).
 
     A quantized node keeps its source's prune method and sparsity: no prune method means it was
-    quantized from the baseline, otherwise from that fine-tuned sweep point.
+    quantized from the baseline, otherwise from that fine-tuned sweep point. ``seed`` is the
+    training seed (a ``seeds`` entry) of the chain the node belongs to.
     """
 
     backend: str
     model: str
     stage: str
+    seed: int = 0  # the only training seed of the default `seeds: [0]`
     prune_method: str = ""
     target_sparsity: float | None = None
     quant_method: str = ""
@@ -65,6 +71,7 @@ class Node:
             backend=record["backend"],
             model=record["model"],
             stage=record["stage"],
+            seed=int(record["seed"]),
             prune_method=record.get("prune_method") or "",
             target_sparsity=record.get("target_sparsity"),
             quant_method=record.get("quant_method") or "",
@@ -72,7 +79,7 @@ class Node:
 
     @property
     def subpath(self) -> PurePosixPath:
-        """The folder relative to results/models/<backend>/<model>: `baseline`,
+        """The folder relative to results/models/<backend>/<model>/seed<k>: `baseline`,
         `finetuned/l1_unstructured/0.5`, `quantized/static_int8/baseline`, ... (the `{node}` and
         `{source}` wildcards of workflow/rules)."""
         source = self.source.subpath if self.stage == "quantized" else ""
@@ -87,12 +94,19 @@ class Node:
 
     @property
     def label(self) -> str:
-        """The folder relative to results/models: `torch/resnet20/finetuned/l1_unstructured/0.5`."""
+        """The folder relative to results/models:
+        `torch/resnet20/seed0/finetuned/l1_unstructured/0.5`."""
+        return f"{self.backend}/{self.model}/{seed_folder(self.seed)}/{self.subpath}"
+
+    @property
+    def point_label(self) -> str:
+        """The label without the seed, the same for every training seed of one sweep point:
+        `torch/resnet20/finetuned/l1_unstructured/0.5` (what a report aggregates seeds by)."""
         return f"{self.backend}/{self.model}/{self.subpath}"
 
     @property
     def folder(self) -> Path:
-        return MODELS / self.backend / self.model / self.subpath
+        return seed_dir(self.backend, self.model, self.seed) / self.subpath
 
     @property
     def model_dir(self) -> Path:
@@ -108,8 +122,10 @@ class Node:
         if self.stage != "quantized":
             raise ValueError(f"{self.label}: only quantized nodes have a source")
         if not self.prune_method:
-            return baseline(self.backend, self.model)
-        return finetuned(self.backend, self.model, self.prune_method, self.target_sparsity)
+            return baseline(self.backend, self.model, self.seed)
+        return finetuned(
+            self.backend, self.model, self.prune_method, self.target_sparsity, self.seed
+        )
 
 
 def sparsity_label(sparsity: float | None) -> str:
@@ -117,21 +133,31 @@ def sparsity_label(sparsity: float | None) -> str:
     return str(sparsity)
 
 
-def baseline(backend: str, model: str) -> Node:
-    return Node(backend=backend, model=model, stage="baseline")
+def seed_folder(seed: int) -> str:
+    """The folder of a training seed's chain below results/models/<backend>/<model>: `seed0`."""
+    return SEED_FOLDER.format(seed=seed)
 
 
-def pruned(backend: str, model: str, method: str, sparsity: float) -> Node:
-    return Node(backend, model, "pruned", prune_method=method, target_sparsity=sparsity)
+def seed_dir(backend: str, model: str, seed: int) -> Path:
+    """results/models/<backend>/<model>/seed<k>: every node trained with ``seed``."""
+    return MODELS / backend / model / seed_folder(seed)
 
 
-def finetuned(backend: str, model: str, method: str, sparsity: float) -> Node:
-    return Node(backend, model, "finetuned", prune_method=method, target_sparsity=sparsity)
+def baseline(backend: str, model: str, seed: int = 0) -> Node:
+    return Node(backend=backend, model=model, stage="baseline", seed=seed)
+
+
+def pruned(backend: str, model: str, method: str, sparsity: float, seed: int = 0) -> Node:
+    return Node(backend, model, "pruned", seed, prune_method=method, target_sparsity=sparsity)
+
+
+def finetuned(backend: str, model: str, method: str, sparsity: float, seed: int = 0) -> Node:
+    return Node(backend, model, "finetuned", seed, prune_method=method, target_sparsity=sparsity)
 
 
 def quantized(backend: str, model: str, qmethod: str, source: Node) -> Node:
     """``source`` (the baseline or a fine-tuned point of the same backend and model) quantized
-    with ``qmethod``."""
+    with ``qmethod``; the quantized node keeps the source's seed."""
     if source.stage not in QUANTIZABLE_STAGES or (source.backend, source.model) != (backend, model):
         raise ValueError(
             f"{source.label}: not a baseline or fine-tuned node of "
@@ -141,38 +167,52 @@ def quantized(backend: str, model: str, qmethod: str, source: Node) -> Node:
         backend,
         model,
         "quantized",
+        source.seed,
         prune_method=source.prune_method,
         target_sparsity=source.target_sparsity,
         quant_method=qmethod,
     )
 
 
-def sensitivity_dir(backend: str, model: str) -> Path:
-    return MODELS / backend / model / SENSITIVITY
+def sensitivity_dir(backend: str, model: str, seed: int = 0) -> Path:
+    """The sensitivity sweep of the baseline trained with ``seed``."""
+    return seed_dir(backend, model, seed) / SENSITIVITY
 
 
 def evaluated_nodes(cfg: dict) -> list[Node]:
-    """Every node the configured DAG evaluates, in a stable order. Per backend x model (in the
-    order of ``backends`` and ``models``): the baseline; its fine-tuned sweep points (method x
-    sparsity); then the quantized nodes, source by source (the baseline, then each fine-tuned
-    point in that order) and, for each source, one per ``quantize.methods`` entry in list order.
+    """Every node the configured DAG evaluates, in a stable order. Per backend x model x
+    training seed (in the order of ``backends``, ``models`` and ``seeds``): the baseline; its
+    fine-tuned sweep points (method x sparsity); then the quantized nodes, source by source (the
+    baseline, then each fine-tuned point in that order) and, for each source, one per
+    ``quantize.methods`` entry in list order.
     """
     nodes = []
     for backend in cfg["backends"]:
         for model in cfg["models"]:
-            sources = [baseline(backend, model)]
-            sources.extend(
-                finetuned(backend, model, method, sparsity)
-                for method in cfg["prune"]["methods"]
-                for sparsity in cfg["prune"]["sparsities"]
-            )
-            nodes.extend(sources)
-            nodes.extend(
-                quantized(backend, model, qmethod, source)
-                for source in sources
-                for qmethod in cfg["quantize"]["methods"]
-            )
+            for seed in cfg["seeds"]:
+                sources = [baseline(backend, model, seed)]
+                sources.extend(
+                    finetuned(backend, model, method, sparsity, seed)
+                    for method in cfg["prune"]["methods"]
+                    for sparsity in cfg["prune"]["sparsities"]
+                )
+                nodes.extend(sources)
+                nodes.extend(
+                    quantized(backend, model, qmethod, source)
+                    for source in sources
+                    for qmethod in cfg["quantize"]["methods"]
+                )
     return nodes
+
+
+def sensitivity_dirs(cfg: dict) -> list[Path]:
+    """Every sensitivity folder the configured DAG writes: one per backend x model x seed."""
+    return [
+        sensitivity_dir(backend, model, seed)
+        for backend in cfg["backends"]
+        for model in cfg["models"]
+        for seed in cfg["seeds"]
+    ]
 
 
 # Tag names from DESIGN.md section 6; a node's DAG stage is `shrinkflow.node`, because
@@ -181,6 +221,7 @@ _TAG_NAMES = {
     "backend": "backend",
     "model": "model",
     "stage": "node",
+    "seed": "seed",
     "prune_method": "method",
     "target_sparsity": "sparsity",
     "quant_method": "qmethod",
@@ -188,7 +229,8 @@ _TAG_NAMES = {
 
 
 def node_tags(node: dict) -> dict[str, str]:
-    """MLflow tags that identify a node: shrinkflow.backend/model/node/method/sparsity/qmethod."""
+    """MLflow tags that identify a node:
+    shrinkflow.backend/model/node/seed/method/sparsity/qmethod."""
     return {
         f"shrinkflow.{_TAG_NAMES[key]}": str(value)
         for key, value in node.items()
@@ -198,6 +240,6 @@ def node_tags(node: dict) -> dict[str, str]:
 
 def node_label(node: Mapping) -> str:
     """How logs and run names show a node: its folder relative to results/models, e.g.
-    `torch/resnet20/finetuned/l1_unstructured/0.5` or
-    `torch/resnet20/quantized/static_int8/finetuned/l1_unstructured/0.5`."""
+    `torch/resnet20/seed0/finetuned/l1_unstructured/0.5` or
+    `torch/resnet20/seed0/quantized/static_int8/finetuned/l1_unstructured/0.5`."""
     return Node.from_record(node).label

@@ -1,10 +1,10 @@
 """What a model folder says it is (``node.json``), and the check that its model file agrees.
 
 Every stage labels the folder it writes with ``node.json``: the backend, the registry model,
-the DAG stage and the sweep point. Later stages and ``evaluate`` trust that label for what
-they load, run and report, so a label that disagrees with the file beside it (a ``vgg16``
-node holding a ResNet-20, a baseline holding an int8 program, a torch node holding a Keras
-file) must stop the job, not produce results filed under the wrong name. Two checks, both
+the DAG stage, the training seed and the sweep point. Later stages and ``evaluate`` trust that
+label for what they load, run and report, so a label that disagrees with the file beside it
+(a ``vgg16`` node holding a ResNet-20, a baseline holding an int8 program, a torch node holding
+a Keras file) must stop the job, not produce results filed under the wrong name. Two checks, both
 framework-free and both ending in one ``ShrinkflowError`` line:
 
 - ``read_node`` validates ``node.json`` itself and that the folder holds exactly the model
@@ -109,6 +109,11 @@ def _parse(model_dir: Path) -> dict:
         raise ShrinkflowError(
             f"{node_file}: stage {node['stage']!r} with quant_method {quant!r} (a quantized "
             "node names its method, no other node has one)"
+        )
+    seed = node.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ShrinkflowError(
+            f"{node_file}: seed {seed!r} is not a training seed (a non-negative integer); {redo}"
         )
     return node
 

@@ -8,10 +8,15 @@ file differs. The resume fingerprint of a training job hashes exactly ``read_par
 stage (shrinkflow.training.resume.job_fingerprint).
 
 A path template names its fields in braces: ``{dataset}`` (data.name), ``{backend}``,
-``{model}``, ``{method}`` and ``{sparsity}`` (a pruning sweep point), ``{qmethod}`` (a
-``quantize.methods`` entry), and ``{node}`` / ``{source}``: a float model's folder below
-results/models/<backend>/<model> (``baseline`` or ``finetuned/{method}/{sparsity}``), one
-Snakemake wildcard but one DVC stage per alternative (DVC's matrix cannot alternate).
+``{model}``, ``{seed}`` (a ``seeds`` entry: the training seed, a folder level below the model),
+``{method}`` and ``{sparsity}`` (a pruning sweep point), ``{qmethod}`` (a ``quantize.methods``
+entry), and ``{node}`` / ``{source}``: a float model's folder below
+results/models/<backend>/<model>/seed<k> (``baseline`` or ``finetuned/{method}/{sparsity}``),
+one Snakemake wildcard but one DVC stage per alternative (DVC's matrix cannot alternate).
+
+Only prepare reads params' ``seed`` (the split's). Every later job takes its training seed from
+its path: ``train`` from ``--seed``, the others from their input's node.json, so none of them
+declares a seed params key and adding a ``seeds`` entry runs only that seed's new jobs.
 
 Imports nothing heavy: the Snakefile loads this module on every start-up.
 """
@@ -33,8 +38,9 @@ MODELS, SUMMARY, REPORT = dag.MODELS.as_posix(), dag.SUMMARY.as_posix(), dag.REP
 
 
 def _node(folder: str, member: str = "") -> str:
-    """A node folder (or ``member`` of it) below results/models/<backend>/<model>."""
-    return "/".join(p for p in (MODELS, "{backend}", "{model}", folder, member) if p)
+    """A node folder (or ``member`` of it) below results/models/<backend>/<model>/seed<k>."""
+    seed = dag.SEED_FOLDER  # `seed{seed}`: the training seed's level
+    return "/".join(p for p in (MODELS, "{backend}", "{model}", seed, folder, member) if p)
 
 
 MODEL, METRICS = dag.MODEL_DIR, dag.METRICS_FILE
@@ -54,6 +60,7 @@ FLOAT_NODES: dict[str, str] = {
 # configured backends). Names are lower-case words; a sparsity is how Python prints a float.
 FIELD_PATTERNS = {
     "model": "[a-z0-9_]+",
+    "seed": "[0-9]+",
     "method": "[a-z0-9_]+",
     "sparsity": "[0-9.e-]+",
     "qmethod": "[a-z0-9_]+",
@@ -148,10 +155,11 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         name="train",
-        command="train --backend {backend} --model {model} --in {input.data} --out {output.model}",
+        command="train --backend {backend} --model {model} --seed {seed} --in {input.data} "
+        "--out {output.model}",
         inputs={"data": PREPARED},
         outputs={"model": BASELINE},
-        params=("seed", "train"),
+        params=("train",),
         module="train",
         backend_job="train",
     ),
@@ -160,7 +168,7 @@ STAGES: tuple[Stage, ...] = (
         command="sensitivity --in {input.model} --data {input.data} --out {output.sensitivity}",
         inputs={"model": BASELINE, "data": PREPARED},
         outputs={"sensitivity": SENSITIVITY},
-        params=("seed", "sensitivity", "prune.exclude"),
+        params=("sensitivity", "prune.exclude"),
         module="sensitivity",
         backend_job="sensitivity",
     ),
@@ -177,7 +185,7 @@ STAGES: tuple[Stage, ...] = (
         },
         outputs={"model": PRUNED},
         # every method reports val top-1 at train.batch_size
-        params=("seed", "prune.scope", "prune.exclude", "train.batch_size"),
+        params=("prune.scope", "prune.exclude", "train.batch_size"),
         family_params={
             "gradual": ("prune.gradual", "train"),
             "structured": ("prune.structured", "finetune.lr", "train"),
@@ -193,7 +201,7 @@ STAGES: tuple[Stage, ...] = (
             "data": PREPARED,
         },
         outputs={"model": FINETUNED},
-        params=("seed", "train", "finetune"),
+        params=("train", "finetune"),
         module="finetune",
         backend_job="finetune",
     ),
@@ -204,7 +212,7 @@ STAGES: tuple[Stage, ...] = (
         inputs={"model": _node("{source}", MODEL), "data": PREPARED},
         outputs={"model": f"{QUANTIZED}/{MODEL}"},
         # every method reports val top-1 at train.batch_size
-        params=("seed", "train.batch_size"),
+        params=("train.batch_size",),
         family_params=_QUANTIZE_FAMILIES,
         module="quantize",
         backend_job="quantize",
@@ -244,7 +252,14 @@ STAGES: tuple[Stage, ...] = (
         command="summarize --models " + MODELS + " --out {output.summary}",
         inputs={"models": MODELS},
         outputs={"summary": SUMMARY},
-        params=("backends", "models", "prune.methods", "prune.sparsities", "quantize.methods"),
+        params=(
+            "backends",
+            "models",
+            "seeds",
+            "prune.methods",
+            "prune.sparsities",
+            "quantize.methods",
+        ),
         module="summarize",
     ),
     Stage(
@@ -283,6 +298,7 @@ DVC_FIELDS = {
     "dataset": "${data.name}",
     "backend": "${item.backend}",
     "model": "${item.model}",
+    "seed": "${item.seed}",
     "qmethod": "${item.qmethod}",
     "method": "${item.method}",
     "sparsity": "${item.sparsity}",
@@ -290,6 +306,7 @@ DVC_FIELDS = {
 DVC_MATRIX = {
     "backend": "${backends}",
     "model": "${models}",
+    "seed": "${seeds}",
     "qmethod": "${quantize.methods}",
     "method": "${prune.methods}",
     "sparsity": "${prune.sparsities}",

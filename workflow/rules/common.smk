@@ -40,8 +40,21 @@ def params_files():
 
 
 def params_overrides():
-    """Each --config entry as a --set override (its value as JSON, which the loader reads)."""
-    return [f"{key}={json.dumps(value)}" for key, value in workflow.config_settings.config.items()]
+    """Each --config entry as a --set override, which the loader reads as YAML."""
+    return [f"{key}={override_text(value)}" for key, value in workflow.config_settings.config.items()]
+
+
+def override_text(value):
+    """A --config value as the YAML text the user typed. Snakemake reads a list or mapping with
+    YAML's BaseLoader, so `seeds=[0,1,2]` arrives as the strings '0', '1', '2': written back
+    plain inside flow brackets, the loader types them again (0, 1, 2). Scalars that Snakemake
+    already typed (int, float, bool) and top-level strings go as JSON."""
+    if isinstance(value, list):
+        return "[" + ", ".join(override_text(v) if not isinstance(v, str) else v for v in value) + "]"
+    if isinstance(value, dict):
+        items = (f"{k}: {v if isinstance(v, str) else override_text(v)}" for k, v in value.items())
+        return "{" + ", ".join(items) + "}"
+    return json.dumps(value)
 
 
 def params_args():
@@ -89,12 +102,9 @@ def folders(paths):
 # ---- end stage table ----
 
 
+# Per backend x model x training seed (`seeds`): each seed's chain in its seed<k>/ folder.
 EVALUATED = [str(node.metrics) for node in dag.evaluated_nodes(config)]
-SENSITIVITY = [
-    str(dag.sensitivity_dir(backend, model))
-    for backend in config["backends"]
-    for model in config["models"]
-]
+SENSITIVITY = [str(folder) for folder in dag.sensitivity_dirs(config)]
 # The `{node}` of evaluate and the `{source}` of quantize: a node that is quantized and evaluated
 # as it is (the baseline or a fine-tuned sweep point), never a quantized node itself.
 QUANTIZABLE_NODE = stage_table.FLOAT_NODE_PATTERN

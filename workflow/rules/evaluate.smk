@@ -9,9 +9,9 @@ rule evaluate:
     output:
         **folders(TABLE["evaluate"].output),
     log:
-        "logs/evaluate/{backend}/{model}/{node}.log",
+        "logs/evaluate/{backend}/{model}/seed{seed}/{node}.log",
     benchmark:
-        "logs/benchmark/evaluate/{backend}/{model}/{node}.tsv"
+        "logs/benchmark/evaluate/{backend}/{model}/seed{seed}/{node}.tsv"
     params:
         shrinkflow=TABLE["evaluate"].params,
     threads: 2
@@ -27,9 +27,9 @@ rule evaluate_quantized:
     output:
         **folders(TABLE["evaluate_quantized"].output),
     log:
-        "logs/evaluate/{backend}/{model}/quantized/{qmethod}/{source}.log",
+        "logs/evaluate/{backend}/{model}/seed{seed}/quantized/{qmethod}/{source}.log",
     benchmark:
-        "logs/benchmark/evaluate/{backend}/{model}/quantized/{qmethod}/{source}.tsv"
+        "logs/benchmark/evaluate/{backend}/{model}/seed{seed}/quantized/{qmethod}/{source}.tsv"
     params:
         shrinkflow=TABLE["evaluate_quantized"].params,
     threads: 2

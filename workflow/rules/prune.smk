@@ -7,9 +7,9 @@ rule sensitivity:
     output:
         **folders(TABLE["sensitivity"].output),
     log:
-        "logs/sensitivity/{backend}/{model}.log",
+        "logs/sensitivity/{backend}/{model}/seed{seed}.log",
     benchmark:
-        "logs/benchmark/sensitivity/{backend}/{model}.tsv"
+        "logs/benchmark/sensitivity/{backend}/{model}/seed{seed}.tsv"
     params:
         shrinkflow=TABLE["sensitivity"].params,
     threads: 2
@@ -25,9 +25,9 @@ rule prune:
     output:
         **folders(TABLE["prune"].output),
     log:
-        "logs/prune/{backend}/{model}/{method}/{sparsity}.log",
+        "logs/prune/{backend}/{model}/seed{seed}/{method}/{sparsity}.log",
     benchmark:
-        "logs/benchmark/prune/{backend}/{model}/{method}/{sparsity}.tsv"
+        "logs/benchmark/prune/{backend}/{model}/seed{seed}/{method}/{sparsity}.tsv"
     params:
         shrinkflow=TABLE["prune"].params,
     threads: 2
@@ -43,9 +43,9 @@ rule finetune:
     output:
         **folders(TABLE["finetune"].output),
     log:
-        "logs/finetune/{backend}/{model}/{method}/{sparsity}.log",
+        "logs/finetune/{backend}/{model}/seed{seed}/{method}/{sparsity}.log",
     benchmark:
-        "logs/benchmark/finetune/{backend}/{model}/{method}/{sparsity}.tsv"
+        "logs/benchmark/finetune/{backend}/{model}/seed{seed}/{method}/{sparsity}.tsv"
     params:
         shrinkflow=TABLE["finetune"].params,
     threads: 2

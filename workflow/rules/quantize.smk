@@ -7,9 +7,9 @@ rule quantize:
     output:
         **folders(TABLE["quantize"].output),
     log:
-        "logs/quantize/{backend}/{model}/{qmethod}/{source}.log",
+        "logs/quantize/{backend}/{model}/seed{seed}/{qmethod}/{source}.log",
     benchmark:
-        "logs/benchmark/quantize/{backend}/{model}/{qmethod}/{source}.tsv"
+        "logs/benchmark/quantize/{backend}/{model}/seed{seed}/{qmethod}/{source}.tsv"
     params:
         shrinkflow=TABLE["quantize"].params,
     threads: 2

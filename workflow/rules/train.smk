@@ -7,9 +7,9 @@ rule train:
     output:
         **folders(TABLE["train"].output),
     log:
-        "logs/train/{backend}/{model}.log",
+        "logs/train/{backend}/{model}/seed{seed}.log",
     benchmark:
-        "logs/benchmark/train/{backend}/{model}.tsv"
+        "logs/benchmark/train/{backend}/{model}/seed{seed}.tsv"
     params:
         shrinkflow=TABLE["train"].params,
     threads: 2

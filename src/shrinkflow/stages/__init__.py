@@ -10,7 +10,15 @@ from shrinkflow import tracking
 from shrinkflow.nodes import NODE_FILE, read_node
 from shrinkflow.outputs import write_json
 
-__all__ = ["NODE_FILE", "read_node", "write_node"]
+__all__ = ["NODE_FILE", "job_config", "read_node", "write_node"]
+
+
+def job_config(cfg: dict, seed: int) -> dict:
+    """The params a backend job of a node trained with ``seed`` runs with: its ``seed`` is that
+    training seed (weight init, batch order, random filter choice, calibration sample), where
+    params' own ``seed`` is the split's, which only prepare reads. The MLflow run still logs
+    the params as given; the node's seed is its ``shrinkflow.seed`` tag."""
+    return {**cfg, "seed": int(seed)}
 
 
 def write_node(folder: Path, node: dict, run_id: str, stage: str) -> None:

@@ -9,16 +9,17 @@ from shrinkflow.backends.base import backend_module
 from shrinkflow.dag import node_label
 from shrinkflow.data.prepared import load_prepared
 from shrinkflow.progress import say
-from shrinkflow.stages import read_node
+from shrinkflow.stages import job_config, read_node
 from shrinkflow.stages.model_job import TRAINING_METRICS, model_job, resume_dir_for
 
 
 def run(cfg: dict, model_dir: Path, data_dir: Path, out: Path) -> None:
     node = {**read_node(model_dir), "stage": "finetuned"}
+    seeded = job_config(cfg, node["seed"])  # the pruned node's training seed
     finetune = backend_module(node["backend"], "finetune")
     data = load_prepared(data_dir)
     resume_dir = resume_dir_for(out)
-    fingerprint = finetune.finetune_fingerprint(cfg, model_dir, data)
+    fingerprint = finetune.finetune_fingerprint(seeded, model_dir, data)
     resume_state = backend_module(node["backend"], "resume_state")
     resumed = resume_state.resumable_run_id(resume_dir, fingerprint)
     with model_job(
@@ -32,7 +33,7 @@ def run(cfg: dict, model_dir: Path, data_dir: Path, out: Path) -> None:
         facts_file="train.json",
     ) as job:
         result = finetune.finetune_model(
-            cfg,
+            seeded,
             model_dir,
             data,
             job.context,

@@ -9,7 +9,7 @@ from shrinkflow.dag import node_label
 from shrinkflow.data.prepared import load_prepared
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.progress import say
-from shrinkflow.stages import read_node
+from shrinkflow.stages import job_config, read_node
 from shrinkflow.stages.model_job import model_job, resume_dir_for
 
 
@@ -35,6 +35,7 @@ def run(
 ) -> None:
     check_point(method, sparsity)
     parent = read_node(model_dir)
+    seeded = job_config(cfg, parent["seed"])  # the baseline's training seed
     check_prune_method(parent["backend"], method, "--method")
     prune = backend_module(parent["backend"], "prune")
     data = load_prepared(data_dir)
@@ -44,6 +45,7 @@ def run(
         "backend": parent["backend"],
         "model": parent["model"],
         "stage": "pruned",
+        "seed": parent["seed"],
         "prune_method": method,
         "target_sparsity": sparsity,
         # Structured pruning removes weights instead of zeroing them: evaluate measures the
@@ -53,12 +55,12 @@ def run(
     resume_dir = resume_dir_for(out)
     resumed = None  # only gradual pruning re-trains (and resumes); the others take seconds
     if method.startswith("gradual_"):
-        fingerprint = prune.gradual_fingerprint(cfg, method, sparsity, model_dir, data)
+        fingerprint = prune.gradual_fingerprint(seeded, method, sparsity, model_dir, data)
         resume_state = backend_module(parent["backend"], "resume_state")
         resumed = resume_state.resumable_run_id(resume_dir, fingerprint)
     with model_job(cfg, "prune", node, out, model_dir, run_id=resumed) as job:
         job.facts = prune.prune_model(
-            cfg,
+            seeded,
             method,
             sparsity,
             model_dir,

@@ -10,7 +10,7 @@ from shrinkflow.data.prepared import load_prepared
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.progress import say
 from shrinkflow.quantization import parse_quant_method
-from shrinkflow.stages import read_node
+from shrinkflow.stages import job_config, read_node
 from shrinkflow.stages.model_job import model_job, resume_dir_for
 
 
@@ -26,10 +26,12 @@ def run(cfg: dict, method: str, model_dir: Path, data_dir: Path, out: Path) -> N
     quantize = backend_module(source["backend"], "quantize")
     data = load_prepared(data_dir)
     node = {**source, "stage": "quantized", "quant_method": method}
-    resumed = quantize.resumable_quantize_run_id(cfg, method, model_dir, data, resume_dir_for(out))
+    seeded = job_config(cfg, source["seed"])  # the source's training seed
+    resume_dir = resume_dir_for(out)
+    resumed = quantize.resumable_quantize_run_id(seeded, method, model_dir, data, resume_dir)
     with model_job(cfg, "quantize", node, out, model_dir, run_id=resumed) as job:
         job.facts = quantize.quantize_model(
-            cfg,
+            seeded,
             method,
             model_dir,
             data,

@@ -5,6 +5,10 @@ launcher (torchrun with that many processes; for TensorFlow one worker with that
 ``MirroredStrategy`` replicas, since its multi-worker servers cannot bind loopback), each
 given the resolved params, so Snakemake and DVC keep one command line. Rank 0 then does what a
 single process does (MLflow run, resume state, model); the others only train with it.
+
+``seed`` is the training seed (a ``seeds`` entry): the backend trains with it as its
+``cfg["seed"]`` (``stages.job_config``) and node.json records it, so every later stage of the
+chain reads it from there.
 """
 
 from __future__ import annotations
@@ -19,36 +23,42 @@ import yaml
 
 from shrinkflow import invocation
 from shrinkflow.backends.base import JobContext, backend_module, check_model
+from shrinkflow.dag import node_label, seed_folder
 from shrinkflow.data.prepared import PreparedData, load_prepared
 from shrinkflow.progress import say
+from shrinkflow.stages import job_config
 from shrinkflow.stages.model_job import TRAINING_METRICS, model_job, resume_dir_for
 
 
-def run(cfg: dict, backend_name: str, model_name: str, data_dir: Path, out: Path) -> None:
+def run(
+    cfg: dict, backend_name: str, model_name: str, seed: int, data_dir: Path, out: Path
+) -> None:
     check_model(backend_name, model_name)
+    params = cfg  # as given: the MLflow run logs them
+    cfg = job_config(cfg, seed)
     train = backend_module(backend_name, "train")
     data = load_prepared(data_dir)
     resume_dir = resume_dir_for(out)
     processes = int(cfg["train"]["distributed"]["processes"])
     rank = backend_module(backend_name, "distributed").worker_rank()
     if processes > 1 and rank is None:
-        _launch(cfg, backend_name, model_name, data_dir, out, processes)
+        _launch(params, backend_name, model_name, seed, data_dir, out, processes)
         return
     if rank:
         _follow(cfg, train, model_name, data, resume_dir)
         return
     resume_state = backend_module(backend_name, "resume_state")
     fingerprint = resume_state.train_fingerprint(cfg, model_name, data)
-    node = {"backend": backend_name, "model": model_name, "stage": "baseline"}
+    node = {"backend": backend_name, "model": model_name, "stage": "baseline", "seed": seed}
     with model_job(
-        cfg,
+        params,
         "train",
         node,
         out,
         data_dir,
         run_id=resume_state.resumable_run_id(resume_dir, fingerprint),
         logged=TRAINING_METRICS,
-        run_name=f"train {backend_name}/{model_name}",
+        run_name=f"train {backend_name}/{model_name}/{seed_folder(seed)}",
     ) as job:
         result = train.train_model(
             cfg,
@@ -58,13 +68,19 @@ def run(cfg: dict, backend_name: str, model_name: str, data_dir: Path, out: Path
         )
         job.facts = asdict(result)
     say(
-        f"train {backend_name}/{model_name}: best val top-1 {result.best_val_top1:.4f} "
+        f"train {node_label(node)}: best val top-1 {result.best_val_top1:.4f} "
         f"at epoch {result.best_epoch} ({result.seconds:.1f} s)"
     )
 
 
 def _launch(
-    cfg: dict, backend: str, model_name: str, data_dir: Path, out: Path, processes: int
+    cfg: dict,
+    backend: str,
+    model_name: str,
+    seed: int,
+    data_dir: Path,
+    out: Path,
+    processes: int,
 ) -> None:
     """Run this stage in ``processes`` workers of ``backend``'s launcher and wait for them."""
     say(f"train {backend}/{model_name}: {processes} data-parallel processes")
@@ -82,6 +98,8 @@ def _launch(
                 backend,
                 "--model",
                 model_name,
+                "--seed",
+                str(seed),
                 "--in",
                 str(data_dir),
                 "--out",

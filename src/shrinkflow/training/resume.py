@@ -53,11 +53,12 @@ def job_fingerprint(
     data: PreparedData,
     model_file: Path | None = None,
 ) -> str:
-    """Hash of all that decides a resumable job's result: exactly the params keys the stage
-    table says its stage reads at this ``point`` of the sweep (``stage_table.read_params``: a
-    gradual point reads ``prune.gradual`` and ``train``, never ``prune.structured`` nor the
-    sweep lists), the point itself (model, method, sparsity, ...), the data and the input model
-    file, and the resume state's format. A resume state is reused only on a match."""
+    """Hash of all that decides a resumable job's result: the job's training seed (``cfg``'s
+    ``seed``, as ``stages.job_config`` set it), exactly the params keys the stage table says
+    its stage reads at this ``point`` of the sweep (``stage_table.read_params``: a gradual point
+    reads ``prune.gradual`` and ``train``, never ``prune.structured`` nor the sweep lists), the
+    point itself (model, method, sparsity, ...), the data and the input model file, and the
+    resume state's format. A resume state is reused only on a match."""
     inputs = {"data": data.fingerprint}
     if model_file is not None:
         inputs["model"] = sha256_file(model_file)
@@ -66,7 +67,12 @@ def job_fingerprint(
         {
             "stage": stage,
             "point": point,
-            "params": read_params(stage, cfg, {k: str(v) for k, v in point.items()}),
+            # the seed among the params, where the stages read it before seeds had folders,
+            # so that a resume state saved then still matches
+            "params": {
+                "seed": cfg["seed"],
+                **read_params(stage, cfg, {k: str(v) for k, v in point.items()}),
+            },
             "inputs": inputs,
         },
     )
