@@ -73,11 +73,13 @@ def test_snakemake_runs_the_dag_and_writes_the_summary(snakemake_project):
     assert int(structured["macs"]) < int(baseline["macs"])
     assert float(structured["measured_sparsity"]) > 0.3  # removed weights count as gone
     assert not list(snakemake_project.rglob(".tmp-*")), "a temporary output was left behind"
-    assert (snakemake_project / "results/models/torch/resnet20/sensitivity/ratios.json").is_file()
+    assert (
+        snakemake_project / "results/models/torch/resnet20/seed0/sensitivity/ratios.json"
+    ).is_file()
 
 
 def source_folder(method: str, sparsity: str) -> str:
-    """The folder of a quantization source, relative to results/models/torch/resnet20."""
+    """The folder of a quantization source, relative to results/models/torch/resnet20/seed0."""
     return f"finetuned/{method}/{sparsity}" if method else "baseline"
 
 
@@ -93,7 +95,7 @@ def test_every_source_is_quantized_smaller_and_keeps_its_zeros(snakemake_project
         name = "model.pt2" if row["quant_method"] == "static_int8" else "model.pt"
         artefact = snakemake_project / row["artifact"] / name
         folder = f"quantized/{row['quant_method']}/{source_folder(*source_key)}"
-        assert row["artifact"] == f"results/models/torch/resnet20/{folder}/model"
+        assert row["artifact"] == f"results/models/torch/resnet20/seed0/{folder}/model"
         assert int(row["size_bytes"]) == artefact.stat().st_size
         # int8 or 4-bit codes. Compared gzipped: a .pt2 also holds its graph as ~300 KB of JSON
         # (it gzips to a tenth), more than a structured-pruned tiny ResNet-20's whole float file.
@@ -115,7 +117,7 @@ def test_every_source_is_quantized_smaller_and_keeps_its_zeros(snakemake_project
 def test_a_quantized_node_is_measured_in_its_own_job_against_its_source(snakemake_project):
     """Each quantized folder holds its artefact and labels; the evaluate job (a process of its
     own) loads the saved artefact and times it against the float model it came from."""
-    models = snakemake_project / "results/models/torch/resnet20"
+    models = snakemake_project / "results/models/torch/resnet20/seed0"
     for method, sparsity in SOURCES:
         source = models / source_folder(method, sparsity) / "model/model.pt"
         for qmethod in QUANT:
@@ -138,7 +140,7 @@ def test_a_quantized_node_is_measured_in_its_own_job_against_its_source(snakemak
             )
             assert record["gzip_ratio"] < 1
             assert record["latency_speedup"] > 0 and record["throughput_speedup"] > 0
-            log = f"logs/evaluate/torch/resnet20/{folder.relative_to(models)}.log"
+            log = f"logs/evaluate/torch/resnet20/seed0/{folder.relative_to(models)}.log"
             assert f"top-1 {record['top1']:.4f}" in (snakemake_project / log).read_text()
 
 
@@ -165,6 +167,7 @@ def test_every_job_is_an_mlflow_run_with_lineage(snakemake_project):
     assert train.data.params["train.epochs"] == "2"
     assert train.data.tags["shrinkflow.model"] == "resnet20"
     assert train.data.tags["shrinkflow.node"] == "baseline"
+    assert train.data.tags["shrinkflow.seed"] == "0"  # the default `seeds: [0]`
     assert by_stage["evaluate"].data.tags["shrinkflow.backend"] == "torch"
     from mlflow.tracking import MlflowClient
 
@@ -197,13 +200,16 @@ def test_the_report_chooses_registers_and_feeds_snakemakes_report(snakemake_proj
 
     report = snakemake_project / "results/report"
     record = json.loads((report / "selection.json").read_text())
-    labels = {"/".join(Path(r["artifact"]).parts[2:-1]) for r in read_summary(snakemake_project)}
+    # a node's label is its folder without the seed level: results/models/<label>, seed0 dropped
+    folders = [Path(r["artifact"]).parts for r in read_summary(snakemake_project)]
+    labels = {"/".join(parts[2:4] + parts[5:-1]) for parts in folders}
     assert record["champion"]["label"] in labels and record["fastest"]["label"] in labels
     html = (report / "index.html").read_text()
     assert record["champion"]["label"] in html and "http://" not in html
     # (Snakemake marks a directory output with a hidden .snakemake_timestamp)
     assert sorted(p.name for p in (report / "figures").glob("[!.]*")) == [
         "accuracy_vs_sparsity.png",
+        "encodings.png",
         "latency_vs_accuracy.png",
         "layer_sparsity.png",
         "sensitivity.png",
@@ -215,7 +221,7 @@ def test_the_report_chooses_registers_and_feeds_snakemakes_report(snakemake_proj
     version = client.get_model_version_by_alias("shrinkflow", "champion")
     producer = json.loads(
         (
-            snakemake_project / "results/models" / record["champion"]["label"] / "model/run.json"
+            snakemake_project / "results/models" / record["champion"]["shipped"] / "model/run.json"
         ).read_text()
     )
     assert version.run_id == producer["run_id"]
@@ -257,7 +263,7 @@ def test_quantized_nodes_hang_under_the_run_that_wrote_their_source(snakemake_pr
         assert evaluate.data.tags["mlflow.parentRunId"] == quantize.info.run_id
         assert rows[(method, sparsity, qmethod)]["run_id"] == evaluate.info.run_id
         folder = f"quantized/{qmethod}/{source_folder(method, sparsity)}/model"
-        run_ref = snakemake_project / "results/models/torch/resnet20" / folder / "run.json"
+        run_ref = snakemake_project / "results/models/torch/resnet20/seed0" / folder / "run.json"
         assert json.loads(run_ref.read_text())["run_id"] == quantize.info.run_id
     from mlflow.tracking import MlflowClient
 
@@ -360,7 +366,7 @@ def test_dvc_commit_records_snakemake_outputs_without_rerunning(snakemake_projec
 
 def test_dvc_push_and_pull_round_trip_the_checkpoint(snakemake_project):
     dvc = str(BIN / "dvc")
-    model = snakemake_project / "results/models/torch/resnet20/baseline/model/model.pt"
+    model = snakemake_project / "results/models/torch/resnet20/seed0/baseline/model/model.pt"
     before = md5(model)
     run([dvc, "commit", "-f", "-q"], snakemake_project)
     run([dvc, "push", "-q"], snakemake_project)
@@ -424,7 +430,7 @@ def test_dvc_repro_runs_the_same_dag_from_scratch(tmp_path):
     assert dvc_stages_run(again.stdout) == {"report": 1}, again.stdout  # no train@, no other
     dvc_plots = [str(BIN / "dvc"), "plots"]
     diff = json.loads(run([*dvc_plots, "diff", "HEAD", "--json"], project).stdout)["data"]
-    for plot in ("Top-1 against target sparsity", "Top-1 against size"):
+    for plot in ("Test top-1 against target sparsity", "Validation top-1 against size"):
         (rendered,) = diff[plot]
         assert sorted(rendered["revisions"]) == ["HEAD", "workspace"], rendered["revisions"]
         rows = rendered["content"]["data"]["values"]
@@ -432,7 +438,7 @@ def test_dvc_repro_runs_the_same_dag_from_scratch(tmp_path):
     images = diff["results/report/figures/size_vs_accuracy.png"]
     assert sorted(rev for image in images for rev in image["revisions"]) == ["HEAD", "workspace"]
     shown = json.loads(run([*dvc_plots, "show", "--json"], project).stdout)["data"]
-    assert "Top-1 against latency at batch 1" in shown
+    assert "Validation top-1 against latency at batch 1" in shown
     again = run([str(BIN / "dvc"), "repro"], project)
     assert "Running stage" not in again.stdout
 
@@ -446,7 +452,7 @@ def test_a_killed_train_job_resumes_in_the_same_mlflow_run(tmp_path, prepared_di
     project = make_project(tmp_path / "project")
     shutil.copytree(prepared_digits, project / "data/prepared/digits")
     epochs = 3
-    out = project / "results/models/torch/resnet20/baseline/model"
+    out = project / "results/models/torch/resnet20/seed0/baseline/model"
     train = ["train", "--set", f"train.epochs={epochs}", "--backend", "torch",
              "--model", "resnet20", "--in", "data/prepared/digits", "--out", str(out)]  # fmt: skip
     run_killed(project, train, tmp_path / "bin", kill_after=("state.pt", 1))
@@ -469,7 +475,7 @@ def test_a_bad_quantize_method_stops_the_dag_and_the_cli_with_one_line(snakemake
     """Refused before any job starts: no quantized folder and no MLflow run appear."""
     runs_before = len(mlflow_runs(snakemake_project))
     env = tool_env()
-    models = "results/models/torch/resnet20"
+    models = "results/models/torch/resnet20/seed0"
     commands = [
         [str(BIN / "snakemake"), "--cores", "2", "--config", 'quantize={"methods": ["fixed_w1"]}'],
         [str(BIN / "shrinkflow"), "quantize", "--params", "params.yaml",
@@ -502,7 +508,7 @@ def test_a_killed_qat_job_resumes_in_the_same_mlflow_run(snakemake_project, tmp_
     qat.write_text(
         yaml.safe_dump({"quantize": {"methods": ["qat_int8"], "qat": {"epochs": epochs}}})
     )
-    folder = project / "results/models/torch/resnet20/quantized/qat_int8/baseline"
+    folder = project / "results/models/torch/resnet20/seed0/quantized/qat_int8/baseline"
     target = str((folder / "model").relative_to(project))
     snakemake = [str(BIN / "snakemake"), target, "--cores", "2", "--configfile", str(qat)]
     killing = stopping_cli(tmp_path / "bin", kill_after=("state.pt", 1))
@@ -520,7 +526,7 @@ def test_a_killed_qat_job_resumes_in_the_same_mlflow_run(snakemake_project, tmp_
 
     resumed = run(snakemake, project)
     assert job_counts(resumed.stdout + resumed.stderr) == {"quantize": 1}  # nothing upstream
-    log = project / "logs/quantize/torch/resnet20/qat_int8/baseline.log"
+    log = project / "logs/quantize/torch/resnet20/seed0/qat_int8/baseline.log"
     assert f"resuming from epoch 2/{epochs}" in log.read_text()
     runs = mlflow_runs(project)
     qat_runs = [r for r in runs if r.data.tags.get("shrinkflow.qmethod") == "qat_int8"]

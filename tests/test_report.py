@@ -17,7 +17,7 @@ from report_fixtures import summary_rows, write_summary
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.invocation import ENV, invocation_id
 from shrinkflow.metrics import SUMMARY_COLUMNS
-from shrinkflow.report import selection, table
+from shrinkflow.report import noise, selection, table
 
 ROOT = Path(__file__).resolve().parents[1]
 SHRINKFLOW = str(Path(sys.executable).parent / "shrinkflow")
@@ -28,22 +28,99 @@ def annotated(tmp_path: Path, rows: list[dict], budget: float = 0.01, size="gzip
     return table.annotate(df, budget, size)
 
 
-def test_the_budget_is_measured_from_each_nodes_own_baseline(tmp_path):
+def test_the_budget_is_measured_on_validation_from_each_nodes_own_baseline(tmp_path):
     rows = summary_rows(models=("resnet20", "resnet44"))  # resnet44's baseline is 1 pt lower
     df = annotated(tmp_path, rows)
     for _, group in df.groupby(["backend", "model"]):
         base = group[group["stage"] == "baseline"].iloc[0]
-        assert (group["baseline_top1"] == base.top1).all()
-        np.testing.assert_allclose(group["drop"], base.top1 - group["top1"])
+        assert (group["baseline_val_top1"] == base.val_top1).all()
+        np.testing.assert_allclose(group["drop"], base.val_top1 - group["val_top1"])
+        np.testing.assert_allclose(group["test_drop"], base.top1 - group["top1"])
         assert group["eligible"].tolist() == (group["drop"] <= 0.01 + 1e-9).tolist()
     assert df.loc[df["stage"] == "baseline", "eligible"].all()
+
+
+def test_validation_decides_when_test_disagrees(tmp_path):
+    """Two fine-tuned points of equal size: the one better on validation is chosen, though the
+    other is better on test; and a point within budget on test only is out of budget."""
+    rows = [r for r in summary_rows(backends=("torch",), qmethods=()) if r["stage"] != "pruned"]
+    base = rows[0]
+    base.update(top1=0.95, val_top1=0.95)
+    points = rows[1:]
+    for row in points:
+        row.update(top1=0.90, val_top1=0.90, gzip_bytes=500_000)  # all out of budget
+    a, b, c = points[0], points[1], points[2]
+    a.update(top1=0.945, val_top1=0.944, gzip_bytes=100_000)  # good on both
+    b.update(top1=0.949, val_top1=0.942, gzip_bytes=100_000)  # better test, worse val
+    c.update(top1=0.950, val_top1=0.930, gzip_bytes=50_000)  # smallest, in budget on test only
+    df = annotated(tmp_path, rows)
+    chosen = selection.select(df, 0.01, "gzip_bytes")
+    label = f"torch/resnet20/finetuned/{a['prune_method']}/{a['target_sparsity']}"
+    assert chosen.champion.label == label
+    by_test = df[df["test_drop"] <= 0.01 + 1e-9].sort_values(["size", "top1"]).iloc[0]
+    assert by_test.label != chosen.champion.label, "a test-picked champion would differ"
+    assert "validation top-1 0.9440" in chosen.champion.reason
+    assert "test top-1 0.9450" in chosen.champion.reason
+    row = df[df["label"] == chosen.champion.label].iloc[0]
+    assert not df.loc[df["size"] == 50_000, "eligible"].iloc[0]
+    assert row.pareto
+
+
+def test_seeds_aggregate_with_student_t_intervals(tmp_path):
+    rows = summary_rows(backends=("torch",), qmethods=(), seeds=(0, 1, 2))
+    df = annotated(tmp_path, rows)
+    assert len(df) == len(rows) // 3 and (df["seeds"] == 3).all()
+    point = df[df["stage"] == "finetuned"].iloc[0]
+    mine = [r for r in rows if r["stage"] == "finetuned"][::4][:3]
+    assert [r["seed"] for r in mine] == [0, 1, 2]
+    values = np.array([r["val_top1"] for r in mine])
+    half = 4.302652729749464 * values.std(ddof=1) / np.sqrt(3)  # t(0.975, 2)
+    assert point.val_top1 == pytest.approx(values.mean())
+    assert (point.val_top1_low, point.val_top1_high) == pytest.approx(
+        (values.mean() - half, values.mean() + half)
+    )
+    bases = np.array([r["val_top1"] for r in rows if r["stage"] == "baseline"])
+    diffs = bases - values
+    half = 4.302652729749464 * diffs.std(ddof=1) / np.sqrt(3)
+    assert (point.drop_low, point.drop_high) == pytest.approx(
+        (diffs.mean() - half, diffs.mean() + half)
+    )
+    assert point.within_noise == (point.drop_low <= 0 <= point.drop_high)
+    assert point.interval == "95 % Student-t interval over 3 training seeds"
+    assert point.shipped == f"torch/resnet20/seed{int(np.argmax(values))}/{point.label[15:]}"
+
+
+def test_an_accuracy_interval_stays_within_0_and_1():
+    high = noise.accuracy_interval([0.99, 1.0, 0.95], 144)
+    assert high.high == 1.0 and high.low == pytest.approx(
+        0.98 - 4.302652729749464 * np.std([0.99, 1.0, 0.95], ddof=1) / np.sqrt(3)
+    )
+    assert noise.drop_interval([0.0, 1.0], [1.0, 0.0], 10).low == -1.0
+
+
+def test_one_seed_gets_wilson_and_newcombe_intervals(tmp_path):
+    rows = [r for r in summary_rows(backends=("torch",), qmethods=()) if r["stage"] != "pruned"]
+    rows[0].update(val_top1=0.95)
+    rows[1].update(val_top1=0.9375)
+    df = annotated(tmp_path, rows)
+    point = df.iloc[1]
+    # Wilson score interval of 135/144 (computed by hand from the textbook formula)
+    z, n, p = 1.959963984540054, 144, 0.9375
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    assert (point.val_top1_low, point.val_top1_high) == pytest.approx(
+        (centre - half, centre + half)
+    )
+    assert point["drop"] == pytest.approx(0.0125)
+    assert point.drop_low < 0 < point.drop_high and point.within_noise
+    assert point.interval == "95 % Wilson interval (one seed, 144 validation images)"
 
 
 def test_the_champion_is_the_smallest_within_budget_and_the_reason_says_so(tmp_path):
     df = annotated(tmp_path, summary_rows())
     chosen = selection.select(df, 0.01, "gzip_bytes")
     within = df[df["eligible"]]
-    smallest = within.sort_values(["size", "top1"], ascending=[True, False]).iloc[0]
+    smallest = within.sort_values(["size", "val_top1"], ascending=[True, False]).iloc[0]
     assert chosen.champion.label == smallest.label
     assert not (df[~df["eligible"]]["size"] >= smallest["size"]).all(), "the budget binds here"
     assert f"{int(smallest['size']):,} gzip bytes" in chosen.champion.reason
@@ -63,6 +140,7 @@ def test_a_zero_budget_keeps_the_baseline_unless_something_smaller_is_as_accurat
     df = annotated(tmp_path, rows, budget=0.0)
     chosen = selection.select(df, 0.0, "gzip_bytes")
     assert chosen.champion.label == "torch/resnet20/baseline"
+    assert "95 % Wilson interval (one seed, 144 validation images)" in chosen.champion.reason
     assert "the baseline is kept" in chosen.champion.reason
     assert chosen.fastest is None or chosen.fastest.label != chosen.champion.label
 
@@ -75,7 +153,7 @@ def test_size_bytes_ignores_what_only_compression_sees(tmp_path):
     # accurate int8 one wins; by gzip bytes the sparsest one would
     champion = df[df["label"] == chosen.champion.label].iloc[0]
     assert champion.quant_method == "static_int8"
-    assert champion.top1 == df[df["quant_method"] == "static_int8"]["top1"].max()
+    assert champion.val_top1 == df[df["quant_method"] == "static_int8"]["val_top1"].max()
     assert "bytes" in chosen.champion.reason and "gzip" not in chosen.champion.reason
 
 
@@ -89,8 +167,8 @@ def test_pareto_front_keeps_only_undominated_points():
     ("mutate", "message"),
     [
         (lambda rows: [r for r in rows if r["stage"] != "baseline" or r["backend"] != "torch"],
-         "no baseline row for torch/resnet20"),
-        (lambda rows: rows + [rows[0]], "2 baseline rows for torch/resnet20"),
+         "no baseline row for torch/resnet20 seed 0"),
+        (lambda rows: rows + [rows[0]], "2 baseline rows for torch/resnet20 seed 0"),
         (lambda rows: [{**rows[0], "top1": "n/a"}, *rows[1:]], "row 2, column top1 'n/a' is not"),
         (lambda rows: [{**rows[0], "gzip_bytes": ""}, *rows[1:]], "column gzip_bytes is empty"),
         (lambda rows: [{**rows[0], "stage": "distilled"}, *rows[1:]],
@@ -120,7 +198,7 @@ def shrinkflow(project: Path, *args: str) -> subprocess.CompletedProcess:
     ("setup", "extra", "message"),
     [
         (lambda p: write_summary(p / "summary.csv", summary_rows()[1:]), [],
-         "error: --summary summary.csv: no baseline row for torch/resnet20"),
+         "error: --summary summary.csv: no baseline row for torch/resnet20 seed 0"),
         (lambda p: write_summary(p / "summary.csv", summary_rows(), SUMMARY_COLUMNS[:-3]), [],
          "error: --summary summary.csv: missing column(s) peak_mem_mb, run_id, artifact"),
         (lambda p: write_summary(p / "summary.csv", summary_rows()),
@@ -212,6 +290,7 @@ def test_the_report_run_is_not_created_for_a_bad_budget_in_an_existing_store(tmp
     with sqlite3.connect(tmp_path / "mlflow.db") as conn:
         assert conn.execute("SELECT count(*) FROM runs").fetchone()[0] == before
     record = json.loads((tmp_path / "results/report/selection.json").read_text())
+    assert (record["decided_on"], record["reported"]) == ("validation", "test")
     assert (
         record["champion"]["label"]
         == selection.select(

@@ -222,13 +222,14 @@ def test_every_job_reached_the_server_as_one_invocation_with_lineage(served: Ser
 def test_the_champion_is_registered_from_the_run_that_wrote_it(served: Served):
     project, server = served.project, served.server
     record = json.loads((project / "results/report/selection.json").read_text())
-    champion = record["champion"]["label"]
+    champion = record["champion"]["shipped"]
     producer = json.loads((project / "results/models" / champion / "model/run.json").read_text())
     version = server.get("registered-models/alias", name=MODEL, alias="champion")["model_version"]
     assert version["run_id"] == producer["run_id"]
     assert version["source"].endswith(f"{producer['run_id']}/artifacts/model")
     version_tags = {t["key"]: t["value"] for t in version.get("tags", [])}
-    assert version_tags["shrinkflow.label"] == champion
+    assert version_tags["shrinkflow.label"] == record["champion"]["label"]
+    assert version_tags["shrinkflow.shipped"] == champion  # the seed best on validation
     assert version["description"] == record["champion"]["reason"]
     files = server.get("artifacts/list", run_id=producer["run_id"], path="model")["files"]
     assert any(f["path"].startswith("model/model.") for f in files), files
@@ -237,11 +238,13 @@ def test_the_champion_is_registered_from_the_run_that_wrote_it(served: Served):
     assert (
         fastest["run_id"]
         == json.loads(
-            (project / "results/models" / record["fastest"]["label"] / "model/run.json").read_text()
+            (
+                project / "results/models" / record["fastest"]["shipped"] / "model/run.json"
+            ).read_text()
         )["run_id"]
     )
     report = next(r for r in served.runs if tags(r)["shrinkflow.stage"] == "report")
-    assert tags(report)["shrinkflow.champion"] == champion
+    assert tags(report)["shrinkflow.champion"] == record["champion"]["label"]
     listed = server.get("artifacts/list", run_id=report["info"]["run_id"], path="report")
     assert "report/index.html" in {f["path"] for f in listed["files"]}
 
@@ -264,7 +267,7 @@ def test_a_second_clone_pulls_the_checkpoints_and_reruns_nothing(served: Served,
     assert f"dvc remote 'shared' ({served.dvc_remote}): writable" in served.output
     in_sync = run([dvc, "status", "--cloud"], first)
     assert in_sync.stdout.strip() == "Cache and remote 'shared' are in sync.", in_sync.stdout
-    assert (first / "results/models/torch/resnet20/baseline/resume").is_dir()
+    assert (first / "results/models/torch/resnet20/seed0/baseline/resume").is_dir()
     run([*GIT, "add", "-A"], first)
     run([*GIT, "commit", "-q", "-m", "smallest sweep"], first)
     runs_before = server.runs(EXPERIMENT)
@@ -278,14 +281,14 @@ def test_a_second_clone_pulls_the_checkpoints_and_reruns_nothing(served: Served,
     repro = run([dvc, "repro"], second, MLFLOW_TRACKING_URI=server.uri)  # where a job would log
     stages = run([dvc, "stage", "list", "--name-only"], second).stdout.split()
     jobs = sum(n for rule, n in job_counts(served.output).items() if rule != "all")
-    assert "train@torch-resnet20" in stages and len(stages) == jobs  # a stage per job
+    assert "train@torch-resnet20-0" in stages and len(stages) == jobs  # a stage per job
     skipped = [line.split("'")[1] for line in repro.stdout.splitlines() if "skipping" in line]
     assert sorted(skipped) == sorted(stages) and "Running stage" not in repro.stdout
     runs_after = server.runs(EXPERIMENT)
     assert len(runs_after) == len(runs_before)  # no job ran: no new MLflow run
     assert [tags(r)["shrinkflow.stage"] for r in runs_after].count("train") == 1
     pulled, made = md5s(second), md5s(first)
-    assert "results/models/torch/resnet20/baseline/model/model.pt" in pulled
+    assert "results/models/torch/resnet20/seed0/baseline/model/model.pt" in pulled
     assert pulled == made  # every checkpoint, metric and report file, byte for byte
 
 

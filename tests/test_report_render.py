@@ -55,7 +55,9 @@ def _draw(folder: Path, df: pd.DataFrame, chosen: selection.Selection) -> list[F
     calls = {
         "size_vs_accuracy": lambda p: plots.size_vs_accuracy(df, chosen, p),
         "latency_vs_accuracy": lambda p: plots.latency_vs_accuracy(df, chosen, p),
-        "accuracy_vs_sparsity": lambda p: plots.accuracy_vs_sparsity(df, BUDGET, p),
+        "accuracy_vs_sparsity": lambda p: plots.accuracy_vs_sparsity(
+            df, BUDGET, p, dataset="digits"
+        ),
         "layer_sparsity": lambda p: plots.layer_sparsity(_layers(), p),
         "sensitivity": lambda p: plots.sensitivity(_curves(), BUDGET, p),
     }
@@ -142,7 +144,7 @@ def test_panels_follow_backends_and_models(tmp_path):
     def size(**grid) -> tuple[int, int]:
         df, _ = _annotated(tmp_path / str(len(grid["models"])), summary_rows(**grid))
         path = tmp_path / f"{len(grid['models'])}.png"
-        plots.accuracy_vs_sparsity(df, BUDGET, path)
+        plots.accuracy_vs_sparsity(df, BUDGET, path, dataset="digits")
         with Image.open(path) as image:
             return image.size
 
@@ -161,10 +163,14 @@ def test_degenerate_inputs_still_draw(tmp_path):
     )
     no_latency = one_point.assign(latency_ms_b1=math.nan)
     drawn = {
-        "baseline_only_sparsity": lambda p: plots.accuracy_vs_sparsity(alone, BUDGET, p),
+        "baseline_only_sparsity": lambda p: plots.accuracy_vs_sparsity(
+            alone, BUDGET, p, dataset="digits"
+        ),
         "baseline_only_size": lambda p: plots.size_vs_accuracy(alone, alone_choice, p),
         "baseline_only_latency": lambda p: plots.latency_vs_accuracy(alone, alone_choice, p),
-        "one_point_sparsity": lambda p: plots.accuracy_vs_sparsity(one_point, BUDGET, p),
+        "one_point_sparsity": lambda p: plots.accuracy_vs_sparsity(
+            one_point, BUDGET, p, dataset="digits"
+        ),
         "no_latency": lambda p: plots.latency_vs_accuracy(no_latency, one_choice, p),
         "no_layers": lambda p: plots.layer_sparsity({"smallest: x": []}, p),
         "zero_weights": lambda p: plots.layer_sparsity(
@@ -208,6 +214,13 @@ def test_html_shows_the_choice_and_every_node(report):
     for figure in ctx.figures:
         assert figure.title in text and figure.caption in text
     assert ctx.notes[0] in text
+    # the sizes table: every artefact, its sparse encoding against its baseline's file
+    assert "What sparsity buys on disk" in text
+    html = (folder / "index.html").read_text(encoding="utf-8")
+    encoding_table = html.split('id="encoding-table"')[1].split("</table>")[0]
+    assert encoding_table.count("<tr>") == len(ctx.df) + 1
+    first = ctx.df.iloc[0]
+    assert f"{round(first.sparse_bytes):,} (" in encoding_table
 
     df = ctx.df
     assert len(page.node_rows) == len(df)
@@ -218,11 +231,17 @@ def test_html_shows_the_choice_and_every_node(report):
     cells = page.node_rows[champion]["cells"]
     row = df.loc[champion]
     assert "★" in cells[2] and "chosen" in page.node_rows[champion]["class"]
-    assert cells[3] == f"{row.top1:.4f}"
-    assert cells[4] == f"{-row['drop'] * 100:+.2f}"
+    # validation decides (mean, interval, drop), test is reported beside it
+    assert cells[3:7] == [
+        f"{row.val_top1:.4f}",
+        f"{row.val_top1_low:.4f}",
+        f"{row.val_top1_high:.4f}",
+        f"{-row['drop'] * 100:+.2f}",
+    ]
+    assert cells[7] == f"{row.top1:.4f}"
     assert f"{int(row.gzip_bytes):,}" in cells and f"{row.latency_ms_b1:.2f}" in cells
     baseline = page.node_rows[int(df.index[df["stage"] == "baseline"][0])]["cells"]
-    assert baseline[4] == "+0.00" and baseline[6] == "–"  # no target sparsity
+    assert baseline[6] == "+0.00" and baseline[13] == "–"  # no target sparsity
 
 
 def test_hostile_text_is_escaped(tmp_path, report):
@@ -305,10 +324,11 @@ def test_page_renders_and_sorts_in_a_browser(tmp_path, report):
         try:
             page = browser.new_page()
             page.goto((folder / "index.html").as_uri())
-            page.click("#node-table th:nth-child(4)")  # top-1, ascending
+            page.click("#node-table th:nth-child(4)")  # val top-1, ascending
             first = page.inner_text("#node-table tbody tr:first-child td:nth-child(4)")
             page.click("#node-table th:nth-child(4)")
             top = page.inner_text("#node-table tbody tr:first-child td:nth-child(4)")
         finally:
             browser.close()
-    assert first == f"{ctx.df['top1'].min():.4f}" and top == f"{ctx.df['top1'].max():.4f}"
+    low, high = ctx.df["val_top1"].min(), ctx.df["val_top1"].max()
+    assert first == f"{low:.4f}" and top == f"{high:.4f}"

@@ -29,6 +29,8 @@ from matplotlib.ticker import (
 )
 from PIL import Image
 
+from shrinkflow.errors import ShrinkflowError
+from shrinkflow.report import noise, published
 from shrinkflow.report.selection import SIZE_WORDS, Selection
 from shrinkflow.report.table import pareto_mask
 
@@ -40,20 +42,47 @@ _FLOAT_MARKERS = {"baseline": "*", "finetuned": "o", "pruned": "x"}
 _FLOAT_NAMES = {"baseline": "baseline", "finetuned": "fine-tuned", "pruned": "pruned"}
 _LOG_SPAN = 10.0  # a value range wider than this factor gets a log axis
 _FADED = 0.3  # alpha of points outside the accuracy budget
+# Published results: hollow, in a colour no backend or method line takes, one marker per source.
+_REFERENCE_COLOUR = "saddlebrown"
+_REFERENCE_MARKERS = ("H", "d", "8", "p")
+_ON_SPARSITY_AXIS = ("dense", "unstructured", "int8")  # kinds placed by weight sparsity
+# Columns each figure reads from table.annotate's seed-aggregated rows.
+_SPARSITY_COLUMNS = (
+    *("backend", "model", "stage", "prune_method", "target_sparsity", "quant_method"),
+    *("top1", "top1_low", "top1_high", "baseline_top1", "seeds", "test_images"),
+)
+_TRADEOFF_COLUMNS = (
+    *("backend", "model", "stage", "quant_method", "label", "eligible", "pareto"),
+    *("val_top1", "val_top1_low", "val_top1_high", "baseline_val_top1", "interval"),
+)
 # Colour by depth: viridis without its last, pale yellows, which vanish on white.
 _DEPTH = ListedColormap(colormaps["viridis"](np.linspace(0.0, 0.85, 256)))
 
 
-def accuracy_vs_sparsity(df: pd.DataFrame, max_drop: float, path: Path) -> None:
-    """Test top-1 against target sparsity, one panel per backend x model (rows: models,
-    columns: backends, shared y): one line per prune method through its fine-tuned points,
-    starting at the baseline (sparsity 0); ``pruned`` rows (before fine-tuning), if any, dotted;
-    quantized artefacts as light markers, one shape per quantization method; dashed: the
-    baseline minus ``max_drop``."""
+def accuracy_vs_sparsity(df: pd.DataFrame, max_drop: float, path: Path, *, dataset: str) -> None:
+    """Test top-1 (mean over seeds, bars: its interval) against target sparsity, one panel per
+    backend x model (rows: models, columns: backends, shared y): one line per prune method
+    through its fine-tuned points, starting at the baseline (sparsity 0); ``pruned`` rows (before
+    fine-tuning), if any, dotted; quantized artefacts as light markers, one shape per quantization
+    method; dashed: the test baseline minus ``max_drop``, a guide only (the budget is decided on
+    validation top-1).
+
+    Test top-1 is drawn because it is what a reader quotes and what papers publish: the
+    published dense and unstructured results for the panel's model on ``dataset`` (params.yaml
+    ``data.name``; see published.py) are drawn at their sparsity, named by their source.
+    Structured references have no place here: they give a MACs reduction, and the x axis is a
+    share of weights (or, for structured methods, of filters)."""
+    _require(df, _SPARSITY_COLUMNS, "accuracy_vs_sparsity")
     backends, models = _unique(df["backend"]), _unique(df["model"])
     floats = df[df["stage"].isin(["finetuned", "pruned"])]
     methods = _unique(floats["prune_method"])
     qmethods = _unique(df.loc[df["stage"] == "quantized", "quant_method"])
+    references = {
+        model: [r for r in published.points(dataset, model) if r.kind in _ON_SPARSITY_AXIS]
+        for model in models
+    }
+    sources = _unique(r.source for refs in references.values() for r in refs)
+    markers = {s: _REFERENCE_MARKERS[k % len(_REFERENCE_MARKERS)] for k, s in enumerate(sources)}
     fig = Figure(figsize=(1.5 + 4.0 * len(backends), 0.6 + 2.9 * len(models)), layout="constrained")
     axes = fig.subplots(len(models), len(backends), sharex=True, sharey=True, squeeze=False)
     for (r, model), (c, backend) in _grid(models, backends):
@@ -62,27 +91,40 @@ def accuracy_vs_sparsity(df: pd.DataFrame, max_drop: float, path: Path) -> None:
         if rows.empty:
             ax.set_axis_off()
             continue
-        base = float(rows["baseline_top1"].iloc[0])
+        baseline = rows[rows["stage"] == "baseline"]
         for i, method in enumerate(methods):
             for stage, style in (("finetuned", _method_style(i)), ("pruned", ":")):
                 points = rows[(rows["stage"] == stage) & (rows["prune_method"] == method)]
                 if points.empty:
                     continue
-                points = points.sort_values("target_sparsity", kind="stable")
-                ax.plot(
-                    [0.0, *points["target_sparsity"]],
-                    [base, *points["top1"]],
+                line = pd.concat([baseline, points.sort_values("target_sparsity", kind="stable")])
+                ax.errorbar(
+                    line["target_sparsity"].fillna(0.0),
+                    line["top1"],
+                    yerr=_yerr(line, "top1"),
                     color=_colour(i),
                     linestyle=style,
                     marker=_FLOAT_MARKERS[stage],
                     markersize=3,
                     linewidth=1.2,
+                    elinewidth=0.7,
+                    capsize=1.5,
                 )
         quantized = rows[rows["stage"] == "quantized"]
         for j, qmethod in enumerate(qmethods):
             points = quantized[quantized["quant_method"] == qmethod]
+            x = points["target_sparsity"].fillna(0.0)
+            ax.errorbar(
+                x,
+                points["top1"],
+                yerr=_yerr(points, "top1"),
+                fmt="none",
+                ecolor="grey",
+                elinewidth=0.6,
+                alpha=0.45,
+            )
             ax.scatter(
-                points["target_sparsity"].fillna(0.0),
+                x,
                 points["top1"],
                 # Quantized baselines have no prune method: black, like the baseline star.
                 c=[_method_colour(m, methods) for m in points["prune_method"]],
@@ -91,10 +133,31 @@ def accuracy_vs_sparsity(df: pd.DataFrame, max_drop: float, path: Path) -> None:
                 alpha=0.45,
                 linewidths=0,
             )
-        ax.plot([0.0], [base], marker="*", markersize=9, color="black", linestyle="none")
-        ax.axhline(base - max_drop, color="grey", linewidth=0.8, linestyle="--")
+        ax.errorbar(
+            [0.0] * len(baseline),
+            baseline["top1"],
+            yerr=_yerr(baseline, "top1"),
+            marker="*",
+            markersize=9,
+            color="black",
+            linestyle="none",
+            elinewidth=0.8,
+            capsize=2,
+        )
+        _draw_references(ax, references[model], markers)
+        ax.axhline(
+            float(rows["baseline_top1"].iloc[0]) - max_drop,
+            color="grey",
+            linewidth=0.8,
+            linestyle="--",
+        )
         _panel(
-            ax, f"{backend}/{model}", r == len(models) - 1, c == 0, "target sparsity", "test top-1"
+            ax,
+            f"{backend}/{model}",
+            r == len(models) - 1,
+            c == 0,
+            "target sparsity",
+            "test top-1 (mean over seeds)",
         )
     handles = [_line(_colour(i), method, _method_style(i)) for i, method in enumerate(methods)]
     if (floats["stage"] == "pruned").any():
@@ -104,13 +167,54 @@ def accuracy_vs_sparsity(df: pd.DataFrame, max_drop: float, path: Path) -> None:
         _line("grey", f"quantized: {q}", "none", marker=_QUANT_MARKERS[j % len(_QUANT_MARKERS)])
         for j, q in enumerate(qmethods)
     ]
-    handles.append(_line("grey", f"baseline - {max_drop * 100:g} pt", "--"))
+    handles.append(_line("grey", f"test baseline - {max_drop * 100:g} pt", "--"))
+    handles += [
+        _line(_REFERENCE_COLOUR, f"published: {source}", "none", marker=marker, hollow=True)
+        for source, marker in markers.items()
+    ]
+    # The table's ``interval`` names the validation split's; these bars are the test split's.
+    test_interval = noise.describe(int(df["seeds"].iloc[0]), int(df["test_images"].iloc[0]), "test")
+    handles.append(_bars_entry(test_interval))
     fig.legend(handles=handles, loc="outside right upper", fontsize=7, frameon=False)
     _save(fig, path)
 
 
+def _draw_references(
+    ax: Axes, references: Sequence[published.Reference], markers: Mapping[str, str]
+) -> None:
+    """Published results as hollow markers: dense ones at sparsity 0, unstructured ones at
+    their sparsity, joined by a thin dotted line to the source's own dense top-1 (so its drop
+    reads against its baseline, not against this run's)."""
+    for ref in references:
+        marker = markers[ref.source]
+        x = ref.sparsity or 0.0
+        if ref.baseline_top1 is not None and x > 0:
+            ax.plot(
+                [0.0, x],
+                [ref.baseline_top1, ref.top1],
+                color=_REFERENCE_COLOUR,
+                linestyle=":",
+                linewidth=0.8,
+                marker=marker,
+                markersize=5,
+                markerfacecolor="none",
+                gid=f"published: {ref.source}",
+            )
+        ax.plot(
+            [x],
+            [ref.top1],
+            color=_REFERENCE_COLOUR,
+            linestyle="none",
+            marker=marker,
+            markersize=7,
+            markerfacecolor="none",
+            markeredgewidth=1.2,
+            gid=f"published: {ref.source}",
+        )
+
+
 def size_vs_accuracy(df: pd.DataFrame, selection: Selection, path: Path) -> None:
-    """Size (the ``size`` column, log x when it spans a decade) against top-1 for every row."""
+    """Size (the ``size`` column, log x when it spans a decade) against validation top-1."""
     _tradeoff(
         df,
         selection,
@@ -122,7 +226,7 @@ def size_vs_accuracy(df: pd.DataFrame, selection: Selection, path: Path) -> None
 
 
 def latency_vs_accuracy(df: pd.DataFrame, selection: Selection, path: Path) -> None:
-    """Latency per image at batch 1 against top-1 for every row that has one."""
+    """Latency per image at batch 1 against validation top-1 for every row that has one."""
     _tradeoff(
         df,
         selection,
@@ -136,9 +240,15 @@ def latency_vs_accuracy(df: pd.DataFrame, selection: Selection, path: Path) -> N
 def _tradeoff(
     df: pd.DataFrame, selection: Selection, column: str, xlabel: str, formatter, path: Path
 ) -> None:
-    """One axes, all rows: colour per backend, marker per stage (float) or quantization method,
-    faded outside the accuracy budget; the Pareto front as a step line; each backend x model's
-    budget (baseline - max_drop) as a dotted line; the chosen artefacts ringed and named."""
+    """One axes, all rows: validation top-1 (the split the choice is made on; mean over seeds,
+    bars: its interval) against ``column``; colour per backend, marker per stage (float) or
+    quantization method, faded outside the accuracy budget; the Pareto front as a step line;
+    each backend x model's budget (validation baseline - max_drop) as a dotted line; the chosen
+    artefacts ringed and named.
+
+    No published references here: papers give test top-1, not validation top-1, and neither
+    file sizes nor latencies on this machine."""
+    _require(df, (*_TRADEOFF_COLUMNS, column), f"the {column} trade-off plot")
     fig = Figure(figsize=(9.5, 5.2), layout="constrained")
     ax = fig.subplots()
     data = df[np.isfinite(df[column]) & (df[column] > 0)]
@@ -153,19 +263,30 @@ def _tradeoff(
     for (backend, style), rows in data.groupby(["backend", "_style"], sort=False):
         for eligible, alpha in ((True, 0.9), (False, _FADED)):
             part = rows[rows["eligible"] == eligible]
-            ax.scatter(
+            if part.empty:
+                continue
+            ax.errorbar(
                 part[column],
-                part["top1"],
+                part["val_top1"],
+                yerr=_yerr(part, "val_top1"),
                 color=_colour(backends.index(backend)),
                 marker=styles[style],
-                s=60 if style == "baseline" else 22,
+                markersize=7.7 if style == "baseline" else 4.7,  # as scatter's s=60 and s=22
+                markeredgewidth=0,
+                linestyle="none",
+                elinewidth=0.7,
                 alpha=alpha,
-                linewidths=0,
             )
-    front = data[pareto_mask(data[column].to_numpy(), data["top1"].to_numpy())]
-    front = front.sort_values(column, kind="stable")
-    # steps-post: the best top-1 reachable at or below each x.
-    ax.plot(front[column], front["top1"], drawstyle="steps-post", color="black", linewidth=0.9)
+    # The size plot's front is the table's (``pareto``: size against validation top-1); the
+    # latency plot needs its own, over latency.
+    on_front = (
+        data["pareto"].to_numpy(bool)
+        if column == "size"
+        else pareto_mask(data[column].to_numpy(), data["val_top1"].to_numpy())
+    )
+    front = data[on_front].sort_values(column, kind="stable")
+    # steps-post: the best validation top-1 reachable at or below each x.
+    ax.plot(front[column], front["val_top1"], drawstyle="steps-post", color="black", linewidth=0.9)
     _budget_lines(ax, data, selection.max_drop)
     _mark_chosen(ax, data, selection, column)
     values = data[column].to_numpy()
@@ -175,18 +296,46 @@ def _tradeoff(
         ax.xaxis.set_minor_formatter(NullFormatter())
     ax.xaxis.set_major_formatter(formatter)
     ax.set_xlabel(xlabel, fontsize=9)
-    ax.set_ylabel("test top-1", fontsize=9)
+    ax.set_ylabel("validation top-1 (mean over seeds; the choice is made on it)", fontsize=9)
     ax.tick_params(labelsize=8)
     ax.grid(alpha=0.3)
     handles = [_line(_colour(i), b, "none", marker="o") for i, b in enumerate(backends)]
     handles += [_line("grey", name, "none", marker=marker) for name, marker in styles.items()]
     handles += [
         _line("black", "Pareto front", "-"),
-        _line("grey", f"baseline - {selection.max_drop * 100:g} pt", ":"),
+        _line("grey", f"validation baseline - {selection.max_drop * 100:g} pt", ":"),
         _line("grey", "outside budget (faded)", "none", marker="o", alpha=_FADED),
+        _bars_entry(df["interval"].iloc[0]),
     ]
     fig.legend(handles=handles, loc="outside right upper", fontsize=7, frameon=False)
     _save(fig, path)
+
+
+def _require(df: pd.DataFrame, columns: Iterable[str], figure: str) -> None:
+    """Fail on a table without the seed-aggregated columns of ``table.annotate`` (e.g. one read
+    from an old summary) rather than draw without the noise."""
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ShrinkflowError(
+            f"{figure}: the report table has no column(s) {', '.join(missing)}; the figures "
+            "are drawn from table.annotate's rows (an old summary? run `shrinkflow summarize`)"
+        )
+
+
+def _yerr(rows: pd.DataFrame, column: str) -> np.ndarray:
+    """Error bar lengths (below, above) from ``column``'s ``_low`` and ``_high`` columns."""
+    centre = rows[column].to_numpy(float)
+    spans = np.vstack(
+        [centre - rows[f"{column}_low"].to_numpy(float), rows[f"{column}_high"].to_numpy(float)]
+    )
+    spans[1] -= centre
+    # A mean on its interval's edge can come out a rounding error outside it.
+    return np.clip(spans, 0.0, None)
+
+
+def _bars_entry(interval: str) -> Line2D:
+    """The legend entry that says what the error bars are (e.g. the table's ``interval``)."""
+    return _line("grey", f"bars: {interval}", "none", marker="|")
 
 
 def _styles(data: pd.DataFrame) -> tuple[list[str], dict[str, str]]:
@@ -207,9 +356,10 @@ def _styles(data: pd.DataFrame) -> tuple[list[str], dict[str, str]]:
 
 
 def _budget_lines(ax: Axes, data: pd.DataFrame, max_drop: float) -> None:
-    """A dotted line per distinct budget edge, named by the backend x models it holds for."""
+    """A dotted line per distinct budget edge (validation baseline - ``max_drop``), named by the
+    backend x models it holds for."""
     edges: dict[float, list[str]] = {}
-    firsts = data.groupby(["backend", "model"], sort=False)["baseline_top1"].first()
+    firsts = data.groupby(["backend", "model"], sort=False)["baseline_val_top1"].first()
     for (backend, model), top1 in firsts.items():
         edges.setdefault(round(float(top1) - max_drop, 9), []).append(f"{backend}/{model}")
     for y, names in edges.items():
@@ -237,7 +387,7 @@ def _mark_chosen(ax: Axes, data: pd.DataFrame, selection: Selection, column: str
         rows = data[data["label"] == choice.label]
         if rows.empty:  # e.g. its latency was not measured
             continue
-        x, y = float(rows[column].iloc[0]), float(rows["top1"].iloc[0])
+        x, y = float(rows[column].iloc[0]), float(rows["val_top1"].iloc[0])
         ax.scatter([x], [y], s=150, facecolors="none", edgecolors="crimson", linewidths=1.4)
         ax.annotate(
             f"{role}: {choice.label}",
@@ -428,8 +578,24 @@ def _method_colour(method: str, methods: list[str]) -> str:
     return _colour(methods.index(method)) if method in methods else "black"
 
 
-def _line(colour: str, label: str, style: str, *, marker: str = "", alpha: float = 1.0) -> Line2D:
+def _line(
+    colour: str,
+    label: str,
+    style: str,
+    *,
+    marker: str = "",
+    alpha: float = 1.0,
+    hollow: bool = False,
+) -> Line2D:
     """A legend entry drawn on no axes."""
     return Line2D(
-        [], [], color=colour, linestyle=style, marker=marker, markersize=5, alpha=alpha, label=label
+        [],
+        [],
+        color=colour,
+        linestyle=style,
+        marker=marker,
+        markersize=5,
+        markerfacecolor="none" if hollow else colour,
+        alpha=alpha,
+        label=label,
     )

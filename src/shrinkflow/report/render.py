@@ -21,7 +21,15 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.outputs import atomic_file
-from shrinkflow.report.selection import SIZE_WORDS, Choice, Selection, points
+from shrinkflow.report import encodings
+from shrinkflow.report.selection import (
+    DECIDING_SPLIT,
+    SIZE_WORDS,
+    Choice,
+    Selection,
+    points,
+    speed_words,
+)
 
 HTML_FILE, MARKDOWN_FILE = "index.html", "report.md"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -64,6 +72,10 @@ def _one_decimal(value: float) -> str:
     return f"{value:,.1f}"
 
 
+def _two_decimals(value: float) -> str:
+    return f"{value:.2f}x"
+
+
 @dataclass(frozen=True)
 class _Column:
     header: str
@@ -72,11 +84,21 @@ class _Column:
     hint: str = ""  # the header's tooltip
 
 
-# The node table's number columns, in display order (the label and marks come first).
+# The node table's number columns, in display order (the label and marks come first). Numbers
+# are means over the node's training seeds; the intervals are the report's (see report.noise).
 _COLUMNS = (
-    _Column("top-1", "top1", _fraction, "test accuracy"),
-    _Column("Δ top-1 (pt)", "drop", points, "top-1 against its baseline; negative is worse"),
-    _Column("top-5", "top5", _fraction),
+    _Column("val top-1", "val_top1", _fraction, "validation accuracy, mean over seeds: decides"),
+    _Column("val low", "val_top1_low", _fraction, "lower end of its 95 % interval"),
+    _Column("val high", "val_top1_high", _fraction, "upper end of its 95 % interval"),
+    _Column(
+        "Δ val (pt)", "drop", points, "validation top-1 against its baseline; negative is worse"
+    ),
+    _Column("test top-1", "top1", _fraction, "test accuracy, reported once: decides nothing"),
+    _Column("test low", "top1_low", _fraction, "lower end of its 95 % interval"),
+    _Column("test high", "top1_high", _fraction, "upper end of its 95 % interval"),
+    _Column("Δ test (pt)", "test_drop", points, "test top-1 against its baseline"),
+    _Column("top-5", "top5", _fraction, "test"),
+    _Column("seeds", "seeds", _count, "training seeds aggregated"),
     _Column("target sparsity", "target_sparsity", _percent),
     _Column("measured sparsity", "measured_sparsity", _percent, "counted from the saved weights"),
     _Column("params", "params", _count),
@@ -84,7 +106,15 @@ _COLUMNS = (
     _Column("MACs", "macs", _count),
     _Column("bytes", "size_bytes", _count, "the deployed file"),
     _Column("gzip bytes", "gzip_bytes", _count, "the deployed file, gzipped"),
+    _Column("nominal bytes", "nominal_bytes", _count, "non-zero weights x their bits / 8"),
+    _Column("sparse bytes", "sparse_bytes", _count, "shrinkflow's sparse encoding (export-sparse)"),
     _Column("ms (batch 1)", "latency_ms_b1", _ms, "median time per image at batch 1"),
+    _Column(
+        "speed-up",
+        "speedup",
+        _two_decimals,
+        "batch 1, against the float model of the same runtime",
+    ),
     _Column("images/s", "throughput_ips", _one_decimal),
     _Column("peak MB", "peak_mem_mb", _one_decimal, "peak memory while evaluating"),
 )
@@ -92,8 +122,12 @@ MARKS = {
     "champion": ("★", "the chosen model: smallest within budget"),
     "fastest": ("⚡", "fastest within budget"),
     "per_model": ("☆", "smallest within budget for its backend x model"),
-    "pareto": ("◆", "on the Pareto front: no other artefact is smaller and more accurate"),
-    "eligible": ("✓", "within the accuracy budget"),
+    "pareto": (
+        "◆",
+        "on the Pareto front: no other artefact is smaller and more accurate on validation",
+    ),
+    "eligible": ("✓", "within the accuracy budget (mean validation top-1)"),
+    "noise": ("≈", "its validation drop from the baseline is within noise (the interval holds 0)"),
 }
 
 
@@ -117,6 +151,8 @@ def _node_rows(df: pd.DataFrame, selection: Selection) -> list[dict]:
         marks = chosen.get(row["label"], []) + [
             flag for flag in ("pareto", "eligible") if bool(row[flag])
         ]
+        if row["within_noise"]:
+            marks.append("noise")
         rows.append(
             {
                 "number": number,
@@ -145,15 +181,21 @@ def _choice_view(choice: Choice, df: pd.DataFrame, selection: Selection) -> dict
     base = _baselines(df)[(row["backend"], row["model"])]
     unit = SIZE_WORDS[selection.size_metric]
     numbers = [
-        ("top-1", f"{row['top1']:.4f} ({points(row['drop'])} pt against {base['top1']:.4f})"),
-        (unit, f"{_count(row['size'])} ({base['size'] / row['size']:.1f}x smaller than baseline)"),
         (
-            "ms per image, batch 1",
-            f"{row['latency_ms_b1']:.2f} ({base['latency_ms_b1'] / row['latency_ms_b1']:.2f}x "
-            "the baseline's speed)",
+            "validation top-1 (decides)",
+            f"{_interval(row, 'val_top1')} ({points(row['drop'])} pt against "
+            f"{base['val_top1']:.4f}, interval [{points(row['drop_high'])}, "
+            f"{points(row['drop_low'])}]{', within noise' if row['within_noise'] else ''})",
         ),
+        (
+            "test top-1 (reported)",
+            f"{_interval(row, 'top1')} ({points(row['test_drop'])} pt against {base['top1']:.4f})",
+        ),
+        (unit, f"{_count(row['size'])} ({base['size'] / row['size']:.1f}x smaller than baseline)"),
+        ("ms per image, batch 1", f"{row['latency_ms_b1']:.2f} ({speed_words(row)})"),
         ("non-zero params", f"{_count(row['nonzero_params'])} of {_count(row['params'])}"),
         ("measured sparsity", _text(row["measured_sparsity"], _percent)),
+        ("seeds", f"{row['seeds']} ({row['interval']}); shipped: {row['shipped']}"),
         ("MLflow run", row["run_id"] or "–"),
     ]
     return {
@@ -163,10 +205,35 @@ def _choice_view(choice: Choice, df: pd.DataFrame, selection: Selection) -> dict
         "numbers": numbers,
         "model": f"{row['backend']}/{row['model']}",
         "top1": _fraction(row["top1"]),
+        "val_top1": _interval(row, "val_top1"),
         "drop": points(row["drop"]),
         "size": _count(row["size"]),
         "latency": _ms(row["latency_ms_b1"]),
     }
+
+
+def _encoding_rows(df: pd.DataFrame) -> list[dict]:
+    """Each artefact's five sizes (report.encodings), as `12,345 (0.25x)`."""
+    table = encodings.encoding_table(df)
+    return [
+        {
+            "label": row["label"],
+            "cells": [
+                f"{_text(row[c], _count)} ({_text(row[c + encodings.RATIO_SUFFIX], _ratio)})"
+                for c in encodings.SIZES
+            ],
+        }
+        for row in table.to_dict("records")
+    ]
+
+
+def _ratio(value: float) -> str:
+    return f"{value:.3g}x"
+
+
+def _interval(row: dict, column: str) -> str:
+    """A mean accuracy and its interval: 0.9611 [0.9312, 0.9790]."""
+    return f"{row[column]:.4f} [{row[column + '_low']:.4f}, {row[column + '_high']:.4f}]"
 
 
 def _figure_path(out_dir: Path, figure: FigureFile) -> Path:
@@ -206,6 +273,8 @@ def _view(ctx: ReportContext) -> dict:
         "facts": ctx.facts,
         "notes": ctx.notes,
         "budget": f"{selection.max_drop * 100:g} pt",
+        "split": DECIDING_SPLIT,
+        "interval": ctx.df["interval"].iloc[0],
         "unit": SIZE_WORDS[size_key],
         "eligible": selection.eligible,
         "total": selection.total,
@@ -219,6 +288,8 @@ def _view(ctx: ReportContext) -> dict:
         ],
         "marks": list(MARKS.values()),
         "rows": _node_rows(ctx.df, selection),
+        "encoding_headers": list(encodings.SIZES.values()),
+        "encodings": _encoding_rows(ctx.df),
     }
 
 

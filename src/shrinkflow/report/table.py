@@ -11,20 +11,49 @@ import pandas as pd
 from shrinkflow.dag import Node
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.metrics import SUMMARY_COLUMNS
+from shrinkflow.report import noise
 
 NODE_STAGES = ("baseline", "pruned", "finetuned", "quantized")
 # Columns that must hold a number in every row: the report compares and plots them.
-MEASURED = ("top1", "params", "nonzero_params", "size_bytes", "gzip_bytes", "latency_ms_b1")
-# Columns that may be empty (a baseline has no sparsity target, a float model no quant method).
+MEASURED = (
+    "seed",
+    "top1",
+    "val_top1",
+    "test_images",
+    "val_images",
+    "params",
+    "nonzero_params",
+    "size_bytes",
+    "gzip_bytes",
+    "nominal_bytes",
+    "sparse_bytes",
+    "sparse_gzip_bytes",
+    "latency_ms_b1",
+)
+# Columns that may be empty (a baseline has no sparsity target, a float model no quant method
+# and no same-runtime float reference).
 OPTIONAL_NUMBERS = (
     "target_sparsity",
     "measured_sparsity",
     "top5",
     "macs",
     "throughput_ips",
+    "float_latency_ms_b1",
+    "speedup_b1",
     "peak_mem_mb",
 )
-TEXT = ("backend", "model", "stage", "prune_method", "quant_method", "run_id", "artifact")
+TEXT = (
+    "backend",
+    "model",
+    "stage",
+    "prune_method",
+    "quant_method",
+    "runtime",
+    "run_id",
+    "artifact",
+)
+# What makes a node, whatever its seed: the seeds of one node are aggregated into one row.
+NODE_KEY = ["backend", "model", "stage", "prune_method", "target_sparsity", "quant_method"]
 
 
 def load_summary(path: Path) -> pd.DataFrame:
@@ -74,46 +103,107 @@ def _numbers(values: pd.Series, path: Path, column: str, *, required: bool) -> p
 
 
 def _check_baselines(df: pd.DataFrame, path: Path) -> None:
-    counts = df[df["stage"] == "baseline"].groupby(["backend", "model"]).size()
-    for backend, model in df[["backend", "model"]].drop_duplicates().itertuples(index=False):
-        found = int(counts.get((backend, model), 0))
+    """One baseline per backend x model x seed: each seed's drops are measured from its own."""
+    counts = df[df["stage"] == "baseline"].groupby(["backend", "model", "seed"]).size()
+    keys = df[["backend", "model", "seed"]].drop_duplicates().itertuples(index=False)
+    for backend, model, seed in keys:
+        found = int(counts.get((backend, model, seed), 0))
         if found != 1:
             what = "no baseline row" if found == 0 else f"{found} baseline rows"
             raise ShrinkflowError(
-                f"--summary {path}: {what} for {backend}/{model}; the accuracy budget is "
-                "measured from exactly one (stage baseline)"
+                f"--summary {path}: {what} for {backend}/{model} seed {int(seed)}; the "
+                "accuracy budget is measured from exactly one (stage baseline) per seed"
             )
 
 
 def annotate(df: pd.DataFrame, max_drop: float, size_metric: str) -> pd.DataFrame:
-    """Add ``label`` (the node's folder under results/models), ``baseline_top1``, ``drop``
-    (baseline top-1 minus top-1: positive is worse), ``eligible`` (drop within ``max_drop``),
-    ``pareto`` (no other row is both smaller in ``size_metric`` and more accurate) and
-    ``size`` (the ``size_metric`` column)."""
-    out = df.copy()
-    out["label"] = [_label(row) for row in out.itertuples(index=False)]
-    baselines = out[out["stage"] == "baseline"].set_index(["backend", "model"])["top1"]
-    out["baseline_top1"] = [
-        baselines[(b, m)] for b, m in zip(out["backend"], out["model"], strict=True)
-    ]
-    out["drop"] = out["baseline_top1"] - out["top1"]
+    """One row per node, its seeds aggregated, with what the report decides and shows.
+
+    Numbers are means over the node's seeds. Accuracy intervals (``shrinkflow.report.noise``):
+    ``val_top1_low``/``_high`` and ``top1_low``/``_high``. Decisions use validation only:
+    ``drop`` (the baseline's validation top-1 minus the node's, positive is worse, paired by
+    seed) with ``drop_low``/``_high`` and ``within_noise`` (the interval holds 0);
+    ``eligible`` (mean drop within ``max_drop``); ``pareto`` (no other node is both smaller in
+    ``size_metric`` and more accurate on validation). ``test_drop`` is the same drop on the
+    test split, reported and never used to decide. ``speedup`` is the batch-1 speed-up against
+    the float model of the same runtime (``speedup_b1`` for quantized or converted artefacts;
+    the baseline's latency over the node's for float ones, both timed in their runtime);
+    ``cross_runtime`` says whether the node runs in another runtime than its baseline, whose
+    ratio ``baseline_speedup`` (baseline latency / latency) then compares runtimes, not
+    compression. ``label`` is the node's folder without the seed level, ``seeds`` how many
+    were aggregated, ``shipped`` the folder of the seed best on validation (the artefact the
+    report registers), ``interval`` says which interval the row's numbers carry.
+    """
+    rows = []
+    for _, group in df.groupby(NODE_KEY, sort=False, dropna=False):
+        rows.append(_aggregate(group.sort_values("seed", kind="stable"), df))
+    out = pd.DataFrame(rows).reset_index(drop=True)
     # 1e-9: a drop of exactly the budget must not fail on float rounding (0.97 - 0.96 > 0.01).
     out["eligible"] = out["drop"] <= max_drop + 1e-9
     out["size"] = out[size_metric]
-    out["pareto"] = pareto_mask(out["size"].to_numpy(), out["top1"].to_numpy())
+    out["pareto"] = pareto_mask(out["size"].to_numpy(), out["val_top1"].to_numpy())
     return out
 
 
-def _label(row: tuple) -> str:
+def _aggregate(group: pd.DataFrame, df: pd.DataFrame) -> dict:
+    """One node's seeds as one row (see ``annotate``)."""
+    first = group.iloc[0]
+    seeds = group["seed"].astype(int).tolist()
+    baselines = df[
+        (df["stage"] == "baseline")
+        & (df["backend"] == first.backend)
+        & (df["model"] == first.model)
+    ].set_index("seed")
+    base = baselines.loc[group["seed"]]  # each seed's own baseline, in the group's order
+    row: dict = {column: first[column] for column in NODE_KEY}
+    row["label"] = _label(first)
+    row["seeds"] = len(seeds)
+    row["seed_list"] = " ".join(str(s) for s in seeds)
+    numbers = [c for c in MEASURED + OPTIONAL_NUMBERS if c not in ("seed", "target_sparsity")]
+    for column in numbers:
+        row[column] = float(group[column].mean())  # NaN where every seed left it empty
+    row["runtime"] = first.runtime
+    best = group.loc[group["val_top1"].idxmax()]  # ties: the lowest seed (sorted)
+    row["shipped"] = _label(best, seed=True)
+    row["shipped_seed"] = int(best.seed)
+    row["run_id"], row["artifact"] = best.run_id, best.artifact
+    for split, images in (("val_top1", "val_images"), ("top1", "test_images")):
+        n = int(first[images])
+        interval = noise.accuracy_interval(group[split].tolist(), n)
+        row[f"{split}_low"], row[f"{split}_high"] = interval.low, interval.high
+        row[f"baseline_{split}"] = float(base[split].mean())
+        drop = noise.drop_interval(base[split].tolist(), group[split].tolist(), n)
+        prefix = "" if split == "val_top1" else "test_"
+        row[f"{prefix}drop"] = drop.mean
+        row[f"{prefix}drop_low"], row[f"{prefix}drop_high"] = drop.low, drop.high
+    row["within_noise"] = (
+        first.stage != "baseline"
+        and noise.Interval(row["drop"], row["drop_low"], row["drop_high"]).contains_zero()
+    )
+    row["interval"] = noise.describe(len(seeds), int(first.val_images), "validation")
+    base_latency = float(base["latency_ms_b1"].mean())
+    row["baseline_latency_ms_b1"] = base_latency
+    row["baseline_speedup"] = base_latency / row["latency_ms_b1"]
+    row["cross_runtime"] = first.runtime != base["runtime"].iloc[0]
+    same_runtime = row["speedup_b1"]
+    row["speedup"] = row["baseline_speedup"] if math.isnan(same_runtime) else same_runtime
+    return row
+
+
+def _label(row: pd.Series, *, seed: bool = False) -> str:
+    """The node's folder below results/models: without the seed level (the node over all its
+    seeds), or with it (``seed=True``: the folder of that row's seed)."""
     sparsity = row.target_sparsity
-    return Node(
+    node = Node(
         backend=row.backend,
         model=row.model,
         stage=row.stage,
         prune_method=row.prune_method,
         target_sparsity=None if sparsity is None or math.isnan(sparsity) else float(sparsity),
         quant_method=row.quant_method,
-    ).label
+        seed=int(row.seed),
+    )
+    return node.label if seed else node.point_label
 
 
 def pareto_mask(size: np.ndarray, accuracy: np.ndarray) -> np.ndarray:

@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from shrinkflow import tracking
+from shrinkflow import dag, tracking
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.invocation import invocation_id
-from shrinkflow.metrics import SUMMARY_COLUMNS
 from shrinkflow.outputs import atomic_dir, read_json, write_json
 from shrinkflow.progress import say
-from shrinkflow.report import plots, render, selection, table
+from shrinkflow.report import encodings, plots, render, selection, table
 from shrinkflow.report.render import FigureFile, ReportContext
 from shrinkflow.report.selection import Choice, Selection
 from shrinkflow.sensitivity_report import CSV_FILE as SENSITIVITY_CSV
@@ -27,12 +26,18 @@ from shrinkflow.sensitivity_report import CSV_FILE as SENSITIVITY_CSV
 FIGURES = "figures"  # PNGs live here; index.html embeds them, report.md links them
 NODES_CSV = "nodes.csv"  # the annotated table: `dvc plots` draws from it
 SELECTION_JSON = "selection.json"  # the choice, machine-readable (a DVC metric)
-# The node table: the summary's identifying columns and top-1 (its first 8), then the report's.
+# The node table (one row per node, its seeds aggregated): what identifies it, what decided
+# (validation, with its interval), what is reported (test), and the sizes and speeds.
 _NODE_COLUMNS = [
     "label",
-    *SUMMARY_COLUMNS[:8],
-    *("drop", "size", "gzip_bytes", "size_bytes", "latency_ms_b1", "eligible", "pareto"),
+    *("backend", "model", "stage", "prune_method", "target_sparsity", "measured_sparsity"),
+    *("quant_method", "seeds", "seed_list", "shipped"),
+    *("val_top1", "val_top1_low", "val_top1_high", "drop", "drop_low", "drop_high"),
+    *("within_noise", "top1", "top1_low", "top1_high", "test_drop"),
+    *("size", "gzip_bytes", "size_bytes", "nominal_bytes", "sparse_bytes", "sparse_gzip_bytes"),
+    *("latency_ms_b1", "runtime", "speedup", "cross_runtime", "eligible", "pareto", "interval"),
 ]
+_BYTES = ("size", "gzip_bytes", "size_bytes", "nominal_bytes", "sparse_bytes", "sparse_gzip_bytes")
 
 
 def run(cfg: dict, summary: Path, models_dir: Path, out: Path) -> None:
@@ -45,7 +50,7 @@ def run(cfg: dict, summary: Path, models_dir: Path, out: Path) -> None:
     invocation = invocation_id()
     with tracking.job_run(cfg, "report", out=out, run_name="report") as job:
         with atomic_dir(out) as staging:
-            figures = _draw(staging, df, chosen, layers, curves, budget)
+            figures = _draw(staging, df, chosen, layers, curves, budget, cfg["data"]["name"])
             notes = _notes(df, layers, curves)
             facts = _facts(cfg, summary, chosen, invocation, job.run_id)
             context = ReportContext(
@@ -63,6 +68,7 @@ def run(cfg: dict, summary: Path, models_dir: Path, out: Path) -> None:
         champion = _row(df, chosen.champion.label)
         job.log_metrics(
             {
+                "champion_val_top1": champion.val_top1,
                 "champion_top1": champion.top1,
                 "champion_drop": champion["drop"],
                 "champion_size": champion["size"],
@@ -98,14 +104,15 @@ def _layer_sparsity(models_dir: Path, df: pd.DataFrame, chosen: Selection) -> di
     for choice in [chosen.champion, chosen.fastest]:
         if choice is None:
             continue
-        found = _layer_counts(Path(models_dir) / Path(choice.label))
         row = _row(df, choice.label)
+        found = _layer_counts(Path(models_dir) / Path(row.shipped))
+        seed_base = dag.baseline(row.backend, row.model, int(row.shipped_seed)).label
         baseline = {
             entry["layer"]: entry["weights"]
-            for entry in _layer_counts(Path(models_dir) / row.backend / row.model / "baseline")
+            for entry in _layer_counts(Path(models_dir) / Path(seed_base))
         }
         if found:
-            layers[f"{choice.role}: {choice.label}"] = [
+            layers[f"{choice.role}: {row.shipped}"] = [
                 {**entry, "weights": max(entry["weights"], baseline.get(entry["layer"], 0))}
                 for entry in found
             ]
@@ -118,14 +125,18 @@ def _layer_counts(folder: Path) -> list[dict]:
 
 
 def _sensitivity_curves(models_dir: Path, df: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """sensitivity.csv of every backend x model that has one with rows."""
+    """sensitivity.csv of every backend x model that has one with rows (the first seed's:
+    the sweep measures the baseline, which the other seeds repeat)."""
     curves = {}
-    for backend, model in df[["backend", "model"]].drop_duplicates().itertuples(index=False):
-        path = Path(models_dir) / backend / model / "sensitivity" / SENSITIVITY_CSV
+    firsts = df[df["stage"] == "baseline"].drop_duplicates(["backend", "model"])
+    for row in firsts.itertuples(index=False):
+        seed = int(row.seed_list.split()[0])
+        folder = dag.sensitivity_dir(row.backend, row.model, seed).relative_to(dag.MODELS)
+        path = Path(models_dir) / folder / SENSITIVITY_CSV
         if path.is_file():
             frame = pd.read_csv(path)
             if not frame.empty:
-                curves[f"{backend}/{model}"] = frame
+                curves[f"{row.backend}/{row.model}"] = frame
     return curves
 
 
@@ -136,6 +147,7 @@ def _draw(
     layers: dict[str, list],
     curves: dict[str, pd.DataFrame],
     budget: float,
+    dataset: str,
 ) -> list[FigureFile]:
     (folder / FIGURES).mkdir()
     figures = []
@@ -151,8 +163,9 @@ def _draw(
         add(
             "size_vs_accuracy.png",
             f"Accuracy against size ({unit})",
-            "Every evaluated artefact. The line joins the Pareto front: no other artefact is "
-            "both smaller and more accurate. The chosen models are marked.",
+            "Every evaluated artefact's mean validation top-1 (the split that decides), with its "
+            "interval as error bars. The line joins the Pareto front: no other artefact is both "
+            "smaller and more accurate on validation. The chosen models are marked.",
         ),
     )
     plots.latency_vs_accuracy(
@@ -161,8 +174,8 @@ def _draw(
         add(
             "latency_vs_accuracy.png",
             "Accuracy against latency at batch 1",
-            "Median time per image at batch 1 on the evaluation device; the fastest artefact "
-            "within the budget is marked.",
+            "Median time per image at batch 1 on the evaluation device against mean validation "
+            "top-1 (error bars: its interval); the fastest artefact within the budget is marked.",
         ),
     )
     if (df["stage"] == "finetuned").any():
@@ -172,10 +185,24 @@ def _draw(
             add(
                 "accuracy_vs_sparsity.png",
                 "Accuracy against target sparsity",
-                "Test top-1 of every fine-tuned sweep point, one line per pruning method, "
-                "starting at the baseline (sparsity 0); dashed: the baseline minus the budget.",
+                "Test top-1 (mean over seeds, error bars: its interval) of every fine-tuned sweep "
+                "point, one line per pruning method, starting at the baseline (sparsity 0); "
+                "dashed: the baseline minus the budget; published results are drawn where the "
+                "data set and model match.",
             ),
+            dataset=dataset,
         )
+    encodings.encoding_figure(
+        df,
+        add(
+            "encodings.png",
+            "What sparsity buys on disk",
+            "Five sizes of every artefact (log scale): its non-zero weights at their stored width "
+            "(nominal), the file as deployed, that file gzipped, and its weights in shrinkflow's "
+            "sparse encoding (a bitmask plus the non-zero values at their width), plain and "
+            "gzipped. A dense file does not shrink when weights are zeroed; the encoding does.",
+        ),
+    )
     if layers:
         plots.layer_sparsity(
             layers,
@@ -218,7 +245,12 @@ def _facts(
         ("Data set", f"{cfg['data']['name']} ({cfg['data']['image_size']} px)"),
         ("Backends", ", ".join(cfg["backends"])),
         ("Models", ", ".join(cfg["models"])),
-        ("Budget", f"at most {chosen.max_drop * 100:g} pt of top-1 below the baseline"),
+        (
+            "Budget",
+            f"at most {chosen.max_drop * 100:g} pt of mean validation top-1 below the baseline "
+            "(test top-1 is reported, never used to decide)",
+        ),
+        ("Training seeds", ", ".join(str(s) for s in cfg["seeds"])),
         ("Size measure", selection.SIZE_WORDS[chosen.size_metric]),
         ("Artefacts", f"{chosen.total} evaluated, {chosen.eligible} within budget"),
         ("Summary", str(summary)),
@@ -231,8 +263,8 @@ def _write_nodes(df: pd.DataFrame, path: Path) -> None:
     nodes = df[_NODE_COLUMNS].copy()
     # DVC's plots need a number on every row: the baseline is the sweep's sparsity 0.
     nodes["target_sparsity"] = nodes["target_sparsity"].fillna(0.0)
-    for column in ("size", "gzip_bytes", "size_bytes"):  # whole bytes, not 1.0246e+06
-        nodes[column] = nodes[column].astype("int64")
+    for column in _BYTES:  # whole bytes, not 1.0246e+06
+        nodes[column] = nodes[column].round().astype("int64")
     nodes.to_csv(path, index=False, quoting=csv.QUOTE_MINIMAL, float_format="%.6g")
 
 
@@ -242,14 +274,26 @@ def _selection_record(df: pd.DataFrame, chosen: Selection) -> dict:
         return {
             "label": choice.label,
             "reason": choice.reason,
-            "top1": float(row.top1),
+            "val_top1": float(row.val_top1),
+            "val_top1_interval": [float(row.val_top1_low), float(row.val_top1_high)],
             "drop": float(row["drop"]),
+            "drop_interval": [float(row.drop_low), float(row.drop_high)],
+            "within_noise": bool(row.within_noise),
+            "top1": float(row.top1),
+            "top1_interval": [float(row.top1_low), float(row.top1_high)],
             "size": int(row["size"]),
             "latency_ms_b1": float(row.latency_ms_b1),
+            "speedup": float(row.speedup),
+            "runtime": row.runtime,
+            "seeds": int(row.seeds),
+            "shipped": row.shipped,
             "artifact": row.artifact,
         }
 
     return {
+        "decided_on": selection.DECIDING_SPLIT,
+        "reported": "test",
+        "interval": str(df["interval"].iloc[0]),
         "max_accuracy_drop": chosen.max_drop,
         "size_metric": chosen.size_metric,
         "eligible": chosen.eligible,
@@ -267,11 +311,11 @@ def _register(cfg: dict, models_dir: Path, df: pd.DataFrame, chosen: Selection) 
     versions = {}
     roles = [("champion", chosen.champion), ("fastest", chosen.quickest)]
     for alias, choice in roles:
-        model_dir = Path(models_dir) / Path(choice.label) / "model"
+        row = _row(df, choice.label)
+        model_dir = Path(models_dir) / Path(row.shipped) / dag.MODEL_DIR
         producer = tracking.read_run_ref(model_dir)
         if producer is None:
             raise ShrinkflowError(f"{model_dir}: no run.json, so no MLflow run to register from")
-        row = _row(df, choice.label)
         versions[alias] = tracking.register_model(
             cfg,
             name,
@@ -280,6 +324,8 @@ def _register(cfg: dict, models_dir: Path, df: pd.DataFrame, chosen: Selection) 
             [alias],
             tags={
                 "shrinkflow.label": choice.label,
+                "shrinkflow.shipped": row.shipped,
+                "shrinkflow.val_top1": f"{row.val_top1:.4f}",
                 "shrinkflow.top1": f"{row.top1:.4f}",
                 "shrinkflow.size": str(int(row["size"])),
                 "shrinkflow.size_metric": chosen.size_metric,
