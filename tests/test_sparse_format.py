@@ -136,10 +136,8 @@ def test_a_truncated_pool_is_refused(tmp_path):
         sparse_format.load(tmp_path / "short.npz")
 
 
-def _int8_program(folder):
-    """A resnet20 (8x8, 1 channel) with 70 % of its conv/linear weights zeroed, quantized by
-    PT2E static int8 and saved as a node's model.pt2."""
-    from shrinkflow.backends.torch import pt2e, pt2e_archive
+def _sparse_resnet20() -> torch.nn.Module:
+    """A resnet20 (8x8, 1 channel, seed 0) with a ZEROS share of its conv/linear weights zeroed."""
     from shrinkflow.backends.torch.models import create_model
 
     torch.manual_seed(0)
@@ -148,6 +146,15 @@ def _int8_program(folder):
         for module in model.modules():
             if isinstance(module, torch.nn.Conv2d | torch.nn.Linear):
                 module.weight.mul_(torch.rand_like(module.weight) >= ZEROS)
+    return model
+
+
+def _int8_program(folder):
+    """A resnet20 (8x8, 1 channel) with 70 % of its conv/linear weights zeroed, quantized by
+    PT2E static int8 and saved as a node's model.pt2."""
+    from shrinkflow.backends.torch import pt2e, pt2e_archive
+
+    model = _sparse_resnet20()
     folder.mkdir()
     prepared = pt2e.prepare(model, SPEC, "static")
     pt2e.calibrate(prepared, [torch.randn(4, 1, 8, 8)])
@@ -233,16 +240,10 @@ def test_a_tflite_int8_file_round_trips(tmp_path):
 @pytest.mark.parametrize("bits", [None, 3], ids=["float", "fixed_w3"])
 def test_a_torch_export_loads_back_as_the_model(tmp_path, bits):
     from shrinkflow.backends.torch.artifact import load_model, save_fixed_point, save_model
-    from shrinkflow.backends.torch.models import create_model
     from shrinkflow.backends.torch.stored_weights import load_sparse_model
     from shrinkflow.sparse_export import export
 
-    torch.manual_seed(0)
-    model = create_model("resnet20", 10, in_channels=1, image_size=8).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Conv2d | torch.nn.Linear):
-                module.weight.mul_(torch.rand_like(module.weight) >= ZEROS)
+    model = _sparse_resnet20()
     folder = tmp_path / "node"
     folder.mkdir()
     node = {"backend": "torch", "model": "resnet20", "stage": "finetuned", "seed": 0}
