@@ -1,13 +1,25 @@
-"""Every stage's bad input: one line naming the key or file, exit 2, and nothing written."""
+"""What a user meets at the command line: every stage's bad input (one line naming the key or
+file, exit 2, and nothing written), --version, the choices in each option's help, and stderr
+without TensorFlow's start-up lines."""
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
+
+from shrinkflow.backends.base import BACKENDS, PRUNE_METHODS, check_quant_method, quant_methods
+from shrinkflow.backends.native_log import filtered_stderr, startup_lines_kept
+from shrinkflow.cli import app
+from shrinkflow.config import schema
+from shrinkflow.quantization import MAX_BITS, MIN_BITS
 
 ROOT = Path(__file__).resolve().parents[1]
 SHRINKFLOW = str(Path(sys.executable).parent / "shrinkflow")
@@ -183,3 +195,94 @@ def test_help_lists_every_stage():
     stages = ["download", "prepare", "train", "sensitivity", "prune", "finetune", "evaluate"]
     for stage in [*stages, "summarize", "models", "validate"]:
         assert stage in result.stdout
+
+
+def test_version_is_the_installed_distributions():
+    result = subprocess.run([SHRINKFLOW, "--version"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"shrinkflow {metadata.version('shrinkflow')}\n"
+
+
+def help_text(*args: str) -> str:
+    """``shrinkflow <args> --help`` with the table borders and line breaks taken out."""
+    result = CliRunner().invoke(app, [*args, "--help"])
+    assert result.exit_code == 0, result.output
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())
+
+
+MODELS = schema()["properties"]["models"]["items"]["enum"]
+
+
+@pytest.mark.parametrize(
+    ("command", "listed"),
+    [
+        (["train"], [f"One of: {', '.join(BACKENDS)}.", ", ".join(MODELS)]),
+        (["models"], [f"One of: {', '.join(BACKENDS)}."]),
+        (["prune"], [f"{b}: {', '.join(PRUNE_METHODS[b])}" for b in BACKENDS]),
+        (
+            ["quantize"],
+            [f"{b}: {', '.join(quant_methods(b))}" for b in BACKENDS]
+            + [f"<bits> from {MIN_BITS} to {MAX_BITS}"],
+        ),
+    ],
+)
+def test_help_lists_every_choice_of_every_option(command, listed):
+    """The values come from where they are defined: backends.base, the schema's model enum."""
+    text = help_text(*command)
+    for choices in listed:
+        assert choices in text, text
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_quantize_method_in_the_help_runs_on_its_backend(backend):
+    for name in quant_methods(backend):
+        for bits in (MIN_BITS, MAX_BITS) if name.endswith("<bits>") else (None,):
+            check_quant_method(backend, name.replace("<bits>", str(bits)), key="--method")
+
+
+# What TensorFlow 2.21 writes to stderr while it loads on a machine without a GPU and TFLite
+# while it converts and starts (shortened), around two lines a job must still show: an error of
+# its own and a Python warning.
+STARTUP = """\
+fully_quantize: 0, inference_type: 6, input_inference_type: UINT8, output_inference_type: FLOAT32
+INFO: Created TensorFlow Lite XNNPACK delegate for CPU.
+WARNING: All log messages before absl::InitializeLog() is called are written to STDERR
+I0000 00:00:1796668879.390476   20271 port.cc:153] oneDNN custom operations are on.
+I0000 00:00:1796668879.391097   20271 cudart_stub.cc:31] Could not find cuda drivers on your \
+machine, GPU will not be used.
+W0000 00:00:1796668879.391097   20271 some.cc:1] a warning
+E0000 00:00:1796668893.191316   20271 op_kernel.cc:9] a real error
+/x/y.py:3: UserWarning: a Python warning
+E0000 00:00:1796668902.523658   20271 cuda_platform.cc:52] failed call to cuInit: INTERNAL: \
+CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)
+"""
+REAL = [
+    "E0000 00:00:1796668893.191316   20271 op_kernel.cc:9] a real error\n",
+    "/x/y.py:3: UserWarning: a Python warning\n",
+]
+
+
+def test_tensorflow_startup_lines_are_dropped_and_errors_kept():
+    assert startup_lines_kept(STARTUP, 2) == "".join(REAL)
+    assert startup_lines_kept(STARTUP, 3) == REAL[1]  # as TF_CPP_MIN_LOG_LEVEL=3 hides errors
+    assert startup_lines_kept(STARTUP, 0) == STARTUP  # the user asked for everything
+    warning = "W0000 00:00:1796668879.391097   20271 some.cc:1] a warning\n"
+    assert startup_lines_kept(STARTUP, 1).splitlines(keepends=True) == [warning, *REAL]
+
+
+def test_a_cuinit_failure_on_a_machine_with_a_gpu_is_kept():
+    broken = (
+        "E0000 00:00:1.0 1 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error: "
+        "Failed call to cuInit: CUDA_ERROR_SYSTEM_DRIVER_MISMATCH\n"
+    )
+    assert startup_lines_kept(broken, 2) == broken
+    no_device = broken.replace("CUDA_ERROR_SYSTEM_DRIVER_MISMATCH", "CUDA_ERROR_NO_DEVICE")
+    assert startup_lines_kept(no_device, 2) == ""
+
+
+def test_filtered_stderr_writes_back_what_is_kept(capfd, monkeypatch):
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+    with pytest.raises(RuntimeError), filtered_stderr():
+        os.write(2, STARTUP.encode())
+        raise RuntimeError("the import failed")
+    assert capfd.readouterr().err == "".join(REAL)

@@ -204,6 +204,28 @@ def test_cli_validate_ok_and_bad_input_exit_codes():
     assert "Traceback" not in bad.stderr
 
 
+def test_cli_validate_merges_a_preset_over_the_folders_params():
+    """As Snakemake merges a --configfile over params.yaml (and each job reads both)."""
+    preset = "configs/study4_googlenet_cifar100.yaml"
+    alone = run_cli("validate", "--params", preset)
+    assert alone.returncode == 0, alone.stderr
+    assert alone.stdout.startswith(f"params.yaml + {preset}: ok (data cifar100,"), alone.stdout
+    both = run_cli("validate", "--params", str(PARAMS), "--params", preset)
+    assert both.stdout.replace(str(PARAMS), "params.yaml") == alone.stdout
+
+
+def test_cli_validate_of_a_preset_outside_a_project_says_how(tmp_path):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("models: [resnet56]\n")
+    bad = run_cli("validate", "--params", "preset.yaml", cwd=tmp_path)
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("error: params: missing key "), bad.stderr
+    assert "there is no params.yaml here to merge preset.yaml over;" in bad.stderr
+    assert bad.stderr.count("\n") == 1
+    ok = run_cli("validate", "--params", str(PARAMS), "--params", "preset.yaml", cwd=tmp_path)
+    assert ok.stdout.startswith(f"{PARAMS} + preset.yaml: ok"), ok.stderr
+
+
 @pytest.mark.parametrize(
     ("methods", "message"),
     [

@@ -6,11 +6,12 @@ case is one fresh interpreter that prints the top-level names in ``sys.modules``
 """
 
 import json
+import re
 import subprocess
 import sys
 
 import pytest
-from projects import BIN, ROOT, run
+from projects import BIN, ROOT, tool_env
 
 FRAMEWORKS = {
     "torch": {"torch", "torchvision", "torchao", "torch_pruning"},
@@ -22,6 +23,7 @@ FRAMEWORKS = {
         "ai_edge_litert",
     },
 }
+USER_UNSET = ("TF_CPP_MIN_LOG_LEVEL", "TF_USE_LEGACY_KERAS")  # set by tests/conftest.py
 LOADED = "print('LOADED', json.dumps(sorted({m.partition('.')[0] for m in sys.modules})))"
 # `shrinkflow --help`, as the console script runs it (main() exits through SystemExit).
 HELP = f"""
@@ -52,21 +54,36 @@ assert backend_module(sys.argv[1], "models").model_params("resnet20") > 0
 """
 
 
-def loaded_frameworks(code: str, *args: str, tmp_path) -> set[str]:
-    result = run([sys.executable, "-c", code, *args], cwd=tmp_path)
+def loaded_frameworks(code: str, *args: str, tmp_path) -> tuple[set[str], str]:
+    """The frameworks ``code`` loaded, and its stderr. It runs without TF_CPP_MIN_LOG_LEVEL and
+    TF_USE_LEGACY_KERAS, as from a user's shell (tests/conftest.py sets both for pytest)."""
+    env = {k: v for k, v in tool_env().items() if k not in USER_UNSET}
+    cmd = [sys.executable, "-c", code, *args]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("LOADED "))
-    return set(json.loads(line.removeprefix("LOADED "))) & set().union(*FRAMEWORKS.values())
+    loaded = set(json.loads(line.removeprefix("LOADED "))) & set().union(*FRAMEWORKS.values())
+    return loaded, result.stderr
 
 
 def test_help_loads_no_framework(tmp_path):
-    assert loaded_frameworks(HELP, tmp_path=tmp_path) == set()
+    assert loaded_frameworks(HELP, tmp_path=tmp_path)[0] == set()
 
 
 @pytest.mark.parametrize("backend", ["torch", "tensorflow"])
 def test_a_job_loads_its_framework_only(tmp_path, backend):
-    loaded = loaded_frameworks(JOB, backend, tmp_path=tmp_path)
+    """...and its stderr has none of TensorFlow's start-up lines (shrinkflow.backends.native_log):
+    Abseil's info and warning records and their banner, the cuInit error of a machine without a
+    GPU."""
+    loaded, stderr = loaded_frameworks(JOB, backend, tmp_path=tmp_path)
     other = "tensorflow" if backend == "torch" else "torch"
     assert backend in loaded and not loaded & FRAMEWORKS[other], sorted(loaded)
+    startup = [
+        line
+        for line in stderr.splitlines()
+        if "absl::InitializeLog" in line or "cuInit" in line or re.match(r"[IW]\d{4} ", line)
+    ]
+    assert not startup, stderr[-3000:]
 
 
 @pytest.mark.parametrize(

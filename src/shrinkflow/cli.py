@@ -10,13 +10,16 @@ import errno
 import os
 import re
 import sys
+from importlib import metadata
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from shrinkflow.config import load_params
+from shrinkflow.backends.base import BACKENDS, PRUNE_METHODS, quant_methods
+from shrinkflow.config import BASE_PARAMS, MissingKeyError, load_params, over_base_params, schema
 from shrinkflow.errors import ShrinkflowError
+from shrinkflow.quantization import MAX_BITS, MIN_BITS
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -42,19 +45,62 @@ OutOption = Annotated[Path, typer.Option("--out", help="Output path (written ato
 DataOption = Annotated[Path, typer.Option("--data", help="The prepared data folder.")]
 BaselineOption = Annotated[Path, typer.Option("--in", help="The trained baseline's model folder.")]
 
-DEFAULT_PARAMS = [Path("params.yaml")]
+DEFAULT_PARAMS = [BASE_PARAMS]
+
+# The values an option takes, in its help, from where they are defined: the backends and what
+# each implements (shrinkflow.backends.base), the model names (the params schema's enum).
+BACKEND_CHOICES = f"One of: {', '.join(BACKENDS)}."
+MODEL_CHOICES = (
+    f"A model the backend registers, among: "
+    f"{', '.join(schema()['properties']['models']['items']['enum'])} "
+    "(`shrinkflow models --backend B` lists B's, with sizes)."
+)
 
 
-def _params(
-    params: list[Path] | None, overrides: list[str] | None, *, tracked: bool = True
-) -> dict:
-    """The merged, validated params; for a stage (``tracked``), also a tracking server that
-    answers, checked before the stage writes or computes anything."""
+def per_backend(methods: dict[str, list[str]] | dict[str, tuple[str, ...]]) -> str:
+    """``torch: a, b; tensorflow: a, c``: each backend's methods, for an option's help."""
+    return "; ".join(f"{backend}: {', '.join(methods[backend])}" for backend in BACKENDS)
+
+
+PRUNE_CHOICES = f"By backend, {per_backend(PRUNE_METHODS)}."
+QUANT_CHOICES = (
+    f"By backend, {per_backend({b: quant_methods(b) for b in BACKENDS})} "
+    f"(<bits> from {MIN_BITS} to {MAX_BITS})."
+)
+
+
+def _print_version(wanted: bool) -> None:
+    if not wanted:
+        return
+    try:
+        version = metadata.version("shrinkflow")
+    except metadata.PackageNotFoundError:
+        raise ShrinkflowError(
+            "shrinkflow is not installed, so it has no version (pip install -e .)"
+        ) from None
+    typer.echo(f"shrinkflow {version}")
+    raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Options that come before any command (the app's help is Typer's help above)."""
+
+
+def _params(params: list[Path] | None, overrides: list[str] | None) -> dict:
+    """A stage's merged, validated params, and a tracking server that answers, checked before
+    the stage writes or computes anything."""
+    from shrinkflow.tracking.health import require_server
+
     cfg = load_params(params or DEFAULT_PARAMS, overrides or [])
-    if tracked:
-        from shrinkflow.tracking.health import require_server
-
-        require_server(cfg)
+    require_server(cfg)
     return cfg
 
 
@@ -81,8 +127,8 @@ def prepare(
 
 @app.command()
 def train(
-    backend: Annotated[str, typer.Option(help="torch")],
-    model: Annotated[str, typer.Option(help="A registered model; see `shrinkflow models`.")],
+    backend: Annotated[str, typer.Option(help=BACKEND_CHOICES)],
+    model: Annotated[str, typer.Option(help=MODEL_CHOICES)],
     in_: Annotated[Path, typer.Option("--in", help="The prepared data folder.")],
     out: OutOption,
     params: ParamsOption = None,
@@ -119,8 +165,10 @@ def sensitivity(
 
 @app.command()
 def prune(
-    method: Annotated[str, typer.Option(help="One of prune.methods' allowed values.")],
-    sparsity: Annotated[float, typer.Option(help="Target share of weights (or filters) removed.")],
+    method: Annotated[str, typer.Option(help=PRUNE_CHOICES)],
+    sparsity: Annotated[
+        float, typer.Option(help="Target share of weights (or filters) removed, in [0, 1).")
+    ],
     in_: BaselineOption,
     data: DataOption,
     sensitivity: Annotated[Path, typer.Option(help="The sensitivity stage's folder.")],
@@ -150,9 +198,7 @@ def finetune(
 
 @app.command()
 def quantize(
-    method: Annotated[
-        str, typer.Option(help="static_int8, dynamic_int8, qat_int8 or fixed_w<bits>.")
-    ],
+    method: Annotated[str, typer.Option(help=QUANT_CHOICES)],
     in_: Annotated[
         Path, typer.Option("--in", help="A float model folder (baseline or fine-tuned).")
     ],
@@ -161,7 +207,7 @@ def quantize(
     params: ParamsOption = None,
     set_: SetOption = None,
 ) -> None:
-    """Quantize one model: int8 (static, dynamic, QAT) or fixed-point weights of N bits."""
+    """Quantize one model: int8 (static, dynamic, QAT), N-bit fixed-point weights, or TFLite."""
     from shrinkflow.stages import quantize as stage
 
     stage.run(_params(params, set_), method, in_, data, out)
@@ -219,8 +265,10 @@ def export_sparse(
     in_: Annotated[Path, typer.Option("--in", help="A model folder written by a stage.")],
     out: OutOption,
 ) -> None:
-    """Write a model's weights at their precision, pruned zeros left out, as one .npz archive
-    (load it with shrinkflow.sparse_format.load)."""
+    """Write a model's weights at their precision, pruned zeros left out, as one .npz archive.
+
+    Load it with shrinkflow.sparse_format.load.
+    """
     from shrinkflow.sparse_export import export
 
     done = export(in_, out)
@@ -232,7 +280,7 @@ def export_sparse(
 
 @app.command()
 def models(
-    backend: Annotated[str, typer.Option(help="Backend whose registry to list.")] = "torch",
+    backend: Annotated[str, typer.Option(help=BACKEND_CHOICES)] = "torch",
 ) -> None:
     """List the model registry with parameter counts (10 classes, 3x32x32 input)."""
     from shrinkflow.backends.base import backend_module
@@ -244,12 +292,27 @@ def models(
 
 @app.command()
 def validate(params: ParamsOption = None, set_: SetOption = None) -> None:
-    """Check params files (merged in order) against the schema; print a one-line verdict."""
-    cfg = _params(params, set_, tracked=False)
-    files = " + ".join(str(p) for p in (params or DEFAULT_PARAMS))
+    """Check the params a run would see against the schema; print a one-line verdict.
+
+    As Snakemake merges each --configfile over params.yaml, the --params files are merged over
+    the params.yaml of this folder (listed first in the verdict) unless they list it, so
+    `shrinkflow validate --params configs/<preset>.yaml` checks the preset's run.
+    """
+    given = params or []
+    files = over_base_params(given) if given else DEFAULT_PARAMS
+    try:
+        cfg = load_params(files, set_ or [])
+    except MissingKeyError as exc:
+        if any(Path(f).name == BASE_PARAMS.name for f in files):
+            raise
+        raise ShrinkflowError(
+            f"{exc} (read alone: there is no {BASE_PARAMS} here to merge "
+            f"{' + '.join(map(str, given))} over; run in the project folder or give "
+            f"--params <project>/{BASE_PARAMS} first)"
+        ) from None
     typer.echo(
-        f"{files}: ok (data {cfg['data']['name']}, backends {', '.join(cfg['backends'])}, "
-        f"models {', '.join(cfg['models'])})"
+        f"{' + '.join(map(str, files))}: ok (data {cfg['data']['name']}, "
+        f"backends {', '.join(cfg['backends'])}, models {', '.join(cfg['models'])})"
     )
 
 

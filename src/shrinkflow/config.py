@@ -22,6 +22,13 @@ from shrinkflow.errors import ShrinkflowError
 from shrinkflow.quantization import parse_quant_method
 
 SCHEMA_PATH = Path(__file__).with_name("schemas") / "params.schema.yaml"
+# The params file every run starts from, in the project folder (the working directory).
+BASE_PARAMS = Path("params.yaml")
+
+
+class MissingKeyError(ShrinkflowError):
+    """A config lacks a required key: often a preset (configs/*.yaml) read without the
+    params.yaml it is written to be merged over."""
 
 
 class _Loader(yaml.SafeLoader):
@@ -98,6 +105,16 @@ def load_params(files: Sequence[Path], overrides: Iterable[str] = ()) -> dict:
     return cfg
 
 
+def over_base_params(files: Sequence[Path], base: Path = BASE_PARAMS) -> list[Path]:
+    """``base`` (when it exists), then ``files``: the files a run with these presets reads, as
+    Snakemake merges each ``--configfile`` over params.yaml and hands every job
+    ``--params params.yaml --params <preset>``. ``files`` as they are if they list ``base``."""
+    paths = [Path(path) for path in files]
+    if not base.is_file() or any(path.resolve() == base.resolve() for path in paths):
+        return paths
+    return [base, *paths]
+
+
 @cache
 def schema() -> dict:
     return read_yaml(SCHEMA_PATH)
@@ -116,7 +133,8 @@ def validate_params(cfg: Mapping) -> None:
     )
     if errors:
         more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-        raise ShrinkflowError(describe(errors[0]) + more)
+        error = MissingKeyError if errors[0].validator == "required" else ShrinkflowError
+        raise error(describe(errors[0]) + more)
     _check_cross_keys(cfg)
 
 

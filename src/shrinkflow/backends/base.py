@@ -101,6 +101,9 @@ JOB_MODULES: dict[str, tuple[str, ...]] = {
     # a model's weights at their stored precision (shrinkflow.sparse_format): evaluate's
     # nominal and sparse sizes, `shrinkflow export-sparse`
     "stored_weights": ("stored_weights", "encoding_sizes"),
+    # a model folder as a function of raw images: the registered models' MLflow pyfunc
+    # (shrinkflow.tracking.pyfunc_model)
+    "predict": ("load_predictor",),
 }
 
 
@@ -164,17 +167,22 @@ def check_quant_method(backend: str, method: str, key: str) -> None:
     """A ShrinkflowError naming ``key`` if ``backend`` cannot quantize with ``method``."""
     family = parse_quant_method(method, key).family
     if family not in QUANT_FAMILIES[backend]:
-        offered = [
-            m
-            for m in (*INT8_METHODS, *FLOAT_METHODS)
-            if parse_quant_method(m).family in QUANT_FAMILIES[backend]
-        ]
-        if "fixed" in QUANT_FAMILIES[backend]:
-            offered.append(f"{FIXED_PREFIX}<bits>")
         raise ShrinkflowError(
             f"{key}: {method!r} is not available for backend {backend} "
-            f"(it has: {', '.join(offered)})"
+            f"(it has: {', '.join(quant_methods(backend))})"
         )
+
+
+def quant_methods(backend: str) -> list[str]:
+    """The quantization method names ``backend`` offers, ``fixed_w<bits>`` for every width."""
+    offered = [
+        m
+        for m in (*INT8_METHODS, *FLOAT_METHODS)
+        if parse_quant_method(m).family in QUANT_FAMILIES[backend]
+    ]
+    if "fixed" in QUANT_FAMILIES[backend]:
+        offered.append(f"{FIXED_PREFIX}<bits>")
+    return offered
 
 
 def check_model(backend: str, model_name: str) -> None:

@@ -3,7 +3,29 @@
 
 Stages reach a job module through ``shrinkflow.backends.base.backend_module``, which imports it
 (and TensorFlow, ~10 s to import) only when that job runs, so a torch job never pays for it.
-Every module sets ``TF_USE_LEGACY_KERAS=1`` before importing TensorFlow: tfmot's pruning
-wrappers need Keras 2 (the ``tf_keras`` package). torch is never imported here (ruff.toml
-beside this file bans it).
+torch is never imported here (ruff.toml beside this file bans it).
+
+This package's import is where TensorFlow starts in every process that runs a job (a
+`shrinkflow` command under Snakemake, DVC or a shell, a distributed worker): Python imports it
+before any of its modules. It sets, unless the environment already does,
+``TF_USE_LEGACY_KERAS=1`` (tfmot's pruning wrappers need Keras 2, the ``tf_keras`` package) and
+``TF_CPP_MIN_LOG_LEVEL=2`` (warnings and errors only; export 0 to see TensorFlow's info lines),
+then imports TensorFlow and queries its devices with stderr filtered
+(``shrinkflow.backends.native_log``): the start-up lines no setting silences, and the cuInit
+error of a machine without a GPU, do not reach a job's log; errors do. (The same
+``os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")`` atop each module here is therefore
+redundant.) Listing the devices does not start TensorFlow's runtime: thread counts and logical
+devices can still be configured after it.
 """
+
+import os
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from shrinkflow.backends.native_log import filtered_stderr  # noqa: E402
+
+with filtered_stderr():
+    import tensorflow as tf
+
+    tf.config.list_physical_devices()  # cuInit, on a GPU machine before any device is in use

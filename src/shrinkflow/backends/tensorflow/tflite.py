@@ -35,6 +35,7 @@ from ai_edge_litert import schema_py_generated as schema  # noqa: E402
 from ai_edge_litert.interpreter import Interpreter, OpResolverType  # noqa: E402
 from ai_edge_litert.schema_py_generated import BuiltinOperator  # noqa: E402
 
+from shrinkflow.backends.native_log import filtered_stderr  # noqa: E402
 from shrinkflow.backends.tensorflow.artifact import read_spec  # noqa: E402
 from shrinkflow.backends.tensorflow.weights import Counts, count_weights  # noqa: E402
 from shrinkflow.errors import ShrinkflowError  # noqa: E402
@@ -99,7 +100,8 @@ def convert(model: keras.Model, method: str, calibration: list[np.ndarray]) -> b
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         converter.inference_input_type = tf.uint8
         converter.inference_output_type = tf.float32
-    return converter.convert()
+    with filtered_stderr():
+        return converter.convert()
 
 
 @dataclass(frozen=True)
@@ -206,7 +208,8 @@ class Runner:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if not self._allocated:
-            self._interpreter.allocate_tensors()
+            with filtered_stderr():
+                self._interpreter.allocate_tensors()
             self._allocated = True
         self._interpreter.set_tensor(self._input, x)
         self._interpreter.invoke()
