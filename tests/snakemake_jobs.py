@@ -34,7 +34,7 @@ def main() -> None:
                 "command": re.sub(r" 2> \S+$", "", " ".join(str(job.shellcmd).split())),
                 "inputs": sorted(map(str, job.input)),
                 "outputs": sorted(map(str, job.output)),
-                "params": sorted(key for value in job.params for key in value),
+                "params": sorted(k for v in job.params if isinstance(v, dict) for k in v),
                 "wildcards": dict(job.wildcards.items()),
             }
             for job in workflow.dag.jobs

@@ -361,7 +361,7 @@ stage=$1 out=""
 while [ $# -gt 0 ]; do [ "$1" = --out ] && out=$2; shift; done
 case "$stage:$out" in
   report:*) mkdir -p "$out/figures" && touch "$out/index.html" "$out/report.md" \
-    "$out/nodes.csv" "$out/selection.json" ;;
+    "$out/nodes.csv" "$out/selection.json" "$out/metrics.json" ;;
   *.json|*.csv) mkdir -p "$(dirname "$out")" && : > "$out" ;;
   *) mkdir -p "$out" ;;
 esac

@@ -11,6 +11,7 @@ re-runs it.
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,7 +19,8 @@ from pathlib import Path
 import yaml
 
 from shrinkflow.backends.base import BACKENDS
-from shrinkflow.stage_table import DVC_FIELDS, DVC_MATRIX, STAGES, Stage
+from shrinkflow.report.dvc_metrics import METRICS_JSON
+from shrinkflow.stage_table import DVC_FIELDS, DVC_MATRIX, REPORT, STAGES, Stage
 
 PACKAGE = Path(__file__).resolve().parent  # src/shrinkflow
 SOURCE_ROOT = "src"  # where the package lives in a checkout, as dvc.yaml names its files
@@ -30,35 +32,40 @@ HEADER = """\
 # templating, so a changed params.yaml needs no new dvc.yaml.
 """
 
-# The chosen model's accuracy, drop, size and latency: `dvc metrics show`, `dvc exp show`; and
-# `dvc plots show` / `dvc plots diff <rev>...` draw the report's node table and figures:
-# test top-1 (the reported figure) against sparsity, validation top-1 (the deciding one, as
-# in the report's trade-off figures) against size and latency.
+# `dvc metrics show` / `dvc exp show`: the report's numbers-only metrics.json (the champion's
+# and the fastest model's accuracy, drop, size and latency; shrinkflow.report.dvc_metrics).
+# The per-node metrics.json files are plain cached outputs: their text fields (labels, paths,
+# reasons) would each be a column. `dvc plots show` / `dvc plots diff <rev>...` draw the
+# report's node table and figures: test top-1 (the reported figure) against sparsity,
+# validation top-1 (the deciding one, as in the report's trade-off figures) against size and
+# latency. (Snakemake's .snakemake_timestamp in the figures folder is in .dvcignore.)
+# (the names stages/report.py gives them; it imports matplotlib, so they are written here)
+NODES = f"{REPORT}/nodes.csv"
 EXTRAS = {
-    "metrics": ["results/report/selection.json"],
+    "metrics": [f"{REPORT}/{METRICS_JSON}"],
     "plots": [
         {
             "Test top-1 against target sparsity": {
                 "template": "scatter",
                 "x": "target_sparsity",
-                "y": {"results/report/nodes.csv": "top1"},
+                "y": {NODES: "top1"},
             }
         },
         {
             "Validation top-1 against size": {
                 "template": "scatter",
                 "x": "size",
-                "y": {"results/report/nodes.csv": "val_top1"},
+                "y": {NODES: "val_top1"},
             }
         },
         {
             "Validation top-1 against latency at batch 1": {
                 "template": "scatter",
                 "x": "latency_ms_b1",
-                "y": {"results/report/nodes.csv": "val_top1"},
+                "y": {NODES: "val_top1"},
             }
         },
-        "results/report/figures",
+        f"{REPORT}/figures",
     ],
 }
 
@@ -99,10 +106,7 @@ def _dvc_stage(stage: Stage, values: dict[str, str]) -> dict:
     entry["cmd"] = f"shrinkflow {sub_command} --params params.yaml {rest}"
     entry["deps"] = [*inputs.values(), *code_deps(stage)]
     entry["params"] = list(stage.all_params())
-    kinds: dict[str, list[str]] = {}
-    for name, out in outputs.items():
-        kinds.setdefault("metrics" if name in stage.metrics else "outs", []).append(out)
-    entry.update(kinds)
+    entry["outs"] = list(outputs.values())
     return entry
 
 
@@ -180,7 +184,8 @@ def _files_of(module: str) -> list[Path]:
     return found + [p for p in packages if p.is_file()]
 
 
-def _imports(path: Path) -> list[str]:
+@functools.cache  # each file is parsed once per process, not once per stage that runs it
+def _imports(path: Path) -> tuple[str, ...]:
     """The shrinkflow modules ``path`` imports (``from pkg import name`` counts both ``pkg``
     and ``pkg.name``, whichever is a module)."""
     # the package a relative import starts from (a module's, or an __init__.py's own)
@@ -197,7 +202,7 @@ def _imports(path: Path) -> list[str]:
                 module = node.module or ""
             found.append(module)
             found.extend(f"{module}.{alias.name}" for alias in node.names)
-    return [m for m in found if m.split(".")[0] == PACKAGE.name]
+    return tuple(m for m in found if m.split(".")[0] == PACKAGE.name)
 
 
 def write(path: Path) -> bool:

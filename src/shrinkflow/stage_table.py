@@ -92,8 +92,6 @@ class Stage:
     # it calls (shrinkflow.backends.<backend>.<job>): their imports are its code dependencies.
     module: str = ""
     backend_job: str = ""
-    # The DVC output kind of each output: `outs` (cached) or `metrics` (a DVC metric).
-    metrics: tuple[str, ...] = ()
     # For a stage whose templates hold {node} or {source}: the DVC stage-name suffix and the
     # folder of each alternative (FLOAT_NODES).
     alternatives: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
@@ -226,7 +224,6 @@ STAGES: tuple[Stage, ...] = (
         params=("evaluate",),
         module="evaluate",
         backend_job="evaluate",
-        metrics=("metrics",),
         alternatives={suffix: {"node": node} for suffix, node in FLOAT_NODES.items()},
     ),
     Stage(
@@ -242,7 +239,6 @@ STAGES: tuple[Stage, ...] = (
         params=("evaluate",),
         module="evaluate",
         backend_job="evaluate",
-        metrics=("metrics",),
         alternatives={suffix: {"source": node} for suffix, node in FLOAT_NODES.items()},
     ),
     Stage(
@@ -313,10 +309,31 @@ DVC_MATRIX = {
 }
 
 
+class UntrackedArguments:
+    """Command-line arguments that a rule passes to its shell command as a `params:` entry
+    (``{params.cli}``) without Snakemake's params rerun trigger tracking them: Snakemake records
+    a params value only when it can represent it (str, numbers, containers; see
+    ``snakemake.persistence``) and formats any other value with ``str``.
+
+    For the `--params`/`--set` arguments, which change with the list of config files: a job's
+    values are tracked by its `shrinkflow` params entry (``read_params``), so a preset re-runs
+    only the jobs whose values it changes, not every job because the list of files changed."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return f"UntrackedArguments({self.text!r})"
+
+
 @dataclass(frozen=True)
 class SnakemakeRule:
     """What a rule of workflow/rules takes from the table: path patterns with wildcards, the
-    shell command (its stderr to the rule's log) and the params it declares."""
+    shell command (its stderr to the rule's log; the `--params` arguments are the rule's
+    ``cli`` params entry, an ``UntrackedArguments``) and the params it declares."""
 
     input: dict[str, str]
     output: dict[str, str]
@@ -354,7 +371,7 @@ def snakemake_rule(name: str, cfg: Mapping, literal: tuple[str, ...] = ()) -> Sn
     return SnakemakeRule(
         input=inputs,
         output=outputs,
-        shell=f"shrinkflow {sub_command} {{PARAMS}} {rest} 2> {{log}}",
+        shell=f"shrinkflow {sub_command} {{params.cli}} {rest} 2> {{log}}",
         params=lambda wildcards: read_params(name, cfg, dict(wildcards.items())),
     )
 

@@ -75,12 +75,18 @@ if "params.yaml" not in workflow.configfiles:
 # ---- end params ----
 
 
-PARAMS = params_args()
+# Each rule's `cli` params entry: the `--params`/`--set` arguments of this run, in the command
+# but not tracked by Snakemake's params trigger (stage_table.UntrackedArguments): the values a
+# job reads are its `shrinkflow` entry, so a preset re-runs only the jobs whose values change.
+PARAMS = stage_table.UntrackedArguments(params_args())
+# Each rule's `conda:` (relative to workflow/rules/): used with --sw-deployment-method conda.
+SOFTWARE = "../envs/shrinkflow.yaml"
 SUMMARY = str(dag.SUMMARY)
 REPORT_HTML = str(dag.REPORT / "index.html")
 REPORT_MARKDOWN = str(dag.REPORT / "report.md")
 REPORT_NODES = str(dag.REPORT / "nodes.csv")
 REPORT_SELECTION = str(dag.REPORT / "selection.json")
+REPORT_METRICS = str(dag.REPORT / "metrics.json")
 REPORT_FIGURES = str(dag.REPORT / "figures")
 
 
@@ -114,14 +120,6 @@ wildcard_constraints:
     source=QUANTIZABLE_NODE,
     **stage_table.FIELD_PATTERNS,
 
-# `snakemake --lint` also notes that shell commands use PARAMS from outside the rule. That is on
-# purpose: as a `params:` entry it would make Snakemake re-run every job whenever the list of
-# config files changes; instead each rule's `params:` holds exactly the config keys it reads
-# (the stage table's), so a changed value re-runs only the jobs that read it.
-# `snakemake --lint` asks for a conda environment or container per rule. Every rule runs the
-# `shrinkflow` CLI from the project's virtualenv (`make venv`, pinned in pyproject.toml and
-# constraints.txt), which is the one environment the tests exercise; that lint is accepted.
-
 
 # ---- tracking server check (issue 7): before any job runs ----
 # An http(s) tracking URI (tracking.uri or MLFLOW_TRACKING_URI) must answer first: one line and
@@ -139,25 +137,54 @@ onstart:
 # ---- end tracking server check ----
 
 
-# ---- DVC remote (issue 7): checked before any job runs, pushed to after a complete run ----
+# ---- DVC: dvc.lock after a successful run, and the shared remote (issue 7) ----
+# After jobs ran successfully, `onsuccess` (this workflow's only one, in this process alone)
+# records their outputs in dvc.lock with `dvc commit`, so `dvc status` is clean and `dvc repro`
+# runs nothing, when the run brought params.yaml's whole DAG up to date (shrinkflow.dvc_lock
+# says which runs do: no preset or --config, the default target, ...); otherwise, or if DVC
+# fails, one line says why and the run still succeeds.
 # Opt-in, as runtime config (never params.yaml): SHRINKFLOW_DVC_PUSH=1 snakemake ... checks DVC's
 # default remote (`dvc remote add -d NAME URL`) here, so a dead remote stops the run in one line
-# before any compute; then `onsuccess` (this workflow's only one) runs `dvc commit -f` and
-# `dvc push` once, from this process, never from the jobs. Reading DVC's config costs ~0.15 s;
-# only the main process checks, dry runs included (cluster jobs re-read this file and skip it).
+# before any compute; then `onsuccess` runs `dvc commit -f` and `dvc push` once, and a failure
+# of either fails the run. Reading DVC's config costs ~0.15 s; only the main process checks, dry
+# runs included (cluster jobs re-read this file and skip it).
+from shrinkflow import dvc_lock
 from shrinkflow import remote as dvc_remote
+
+# This run's --configfile and --config arguments beyond params.yaml, as the user typed them.
+PARAMS_OVERRIDES = [
+    f"--configfile {os.path.relpath(path)}"
+    for path in workflow.config_settings.configfiles
+    if os.path.relpath(path) != "params.yaml"
+] + [f"--config {key}=..." for key in workflow.config_settings.config]
 
 DVC_PUSH = dvc_remote.push_requested() and workflow.is_main_process
 if DVC_PUSH:
-    _overrides = [
-        f"--configfile {os.path.relpath(path)}"
-        for path in workflow.config_settings.configfiles
-        if os.path.relpath(path) != "params.yaml"
-    ] + [f"--config {key}=..." for key in workflow.config_settings.config]
     try:
-        print(dvc_remote.require_pushable(Path.cwd(), _overrides), file=sys.stderr)
+        print(dvc_remote.require_pushable(Path.cwd(), PARAMS_OVERRIDES), file=sys.stderr)
     except ShrinkflowError as exc:
         sys.exit(f"error: {exc}")
+
+
+def run_scope():
+    """What this run covered, for dvc_lock to decide whether dvc.lock may record it."""
+    settings = workflow.dag_settings
+    narrowing = [
+        f"--{option.replace('_', '-')} {' '.join(sorted(map(str, values)))}"
+        for option in ("until", "omit_from", "allowed_rules", "target_jobs")
+        if (values := getattr(settings, option))
+    ]
+    if settings.batch is not None:
+        narrowing.append("--batch")
+    return dvc_lock.RunScope(
+        overrides=tuple(PARAMS_OVERRIDES),
+        targets=tuple(map(str, settings.targets)),
+        default_target=str(workflow.default_target),
+        narrowing=tuple(narrowing),
+        rerun_triggers=frozenset(str(t) for t in settings.rerun_triggers),
+        touch=workflow.touch,
+        immediate_submit=workflow.remote_execution_settings.immediate_submit,
+    )
 
 
 onsuccess:
@@ -166,7 +193,11 @@ onsuccess:
             dvc_remote.push(Path.cwd())
         except ShrinkflowError as exc:
             sys.exit(f"error: {exc}")
-# ---- end DVC remote ----
+    elif workflow.is_main_process:
+        _recorded = dvc_lock.record(Path.cwd(), run_scope())
+        if _recorded:
+            print(_recorded, file=sys.stderr)
+# ---- end DVC ----
 
 
 # ---- Slurm (issue 7): one tracking store for every job, and a preflight before submitting ----

@@ -10,9 +10,12 @@ rule download:
         "logs/benchmark/download.tsv"
     params:
         shrinkflow=TABLE["download"].params,
+        cli=PARAMS,
     threads: 1
     resources:
         mem_mb=2000,
+    conda:
+        SOFTWARE,
     shell:
         TABLE["download"].shell
 
@@ -28,8 +31,11 @@ rule prepare:
         "logs/benchmark/prepare.tsv"
     params:
         shrinkflow=TABLE["prepare"].params,
+        cli=PARAMS,
     threads: 1
     resources:
         mem_mb=4000,
+    conda:
+        SOFTWARE,
     shell:
         TABLE["prepare"].shell

@@ -14,9 +14,12 @@ rule evaluate:
         "logs/benchmark/evaluate/{backend}/{model}/seed{seed}/{node}.tsv"
     params:
         shrinkflow=TABLE["evaluate"].params,
+        cli=PARAMS,
     threads: 2
     resources:
         mem_mb=4000,
+    conda:
+        SOFTWARE,
     shell:
         TABLE["evaluate"].shell
 
@@ -32,9 +35,12 @@ rule evaluate_quantized:
         "logs/benchmark/evaluate/{backend}/{model}/seed{seed}/quantized/{qmethod}/{source}.tsv"
     params:
         shrinkflow=TABLE["evaluate_quantized"].params,
+        cli=PARAMS,
     threads: 2
     resources:
         mem_mb=4000,
+    conda:
+        SOFTWARE,
     shell:
         TABLE["evaluate_quantized"].shell
 
@@ -51,8 +57,11 @@ rule summarize:
         "logs/benchmark/summarize.tsv"
     params:
         shrinkflow=TABLE["summarize"].params,
+        cli=PARAMS,
     threads: 1
     resources:
         mem_mb=1000,
+    conda:
+        SOFTWARE,
     shell:
         TABLE["summarize"].shell

@@ -12,9 +12,12 @@ rule sensitivity:
         "logs/benchmark/sensitivity/{backend}/{model}/seed{seed}.tsv"
     params:
         shrinkflow=TABLE["sensitivity"].params,
+        cli=PARAMS,
     threads: 2
     resources:
         mem_mb=4000,
+    conda:
+        SOFTWARE,
     shell:
         TABLE["sensitivity"].shell
 
@@ -30,9 +33,12 @@ rule prune:
         "logs/benchmark/prune/{backend}/{model}/seed{seed}/{method}/{sparsity}.tsv"
     params:
         shrinkflow=TABLE["prune"].params,
+        cli=PARAMS,
     threads: 2
     resources:
         mem_mb=8000,
+    conda:
+        SOFTWARE,
     shell:
         TABLE["prune"].shell
 
@@ -48,8 +54,11 @@ rule finetune:
         "logs/benchmark/finetune/{backend}/{model}/seed{seed}/{method}/{sparsity}.tsv"
     params:
         shrinkflow=TABLE["finetune"].params,
+        cli=PARAMS,
     threads: 2
     resources:
         mem_mb=8000,
+    conda:
+        SOFTWARE,
     shell:
         TABLE["finetune"].shell

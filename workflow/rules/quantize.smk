@@ -12,8 +12,11 @@ rule quantize:
         "logs/benchmark/quantize/{backend}/{model}/seed{seed}/{qmethod}/{source}.tsv"
     params:
         shrinkflow=TABLE["quantize"].params,
+        cli=PARAMS,
     threads: 2
     resources:
         mem_mb=8000,
+    conda:
+        SOFTWARE,
     shell:
         TABLE["quantize"].shell

@@ -12,6 +12,7 @@ rule report:
         markdown=REPORT_MARKDOWN,
         nodes=report(REPORT_NODES, caption="../report/nodes.rst", category="Report"),
         selection=report(REPORT_SELECTION, caption="../report/selection.rst", category="Report"),
+        metrics=REPORT_METRICS,
         figures=report(
             directory(REPORT_FIGURES),
             patterns=["{name}.png"],
@@ -24,8 +25,11 @@ rule report:
         "logs/benchmark/report.tsv"
     params:
         shrinkflow=TABLE["report"].params,
+        cli=PARAMS,
     threads: 1
     resources:
         mem_mb=2000,
+    conda:
+        SOFTWARE,
     shell:
         TABLE["report"].shell

@@ -12,8 +12,11 @@ rule train:
         "logs/benchmark/train/{backend}/{model}/seed{seed}.tsv"
     params:
         shrinkflow=TABLE["train"].params,
+        cli=PARAMS,
     threads: 2
     resources:
         mem_mb=8000,
+    conda:
+        SOFTWARE,
     shell:
         TABLE["train"].shell
