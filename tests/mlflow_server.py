@@ -48,14 +48,15 @@ class Server:
         with urllib.request.urlopen(f"{self.uri}/health", timeout=10) as response:
             return response.status
 
-    def runs(self, experiment: str) -> list[dict]:
-        """Every run of ``experiment``, following the pages."""
-        experiment_id = self.get("experiments/get-by-name", experiment_name=experiment)[
-            "experiment"
-        ]["experiment_id"]
+    def runs(self, *experiments: str) -> list[dict]:
+        """Every run of ``experiments``, following the pages."""
+        experiment_ids = [
+            self.get("experiments/get-by-name", experiment_name=name)["experiment"]["experiment_id"]
+            for name in experiments
+        ]
         runs, token = [], None
         while True:
-            body = {"experiment_ids": [experiment_id], "max_results": 500}
+            body = {"experiment_ids": experiment_ids, "max_results": 500}
             if token:
                 body["page_token"] = token
             page = self.post("runs/search", body)
@@ -64,14 +65,16 @@ class Server:
             if not token:
                 return runs
 
-    def runs_so_far(self, experiment: str) -> list[dict]:
-        """The runs of ``experiment``; none before the first job creates it."""
-        try:
-            return self.runs(experiment)
-        except urllib.error.HTTPError as exc:
-            if exc.code != 404:
-                raise
-            return []
+    def runs_so_far(self, *experiments: str) -> list[dict]:
+        """The runs of those of ``experiments`` that exist (a job creates them)."""
+        runs = []
+        for name in experiments:
+            try:
+                runs.extend(self.runs(name))
+            except urllib.error.HTTPError as exc:
+                if exc.code != 404:
+                    raise
+        return runs
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -106,13 +106,23 @@ def read_summary(project: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def mlflow_runs(project: Path) -> list:
-    """Every run of the project's default store (its mlflow.db)."""
+# params.yaml's tracking.experiment: the evaluated artefacts' runs, and every other job's runs
+EXPERIMENTS = ("shrinkflow", "shrinkflow-jobs")
+
+
+def store_runs(uri: str, experiments: tuple[str, ...] = EXPERIMENTS) -> list:
+    """Every run of ``experiments`` (default: both of shrinkflow's) in the store at ``uri``."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("shrinkflow")
-    return client.search_runs([experiment.experiment_id], max_results=1000)
+    client = MlflowClient(tracking_uri=uri)
+    found = [client.get_experiment_by_name(name) for name in experiments]
+    ids = [experiment.experiment_id for experiment in found if experiment is not None]
+    return client.search_runs(ids, max_results=1000) if ids else []
+
+
+def mlflow_runs(project: Path) -> list:
+    """Every run of the project's default store (its mlflow.db), in both experiments."""
+    return store_runs(f"sqlite:///{project / 'mlflow.db'}")
 
 
 def job_counts(output: str) -> dict[str, int]:

@@ -120,7 +120,7 @@ def train_runs(root: Path) -> list:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("shrinkflow")
+    experiment = client.get_experiment_by_name("shrinkflow-jobs")  # train runs
     runs = client.search_runs([experiment.experiment_id], max_results=100)
     return [r for r in runs if r.data.tags.get("shrinkflow.stage") == "train"]
 

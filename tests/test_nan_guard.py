@@ -242,7 +242,7 @@ def test_a_diverged_job_ends_its_mlflow_run_failed_and_writes_nothing(tmp_path, 
     assert not out.exists()
     assert not list(tmp_path.glob(".tmp-baseline-*"))
     client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("shrinkflow").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("shrinkflow-jobs").experiment_id])
     assert [run.info.status for run in runs] == ["FAILED"]
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from projects import BIN, ROOT, tool_env
+from projects import BIN, ROOT, store_runs, tool_env
 from stage_projects import make_stage_project, running_runs, stopping_cli
 
 from shrinkflow import tracking
@@ -29,9 +29,7 @@ EVALUATE = ["--set", "data.image_size=8", "--set", 'evaluate={"device": "cpu", '
 
 
 def runs_of(db: Path, stage: str) -> list:
-    client = MlflowClient(f"sqlite:///{db}")
-    experiment = client.get_experiment_by_name("shrinkflow")
-    found = client.search_runs([experiment.experiment_id], max_results=100)
+    found = store_runs(f"sqlite:///{db}")
     return [r for r in found if r.data.tags.get(tracking.STAGE_TAG) == stage]
 
 
@@ -78,6 +76,11 @@ def test_a_killed_evaluate_job_is_continued_by_the_next_invocation(project: Path
     assert run.data.tags["shrinkflow.invocation"] == "second"
     assert "top1" in run.data.metrics
     assert not run_marker(metrics).exists()  # the scratch file goes once the run has ended
+    # the artefact's row: in the experiment a user compares, named by what it is, axes as params
+    assert run.info.run_name == "torch/resnet20 baseline seed0"
+    experiment = MlflowClient(f"sqlite:///{db}").get_experiment(run.info.experiment_id)
+    assert experiment.name == "shrinkflow"
+    assert run.data.params["prune_method"] == "none" and run.data.params["seed"] == "0"
 
 
 # ---- in-process: the marker's life cycle, on a store copied from a migrated template ----
@@ -157,8 +160,7 @@ def test_a_resumed_job_keeps_its_run_and_closes_a_different_marked_one(
     client = MlflowClient(cfg["tracking"]["uri"])
     with job_run(cfg, "train", out=out) as saved:
         pass
-    experiment = client.get_experiment_by_name("test").experiment_id
-    orphan = client.create_run(experiment, tags={tracking.STAGE_TAG: "train"}).info.run_id
+    orphan = client.create_run(saved.experiment_id, tags={tracking.STAGE_TAG: "train"}).info.run_id
     write_json(run_marker(out), {"run_id": orphan})
     monkeypatch.setenv("SHRINKFLOW_INVOCATION_ID", "later")
     with job_run(cfg, "train", out=out, run_id=saved.run_id) as resumed:

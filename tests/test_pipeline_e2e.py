@@ -32,10 +32,7 @@ def md5(path: Path) -> str:
 @pytest.fixture(scope="module")
 def snakemake_project(tmp_path_factory) -> Path:
     project = make_project(tmp_path_factory.mktemp("smk"))
-    run(
-        [str(BIN / "snakemake"), "--profile", "workflow/profiles/local", "--cores", "2"],
-        project,
-    )
+    run([str(BIN / "snakemake"), "--cores", "2"], project)  # the README's command
     return project
 
 
@@ -68,6 +65,12 @@ def test_snakemake_runs_the_dag_and_writes_the_summary(snakemake_project):
         # measured from the saved weights: the output layer is excluded, so a little under 0.5
         assert 0.45 < float(by_method[method]["measured_sparsity"]) <= 0.5
         assert int(by_method[method]["params"]) == int(baseline["params"])
+    seed0 = snakemake_project / "results/models/torch/resnet20/seed0"
+    for method, sparsity in POINTS:  # top-1 right after pruning rides along to the summary
+        facts = seed0 / "pruned" / method / str(sparsity) / "model/prune.json"
+        pruned = json.loads(facts.read_text())["val_top1"]
+        assert float(by_method[method]["pruned_val_top1"]) == pruned
+    assert baseline["pruned_val_top1"] == "" and all(r["experiment_id"] for r in rows)
     structured = by_method["structured_sensitivity"]
     assert int(structured["params"]) < int(baseline["params"])  # physically smaller
     assert int(structured["macs"]) < int(baseline["macs"])
@@ -159,7 +162,7 @@ def test_every_job_is_an_mlflow_run_with_lineage(snakemake_project):
         if not {"shrinkflow.method", "shrinkflow.qmethod"} & r.data.tags.keys()
     }
     assert all(r.info.status == "FINISHED" for r in runs)
-    parent = {stage: r.data.tags.get("mlflow.parentRunId") for stage, r in by_stage.items()}
+    parent = {stage: r.data.tags.get("shrinkflow.source_run_id") for stage, r in by_stage.items()}
     assert parent["prepare"] == by_stage["download"].info.run_id
     assert parent["train"] == by_stage["prepare"].info.run_id
     assert parent["evaluate"] == by_stage["train"].info.run_id
@@ -187,15 +190,19 @@ def test_every_job_is_an_mlflow_run_with_lineage(snakemake_project):
             and r.data.tags.get("shrinkflow.method") == method
             and "shrinkflow.qmethod" not in r.data.tags
         )
-        finetune = by_id[evaluated.data.tags["mlflow.parentRunId"]]
-        prune = by_id[finetune.data.tags["mlflow.parentRunId"]]
+        finetune = by_id[evaluated.data.tags["shrinkflow.source_run_id"]]
+        prune = by_id[finetune.data.tags["shrinkflow.source_run_id"]]
         assert finetune.data.tags["shrinkflow.stage"] == "finetune"
         assert prune.data.tags["shrinkflow.stage"] == "prune"
         assert prune.data.tags["shrinkflow.sparsity"] == str(sparsity)
-        assert prune.data.tags["mlflow.parentRunId"] == train.info.run_id
+        assert prune.data.tags["shrinkflow.source_run_id"] == train.info.run_id
 
 
-def test_the_report_chooses_registers_and_feeds_snakemakes_report(snakemake_project, tmp_path):
+def test_the_report_chooses_registers_and_feeds_snakemakes_report(
+    snakemake_project, tmp_path, monkeypatch
+):
+    import mlflow
+    import numpy as np
     from mlflow.tracking import MlflowClient
 
     report = snakemake_project / "results/report"
@@ -205,7 +212,10 @@ def test_the_report_chooses_registers_and_feeds_snakemakes_report(snakemake_proj
     labels = {"/".join(parts[2:4] + parts[5:-1]) for parts in folders}
     assert record["champion"]["label"] in labels and record["fastest"]["label"] in labels
     html = (report / "index.html").read_text()
-    assert record["champion"]["label"] in html and "http://" not in html
+    assert record["champion"]["label"] in html
+    # self-contained: the only http URLs are links to the runs' pages in the MLflow UI
+    urls = re.findall(r"""https?://[^\s"'<>)]+""", html)
+    assert urls and all(u.startswith("http://127.0.0.1:5000/#/experiments/") for u in urls), urls
     # (Snakemake marks a directory output with a hidden .snakemake_timestamp)
     assert sorted(p.name for p in (report / "figures").glob("[!.]*")) == [
         "accuracy_vs_sparsity.png",
@@ -218,13 +228,19 @@ def test_the_report_chooses_registers_and_feeds_snakemakes_report(snakemake_proj
     runs = mlflow_runs(snakemake_project)
     assert len({r.data.tags["shrinkflow.invocation"] for r in runs}) == 1  # one `snakemake`
     client = MlflowClient(tracking_uri=f"sqlite:///{snakemake_project / 'mlflow.db'}")
-    version = client.get_model_version_by_alias("shrinkflow", "champion")
+    version = client.get_model_version_by_alias("shrinkflow-torch", "champion")
     producer = json.loads(
         (
             snakemake_project / "results/models" / record["champion"]["shipped"] / "model/run.json"
         ).read_text()
     )
     assert version.run_id == producer["run_id"]
+    # MLflow's standard loader: uint8 images (N, H, W, C) in, logits out
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{snakemake_project / 'mlflow.db'}")
+    champion = mlflow.pyfunc.load_model("models:/shrinkflow-torch@champion")
+    (shape,) = champion.metadata.get_input_schema().inputs
+    logits = champion.predict(np.zeros((3, *shape.shape[1:]), np.uint8))
+    assert logits.shape == (3, len(champion.metadata.metadata["classes"]))
     if chromium_available():  # installed by `make test`; the page as a browser shows it
         check = render_page(report / "index.html", tmp_path / "report.png")
         assert check.problems() == [] and check.ink_fraction > 0.05, check
@@ -257,10 +273,10 @@ def test_quantized_nodes_hang_under_the_run_that_wrote_their_source(snakemake_pr
     }
     for (method, sparsity, qmethod), quantize in of_stage["quantize"].items():
         tags = quantize.data.tags
-        assert tags["mlflow.parentRunId"] == writers[(method, sparsity, "")].info.run_id
+        assert tags["shrinkflow.source_run_id"] == writers[(method, sparsity, "")].info.run_id
         assert (tags["shrinkflow.node"], tags["shrinkflow.model"]) == ("quantized", "resnet20")
         evaluate = of_stage["evaluate"][(method, sparsity, qmethod)]
-        assert evaluate.data.tags["mlflow.parentRunId"] == quantize.info.run_id
+        assert evaluate.data.tags["shrinkflow.source_run_id"] == quantize.info.run_id
         assert rows[(method, sparsity, qmethod)]["run_id"] == evaluate.info.run_id
         folder = f"quantized/{qmethod}/{source_folder(method, sparsity)}/model"
         run_ref = snakemake_project / "results/models/torch/resnet20/seed0" / folder / "run.json"
@@ -355,13 +371,43 @@ def test_rerun_is_a_no_op_and_a_param_change_reruns_only_its_branch(snakemake_pr
     }
 
 
-def test_dvc_commit_records_snakemake_outputs_without_rerunning(snakemake_project):
+GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+PLOTS = [  # dvc.yaml's plots of results/report/nodes.csv
+    "Test top-1 against target sparsity",
+    "Validation top-1 against size",
+    "Validation top-1 against latency at batch 1",
+]
+
+
+def test_dvc_sees_what_snakemake_built(snakemake_project):
+    """Right after the run (its `onsuccess` wrote dvc.lock): nothing for DVC to do, and its
+    plots and metrics read the report (no Snakemake marker file in the way, numbers only)."""
     dvc = str(BIN / "dvc")
-    run([dvc, "commit", "-f", "-q"], snakemake_project)
+    assert (snakemake_project / "dvc.lock").is_file()
     status = run([dvc, "status"], snakemake_project)
     assert "up to date" in status.stdout.lower(), status.stdout
     repro = run([dvc, "repro"], snakemake_project)
-    assert "Running stage" not in repro.stdout
+    assert "Running stage" not in repro.stdout, repro.stdout
+    shown = json.loads(run([dvc, "plots", "show", "--json"], snakemake_project).stdout)
+    assert "errors" not in shown, shown.get("errors")
+    assert "results/report/figures/size_vs_accuracy.png" in shown["data"]
+    assert set(PLOTS) <= shown["data"].keys()
+    # committed: HEAD's report files come from DVC's cache, where the run's dvc.lock put them
+    run([*GIT, "add", "-A"], snakemake_project)
+    run([*GIT, "commit", "-q", "-m", "snakemake run"], snakemake_project)
+    diff = json.loads(run([dvc, "plots", "diff", "HEAD", "--json"], snakemake_project).stdout)
+    assert "errors" not in diff, diff.get("errors")
+    for plot in PLOTS:
+        (rendered,) = diff["data"][plot]
+        assert sorted(rendered["revisions"]) == ["HEAD", "workspace"], rendered["revisions"]
+    shown = json.loads(run([dvc, "metrics", "show", "--json"], snakemake_project).stdout)
+    (workspace,) = shown.values()  # the one revision shown
+    files = workspace["data"]
+    assert list(files) == ["results/report/metrics.json"], list(files)
+    numbers = files["results/report/metrics.json"]["data"]
+    leaves = [v for role in ("champion", "fastest") for v in numbers.pop(role).values()]
+    leaves += list(numbers.values())  # eligible, nodes
+    assert leaves and all(isinstance(v, int | float) for v in leaves), leaves
 
 
 def test_dvc_push_and_pull_round_trip_the_checkpoint(snakemake_project):
@@ -420,9 +466,8 @@ def test_dvc_repro_runs_the_same_dag_from_scratch(tmp_path):
     # no SHRINKFLOW_INVOCATION_ID here: the stages take the `dvc repro` process's identity
     assert len({r.data.tags["shrinkflow.invocation"] for r in runs}) == 1
     # `dvc plots diff` between a commit and the workspace after a changed budget
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
-    run([*git, "add", "-A"], project)
-    run([*git, "commit", "-q", "-m", "first sweep"], project)
+    run([*GIT, "add", "-A"], project)
+    run([*GIT, "commit", "-q", "-m", "first sweep"], project)
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["report"]["max_accuracy_drop"] = 0.5
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -532,7 +577,7 @@ def test_a_killed_qat_job_resumes_in_the_same_mlflow_run(snakemake_project, tmp_
     qat_runs = [r for r in runs if r.data.tags.get("shrinkflow.qmethod") == "qat_int8"]
     assert len(qat_runs) == 1 and qat_runs[0].info.status == "FINISHED"
     train = next(r for r in runs if r.data.tags["shrinkflow.stage"] == "train")
-    assert qat_runs[0].data.tags["mlflow.parentRunId"] == train.info.run_id
+    assert qat_runs[0].data.tags["shrinkflow.source_run_id"] == train.info.run_id
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")

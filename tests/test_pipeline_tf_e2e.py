@@ -122,8 +122,8 @@ def test_every_tensorflow_job_is_an_mlflow_run_tagged_with_its_backend(tf_projec
         and r.data.tags.get("shrinkflow.method") == "gradual_polynomial"
     )
     chain = [evaluate]
-    while "mlflow.parentRunId" in chain[-1].data.tags:
-        chain.append(by_id[chain[-1].data.tags["mlflow.parentRunId"]])
+    while "shrinkflow.source_run_id" in chain[-1].data.tags:
+        chain.append(by_id[chain[-1].data.tags["shrinkflow.source_run_id"]])
     assert [r.data.tags["shrinkflow.stage"] for r in chain] == [
         "evaluate", "quantize", "finetune", "prune", "train", "prepare", "download",
     ]  # fmt: skip

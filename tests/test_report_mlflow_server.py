@@ -31,11 +31,10 @@ import pytest
 import yaml
 from mlflow_server import Server, TrackingServer, clean_env, tags, wait_for
 from postgres_service import postgres_missing, postgres_service
-from projects import BIN, job_counts, make_project, read_summary, run
+from projects import BIN, EXPERIMENTS, job_counts, make_project, read_summary, run
 
 pytestmark = pytest.mark.slow
-EXPERIMENT = "shrinkflow"
-MODEL = "shrinkflow"
+MODEL = "shrinkflow-torch"  # report.registered_model, then the backend
 OUTAGE_S = 5  # how long the server stays down, on top of its stop and start (~10 s together)
 EPOCHS = 5  # the server stops after the first: the others (~1 s each) end while it is down
 QMETHOD = "fixed_w4"
@@ -107,7 +106,7 @@ def served(tmp_path_factory) -> Iterator[Served]:
                 return any(
                     tags(r)["shrinkflow.stage"] == "train"
                     and any(m["key"] == "val_top1" for m in r["data"].get("metrics", []))
-                    for r in tracking.server.runs_so_far(EXPERIMENT)
+                    for r in tracking.server.runs_so_far(*EXPERIMENTS)
                 )
 
             wait_for(training, 300, "the first epoch's metrics")
@@ -123,7 +122,7 @@ def served(tmp_path_factory) -> Iterator[Served]:
                 folder=folder,
                 dvc_remote=dvc_remote,
                 output=log.read_text(),
-                runs=tracking.server.runs(EXPERIMENT),
+                runs=tracking.server.runs(*EXPERIMENTS),
                 down_ms=down_ms,
                 up_ms=up_ms,
             )
@@ -211,8 +210,8 @@ def test_every_job_reached_the_server_as_one_invocation_with_lineage(served: Ser
         and tags(r).get("shrinkflow.method") == "l1_unstructured"
     )
     chain, run = [], evaluate
-    while "mlflow.parentRunId" in tags(run):
-        run = by_id[tags(run)["mlflow.parentRunId"]]
+    while "shrinkflow.source_run_id" in tags(run):
+        run = by_id[tags(run)["shrinkflow.source_run_id"]]
         chain.append(tags(run)["shrinkflow.stage"])
     assert chain == ["quantize", "finetune", "prune", "train", "prepare", "download"]
     summary_ids = {row["run_id"] for row in read_summary(served.project)}
@@ -226,7 +225,7 @@ def test_the_champion_is_registered_from_the_run_that_wrote_it(served: Served):
     producer = json.loads((project / "results/models" / champion / "model/run.json").read_text())
     version = server.get("registered-models/alias", name=MODEL, alias="champion")["model_version"]
     assert version["run_id"] == producer["run_id"]
-    assert version["source"].endswith(f"{producer['run_id']}/artifacts/model")
+    assert version["source"].startswith("models:/m-")  # a LoggedModel of the producing run
     version_tags = {t["key"]: t["value"] for t in version.get("tags", [])}
     assert version_tags["shrinkflow.label"] == record["champion"]["label"]
     assert version_tags["shrinkflow.shipped"] == champion  # the seed best on validation
@@ -270,7 +269,7 @@ def test_a_second_clone_pulls_the_checkpoints_and_reruns_nothing(served: Served,
     assert (first / "results/models/torch/resnet20/seed0/baseline/resume").is_dir()
     run([*GIT, "add", "-A"], first)
     run([*GIT, "commit", "-q", "-m", "smallest sweep"], first)
-    runs_before = server.runs(EXPERIMENT)
+    runs_before = server.runs(*EXPERIMENTS)
 
     second = tmp_path / "second"
     run(["git", "clone", "-q", str(first), str(second)], tmp_path)
@@ -284,7 +283,7 @@ def test_a_second_clone_pulls_the_checkpoints_and_reruns_nothing(served: Served,
     assert "train@torch-resnet20-0" in stages and len(stages) == jobs  # a stage per job
     skipped = [line.split("'")[1] for line in repro.stdout.splitlines() if "skipping" in line]
     assert sorted(skipped) == sorted(stages) and "Running stage" not in repro.stdout
-    runs_after = server.runs(EXPERIMENT)
+    runs_after = server.runs(*EXPERIMENTS)
     assert len(runs_after) == len(runs_before)  # no job ran: no new MLflow run
     assert [tags(r)["shrinkflow.stage"] for r in runs_after].count("train") == 1
     pulled, made = md5s(second), md5s(first)
@@ -302,7 +301,7 @@ def test_a_second_invocation_gets_its_own_id_and_reuses_the_registered_version(s
         project,
         MLFLOW_TRACKING_URI=server.uri,
     )
-    reports = [r for r in server.runs(EXPERIMENT) if tags(r)["shrinkflow.stage"] == "report"]
+    reports = [r for r in server.runs(*EXPERIMENTS) if tags(r)["shrinkflow.stage"] == "report"]
     assert len(reports) == 2
     assert len({tags(r)["shrinkflow.invocation"] for r in reports}) == 2
     after = server.get("registered-models/alias", name=MODEL, alias="champion")["model_version"]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from projects import BIN, ROOT, job_counts, make_project, tool_env
+from projects import BIN, ROOT, job_counts, make_project, store_runs, tool_env
 from slurm_cluster import PARTITION, SlurmCluster, slurm_cluster, unavailable
 
 from shrinkflow import cluster
@@ -247,8 +247,6 @@ def test_every_job_of_the_dag_ran_as_a_completed_slurm_job(slurm, slurm_run):
 @pytest.mark.slow
 @needs_cluster
 def test_the_results_of_the_slurm_run_are_complete_and_tracked(slurm_run):
-    from mlflow.tracking import MlflowClient
-
     project, plan, _, store = slurm_run
     with (project / "results/summary.csv").open() as handle:
         rows = list(csv.DictReader(handle))
@@ -268,9 +266,7 @@ def test_the_results_of_the_slurm_run_are_complete_and_tracked(slurm_run):
         assert json.loads(metrics.read_text())["top1"] == pytest.approx(float(row["top1"]))
     assert (project / "results/report/index.html").stat().st_size > 10_000
     assert not (project / "mlflow.db").exists(), "a job ignored MLFLOW_TRACKING_URI"
-    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
-    experiment = client.get_experiment_by_name("shrinkflow")
-    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    runs = store_runs(f"sqlite:///{store}")  # both experiments: the artefacts' and the jobs'
     stages = Counter(r.data.tags["shrinkflow.stage"] for r in runs)
     expected = Counter(plan)
     expected["evaluate"] += expected.pop("evaluate_quantized")

@@ -75,7 +75,7 @@ def test_run_round_trips_params_metrics_tags_artifacts(
         cfg,
         "prune",
         tags={"shrinkflow.backend": "torch", "shrinkflow.model": "resnet20"},
-        parent_run_id=parent.run_id,
+        source_run_id=parent.run_id,
         run_name="prune-l1",
     ) as job:
         for step in range(5):
@@ -91,7 +91,7 @@ def test_run_round_trips_params_metrics_tags_artifacts(
     assert run.info.status == "FINISHED"
     assert run.info.run_name == "prune-l1"
     assert run.info.experiment_id == job.experiment_id
-    assert client.get_experiment(job.experiment_id).name == "test"
+    assert client.get_experiment(job.experiment_id).name == "test-jobs"
     params = run.data.params
     assert params["data.image_size"] == "32"
     assert params["data.mirror"] == "null"
@@ -102,13 +102,18 @@ def test_run_round_trips_params_metrics_tags_artifacts(
     assert tags["shrinkflow.stage"] == "prune"
     assert tags["shrinkflow.backend"] == "torch" and tags["shrinkflow.model"] == "resnet20"
     assert tags["shrinkflow.sparsity"] == "0.5"
-    assert tags["mlflow.parentRunId"] == parent.run_id
+    # Lineage is a tag and a link in the description, never a parent that folds runs away.
+    assert tags["shrinkflow.source_run_id"] == parent.run_id
+    link = f"#/experiments/{job.experiment_id}/runs/{parent.run_id}?workflowType=machine_learning"
+    assert tags["mlflow.note.content"] == f"Input written by run [train]({link})."
+    assert "mlflow.parentRunId" not in tags
     assert tags["mlflow.source.git.commit"] == head.strip()
     assert steps(client, job.run_id, "loss") == [(s, 1.0 / (s + 1)) for s in range(5)]
     assert steps(client, job.run_id, "acc") == [(s, s / 10) for s in range(5)]
     assert steps(client, job.run_id, "top1") == [(0, 0.97)]
     assert client.get_run(parent.run_id).info.status == "FINISHED"
-    assert "mlflow.parentRunId" not in client.get_run(parent.run_id).data.tags
+    assert client.get_run(parent.run_id).info.run_name == "train"  # the stage, never random
+    assert "shrinkflow.source_run_id" not in client.get_run(parent.run_id).data.tags
 
     assert {a.path for a in client.list_artifacts(job.run_id)} == {"model.bin", "export"}
     nested = client.list_artifacts(job.run_id, "export/savedmodel/variables")
@@ -211,9 +216,56 @@ def test_prepare_store_is_idempotent(cfg: dict, tmp_path: Path) -> None:
     prepare_store(cfg)
     prepare_store(cfg)
     experiments = client_for(cfg).search_experiments()
-    assert sorted(e.name for e in experiments) == ["Default", "test"]
-    created = client_for(cfg).get_experiment_by_name("test")
-    assert created.artifact_location == (tmp_path / "mlartifacts").as_uri()
+    assert sorted(e.name for e in experiments) == ["Default", "test", "test-jobs"]
+    for name in ("test", "test-jobs"):
+        created = client_for(cfg).get_experiment_by_name(name)
+        assert created.artifact_location == (tmp_path / "mlartifacts").as_uri()
+        # the MLflow UI opens a model-training experiment on its runs, not on GenAI traces
+        assert created.tags["mlflow.experimentKind"] == "custom_model_development"
+        assert created.tags["mlflow.note.content"]
+
+
+def test_an_older_store_gets_the_experiment_kind_but_keeps_a_users_choice(cfg: dict) -> None:
+    client = client_for(cfg)
+    client.create_experiment("test")  # as an older shrinkflow made it: no tags
+    client.create_experiment("test-jobs", tags={"mlflow.experimentKind": "finetuning"})
+    prepare_store(cfg)
+    assert client.get_experiment_by_name("test").tags["mlflow.experimentKind"] == (
+        "custom_model_development"
+    )
+    assert client.get_experiment_by_name("test-jobs").tags["mlflow.experimentKind"] == "finetuning"
+
+
+def test_an_artefact_run_has_the_axes_as_params_and_the_config_beside_them(
+    cfg: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    axes = {"backend": "torch", "target_sparsity": 0.5, "seed": 1}
+    with job_run(cfg, "evaluate", run_name="torch/x l1 0.5 seed1", axes=axes) as first:
+        pass
+    client = client_for(cfg)
+    run = client.get_run(first.run_id)
+    assert client.get_experiment(run.info.experiment_id).name == "test"
+    assert run.data.params == {"backend": "torch", "target_sparsity": "0.5", "seed": "1"}
+    config = json.loads(
+        Path(client.download_artifacts(first.run_id, "config.json", str(cfg_dir(cfg)))).read_text()
+    )
+    assert config == cfg
+    # a failed attempt is continued by its retry, unless the config changed: another job
+    monkeypatch.setenv("SHRINKFLOW_INVOCATION_ID", "retried")
+    with pytest.raises(RuntimeError), job_run(cfg, "evaluate", run_name="a", axes=axes) as failed:
+        raise RuntimeError("measuring failed")
+    changed = {**cfg, "evaluate": {"repeats": 5}}
+    with job_run(changed, "evaluate", run_name="a", axes=axes) as other:
+        pass
+    with job_run(cfg, "evaluate", run_name="a", axes=axes) as retried:
+        pass
+    assert retried.run_id == failed.run_id != other.run_id
+
+
+def cfg_dir(cfg: dict) -> Path:
+    return Path(cfg["tracking"]["uri"].removeprefix("sqlite:///")).parent
 
 
 def test_lock_conflicts_are_retried_and_other_errors_are_not(
@@ -320,7 +372,8 @@ def test_concurrent_jobs_on_a_fresh_store_lose_nothing(tmp_path: Path) -> None:
         assert ended.get(str(i)) == "0", f"worker {i}:\n{output}"
 
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("concurrency")
+    assert client.get_experiment_by_name("concurrency") is not None  # created once, beside it
+    experiment = client.get_experiment_by_name("concurrency-jobs")
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == n_workers
     assert all(r.info.status == "FINISHED" for r in runs)

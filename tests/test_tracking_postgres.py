@@ -16,7 +16,7 @@ from postgres_service import postgres_folder, postgres_missing
 from projects import BIN, ROOT
 
 pytestmark = pytest.mark.skipif(bool(postgres_missing()), reason=str(postgres_missing()))
-EXPERIMENT = "shrinkflow"
+EXPERIMENT = "shrinkflow-jobs"  # a download job's run: every job but evaluate logs there
 
 
 @pytest.fixture

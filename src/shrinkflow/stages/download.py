@@ -11,7 +11,8 @@ from shrinkflow.data.download import check_source, download
 def run(cfg: dict, out: Path) -> None:
     name = cfg["data"]["name"]
     check_source(cfg)
-    with tracking.job_run(cfg, "download", out=out, tags={"shrinkflow.dataset": name}) as job:
+    tags = {"shrinkflow.dataset": name}
+    with tracking.job_run(cfg, "download", out=out, tags=tags, run_name=f"download {name}") as job:
         facts = download(cfg, out)
         tracking.write_run_ref(out, job.run_id, "download")
         job.log_params({f"download.{k}": v for k, v in facts.items()})

@@ -8,6 +8,7 @@ from pathlib import Path
 from shrinkflow.backends.base import backend_module
 from shrinkflow.dag import node_label
 from shrinkflow.data.prepared import load_prepared
+from shrinkflow.outputs import read_json
 from shrinkflow.progress import say
 from shrinkflow.stages import job_config, read_node
 from shrinkflow.stages.model_job import TRAINING_METRICS, model_job, resume_dir_for
@@ -15,6 +16,10 @@ from shrinkflow.stages.model_job import TRAINING_METRICS, model_job, resume_dir_
 
 def run(cfg: dict, model_dir: Path, data_dir: Path, out: Path) -> None:
     node = {**read_node(model_dir), "stage": "finetuned"}
+    # Top-1 right after pruning, before fine-tuning: evaluate copies node.json into metrics.json,
+    # so it reaches the summary beside the fine-tuned figure.
+    pruned = model_dir / "prune.json"
+    node["pruned_val_top1"] = read_json(pruned).get("val_top1") if pruned.is_file() else None
     seeded = job_config(cfg, node["seed"])  # the pruned node's training seed
     finetune = backend_module(node["backend"], "finetune")
     data = load_prepared(data_dir)

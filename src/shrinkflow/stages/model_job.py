@@ -3,8 +3,8 @@ finetune, quantize), written once.
 
 - the resume folder beside the output (scratch: .dvcignore hides it, and neither Snakemake nor
   DVC declares it, so neither deletes it before a re-run);
-- one MLflow run, tagged with the node, parented to the run that wrote the job's input,
-  continued when the resume state names it, named `<stage> <node folder>`;
+- one MLflow run (in the jobs' experiment), tagged with the node, linked to the run that wrote
+  the job's input, continued when the resume state names it, named `<stage> <node folder>`;
 - a staging folder that replaces the output only when the job succeeds, holding the model, the
   job's facts (`<stage>.json`; a fine-tuning run's are `train.json`, as a baseline's) and the
   node's labels (node.json, run.json);
@@ -82,7 +82,7 @@ def model_job(
         stage,
         out=out,
         tags=node_tags(node),
-        parent_run_id=tracking.read_run_ref(parent),
+        source_run_id=tracking.read_run_ref(parent),
         run_id=run_id,
         run_name=run_name or f"{stage} {node_label(node)}",
     ) as run:

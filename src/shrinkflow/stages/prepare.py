@@ -18,7 +18,8 @@ def run(cfg: dict, raw: Path, out: Path) -> None:
         "prepare",
         out=out,
         tags={"shrinkflow.dataset": name},
-        parent_run_id=tracking.read_run_ref(raw),
+        source_run_id=tracking.read_run_ref(raw),
+        run_name=f"prepare {name}",
     ) as job:
         facts = prepare(cfg, raw, out)
         tracking.write_run_ref(out, job.run_id, "prepare")

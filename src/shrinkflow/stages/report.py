@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pandas as pd
 
@@ -18,21 +19,22 @@ from shrinkflow.errors import ShrinkflowError
 from shrinkflow.invocation import invocation_id
 from shrinkflow.outputs import atomic_dir, read_json, write_json
 from shrinkflow.progress import say
-from shrinkflow.report import encodings, plots, render, selection, table
+from shrinkflow.report import dvc_metrics, encodings, plots, render, selection, table
 from shrinkflow.report.render import FigureFile, ReportContext
 from shrinkflow.report.selection import Choice, Selection
 from shrinkflow.sensitivity_report import CSV_FILE as SENSITIVITY_CSV
 
 FIGURES = "figures"  # PNGs live here; index.html embeds them, report.md links them
 NODES_CSV = "nodes.csv"  # the annotated table: `dvc plots` draws from it
-SELECTION_JSON = "selection.json"  # the choice, machine-readable (a DVC metric)
+SELECTION_JSON = "selection.json"  # the choice, machine-readable
 # The node table (one row per node, its seeds aggregated): what identifies it, what decided
 # (validation, with its interval), what is reported (test), and the sizes and speeds.
 _NODE_COLUMNS = [
     "label",
     *("backend", "model", "stage", "prune_method", "target_sparsity", "measured_sparsity"),
     *("quant_method", "seeds", "seed_list", "shipped"),
-    *("val_top1", "val_top1_low", "val_top1_high", "drop", "drop_low", "drop_high"),
+    *("val_top1", "val_top1_low", "val_top1_high", "pruned_val_top1"),
+    *("drop", "drop_low", "drop_high"),
     *("within_noise", "top1", "top1_low", "top1_high", "test_drop"),
     *("size", "gzip_bytes", "size_bytes", "nominal_bytes", "sparse_bytes", "sparse_gzip_bytes"),
     *("latency_ms_b1", "runtime", "speedup", "cross_runtime", "eligible", "pareto", "interval"),
@@ -60,11 +62,14 @@ def run(cfg: dict, summary: Path, models_dir: Path, out: Path) -> None:
                 figures=figures,
                 facts=facts,
                 notes=notes,
+                mlflow_ui=_mlflow_ui(cfg),
             )
             render.write_html(context, staging)
             render.write_markdown(context, staging)
             _write_nodes(df, staging / NODES_CSV)
-            write_json(staging / SELECTION_JSON, _selection_record(df, chosen))
+            record = _selection_record(df, chosen)
+            write_json(staging / SELECTION_JSON, record)
+            dvc_metrics.write(staging, record)  # its numbers alone: the DVC metric
         champion = _row(df, chosen.champion.label)
         job.log_metrics(
             {
@@ -88,6 +93,15 @@ def run(cfg: dict, summary: Path, models_dir: Path, out: Path) -> None:
         registered = _register(cfg, models_dir, df, chosen)
     say(f"report: {chosen.champion.label} chosen ({chosen.eligible} of {chosen.total} in budget)")
     say(f"report: {out / 'index.html'}{registered}")
+
+
+def _mlflow_ui(cfg: dict) -> str:
+    """Where the page's run links point: the tracking server when runs are logged to one over
+    HTTP (it serves the UI), else ``report.mlflow_ui`` (what `make mlflow-ui` serves)."""
+    uri = tracking.tracking_uri(cfg)
+    if urlparse(uri).scheme in ("http", "https"):
+        return uri.rstrip("/")
+    return cfg["report"]["mlflow_ui"]
 
 
 def _row(df: pd.DataFrame, label: str) -> pd.Series:
@@ -241,6 +255,7 @@ def _notes(df: pd.DataFrame, layers: dict, curves: dict) -> list[str]:
 def _facts(
     cfg: dict, summary: Path, chosen: Selection, invocation: str, run_id: str
 ) -> list[tuple[str, str]]:
+    artefacts, jobs = tracking.experiment_names(cfg)
     return [
         ("Data set", f"{cfg['data']['name']} ({cfg['data']['image_size']} px)"),
         ("Backends", ", ".join(cfg["backends"])),
@@ -254,7 +269,7 @@ def _facts(
         ("Size measure", selection.SIZE_WORDS[chosen.size_metric]),
         ("Artefacts", f"{chosen.total} evaluated, {chosen.eligible} within budget"),
         ("Summary", str(summary)),
-        ("MLflow", f"experiment {cfg['tracking']['experiment']}, report run {run_id}"),
+        ("MLflow", f"artefacts in experiment {artefacts}, report run {run_id} in {jobs}"),
         ("Invocation", invocation),
     ]
 
@@ -304,11 +319,12 @@ def _selection_record(df: pd.DataFrame, chosen: Selection) -> dict:
 
 
 def _register(cfg: dict, models_dir: Path, df: pd.DataFrame, chosen: Selection) -> str:
-    """Register the chosen model(s) under the aliases `champion` (and `fastest`)."""
+    """Register the chosen model(s) under the aliases `champion` (and `fastest`), each in its
+    backend's registered model (``tracking.register_model``)."""
     name = cfg["report"]["registered_model"]
     if not name:
         return ""
-    versions = {}
+    registered = []
     roles = [("champion", chosen.champion), ("fastest", chosen.quickest)]
     for alias, choice in roles:
         row = _row(df, choice.label)
@@ -316,11 +332,10 @@ def _register(cfg: dict, models_dir: Path, df: pd.DataFrame, chosen: Selection) 
         producer = tracking.read_run_ref(model_dir)
         if producer is None:
             raise ShrinkflowError(f"{model_dir}: no run.json, so no MLflow run to register from")
-        versions[alias] = tracking.register_model(
+        model, version = tracking.register_model(
             cfg,
             name,
             producer,
-            "model",
             [alias],
             tags={
                 "shrinkflow.label": choice.label,
@@ -333,6 +348,5 @@ def _register(cfg: dict, models_dir: Path, df: pd.DataFrame, chosen: Selection) 
             },
             description=choice.reason,
         )
-    return (
-        f"; MLflow model {name!r}: champion v{versions['champion']}, fastest v{versions['fastest']}"
-    )
+        registered.append(f"models:/{model}@{alias} (v{version})")
+    return f"; MLflow {', '.join(registered)}"

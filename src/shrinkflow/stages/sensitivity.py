@@ -23,7 +23,7 @@ def run(cfg: dict, model_dir: Path, data_dir: Path, out: Path) -> None:
         "sensitivity",
         out=out,
         tags=node_tags(node),
-        parent_run_id=tracking.read_run_ref(model_dir),
+        source_run_id=tracking.read_run_ref(model_dir),
         run_name=f"sensitivity {where}",
     ) as job:
         with atomic_dir(out) as staging:

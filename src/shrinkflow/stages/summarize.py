@@ -33,7 +33,7 @@ def _cell(value: object) -> object:
 
 def run(cfg: dict, models_dir: Path, out: Path) -> None:
     rows = collect_rows(cfg, models_dir)
-    with tracking.job_run(cfg, "summarize", out=out) as job:
+    with tracking.job_run(cfg, "summarize", out=out) as job:  # named "summarize"
         with atomic_file(out) as tmp, tmp.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=SUMMARY_COLUMNS)
             writer.writeheader()

@@ -1,5 +1,13 @@
 """One MLflow run per pipeline job (``job_run``), continued rather than left behind.
 
+Where a run goes: the run of an evaluated artefact (``axes`` given) goes to the artefacts'
+experiment with the sweep's axes as its only params (the resolved config beside it as
+``config.json``), so that the MLflow UI lists one comparable row per artefact; every other job
+goes to the jobs' experiment with its full config as params (``store.experiment_names``). Runs
+are flat: lineage is the tag ``shrinkflow.source_run_id`` (the run that wrote the job's input)
+and a link to that run in the run's description, never ``mlflow.parentRunId``, which would fold
+runs under their parents in the UI's run list.
+
 A job that failed and is re-run in the same invocation (Snakemake's ``--retries``, a cluster's
 requeue) continues its earlier attempt's run. A job killed outright leaves its open run named in
 a marker beside its output (``tracking.refs.run_marker``); the next attempt at that output
@@ -10,6 +18,7 @@ metrics, params and tags are written in batches.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import subprocess
@@ -26,7 +35,7 @@ from shrinkflow.outputs import check_writable
 from shrinkflow.progress import say
 from shrinkflow.tracking.refs import mark_run, marked_run, remove_marker, run_marker
 from shrinkflow.tracking.sqlite import retry
-from shrinkflow.tracking.store import existing_run, open_store
+from shrinkflow.tracking.store import MODEL_TRAINING_VIEW, NOTE_TAG, existing_run, open_store
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -35,8 +44,12 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 STAGE_TAG = "shrinkflow.stage"
-PARENT_TAG = "mlflow.parentRunId"  # the tag the MLflow UI uses to draw runs as a tree
+SOURCE_TAG = "shrinkflow.source_run_id"  # the run that wrote the job's input
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
+# An artefact run's params are its axes only: the digest of the resolved config tells a re-run
+# with another config (another job) from a continued attempt, as the full params do elsewhere.
+CONFIG_TAG = "shrinkflow.config_digest"
+CONFIG_ARTIFACT = "config.json"  # an artefact run's resolved config
 
 
 class _Terminated(SystemExit):
@@ -130,7 +143,7 @@ def _unfinished_attempt(
     client: MlflowClient,
     experiment_id: str,
     run_tags: Mapping[str, str],
-    run_name: str | None,
+    run_name: str,
     params: Mapping[str, object],
 ) -> Run | None:
     """The run of an earlier attempt at this job in this invocation that did not finish.
@@ -138,7 +151,7 @@ def _unfinished_attempt(
     Snakemake's ``--retries`` (or a cluster's requeue) re-runs a failed job in the same
     invocation: continuing that attempt's run keeps one run per job, where a fresh run would
     leave a FAILED (or, if the tracking server was gone, RUNNING) twin behind. The job is known
-    by its tags (invocation, stage, node, parent) and its run name; an attempt that logged other
+    by its tags (invocation, stage, node, source) and its run name; an attempt that logged other
     params (a user re-ran it by hand after a fix) is another job, as MLflow params are final.
     """
     keys = (INVOCATION_TAG, STAGE_TAG)
@@ -152,23 +165,40 @@ def _unfinished_attempt(
         )
     )
     for run in candidates:
-        same_parent = run.data.tags.get(PARENT_TAG) == run_tags.get(PARENT_TAG)
-        if same_parent and _same_job(run, run_tags, run_name, params):
+        same_source = run.data.tags.get(SOURCE_TAG) == run_tags.get(SOURCE_TAG)
+        if same_source and _same_job(run, run_tags, run_name, params):
             return run
     return None
 
 
 def _same_job(
-    run: Run, run_tags: Mapping[str, str], run_name: str | None, params: Mapping[str, object]
+    run: Run, run_tags: Mapping[str, str], run_name: str, params: Mapping[str, object]
 ) -> bool:
     """Whether ``run`` was opened by this job with these params: same tags (the invocation, the
-    parent and the git commit aside: a re-run may be a new invocation of newer code), the same
+    source and the git commit aside: a re-run may be a new invocation of newer code), the same
     name, and no param logged with another value (MLflow params are final)."""
-    loose = {INVOCATION_TAG, PARENT_TAG, GIT_COMMIT_TAG}
+    loose = {INVOCATION_TAG, SOURCE_TAG, NOTE_TAG, GIT_COMMIT_TAG}
     same_tags = all(run.data.tags.get(k) == v for k, v in run_tags.items() if k not in loose)
     logged = run.data.params
     same_params = all(logged.get(k, _param_value(v)) == _param_value(v) for k, v in params.items())
-    return same_tags and same_params and (run_name is None or run.info.run_name == run_name)
+    return same_tags and same_params and run.info.run_name == run_name
+
+
+def _config_digest(cfg: dict) -> str:
+    flat = json.dumps(flatten(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(flat.encode()).hexdigest()[:16]
+
+
+def _lineage(client: MlflowClient, source_run_id: str) -> dict[str, str]:
+    """The tags that tie a run to the run that wrote its input: its id, and a description
+    linking to it in the MLflow UI (when this store has it)."""
+    tags = {SOURCE_TAG: source_run_id}
+    source = existing_run(client, source_run_id)
+    if source is not None:
+        page = f"#/experiments/{source.info.experiment_id}/runs/{source_run_id}"
+        link = f"{page}?{MODEL_TRAINING_VIEW}"
+        tags[NOTE_TAG] = f"Input written by run [{source.info.run_name}]({link})."
+    return tags
 
 
 @contextmanager
@@ -195,25 +225,30 @@ def job_run(
     *,
     out: Path | None = None,
     tags: dict[str, str] | None = None,
-    parent_run_id: str | None = None,
+    source_run_id: str | None = None,
     run_id: str | None = None,
     run_name: str | None = None,
+    axes: Mapping[str, object] | None = None,
 ) -> Iterator[JobRun]:
     """One MLflow run for one pipeline job.
 
     Args:
-        cfg: the resolved params; all of them are logged, flattened to dotted keys.
+        cfg: the resolved params; logged flattened to dotted keys (an artefact run: as
+            ``config.json``).
         stage: the pipeline stage, tagged ``shrinkflow.stage``.
         out: the job's output path. Checked writable before the store is opened, and the open
             run is named in ``run_marker(out)`` until it ends FINISHED or FAILED, so that an
             attempt killed outright is continued (same params) or closed as KILLED (changed
             params) by the next attempt, whichever invocation runs it.
         tags: more tags (``shrinkflow.backend``, ``shrinkflow.model``, ...).
-        parent_run_id: the run that produced this job's input; the MLflow UI nests under it.
+        source_run_id: the run that produced this job's input (``shrinkflow.source_run_id``,
+            and a link in the run's description).
         run_id: continue this run if the store has it (a resumed job keeps its run); without
             it, a killed attempt's run (``out``), else an unfinished run of an earlier attempt
             at this job in this invocation continues.
-        run_name: shown in the MLflow UI; MLflow picks a random one when None.
+        run_name: shown in the MLflow UI; the stage when None.
+        axes: given for an evaluated artefact: its run goes to the artefacts' experiment with
+            these (the sweep's axes) as its only params; without, to the jobs' experiment.
 
     The run ends FINISHED when the block succeeds, FAILED when it raises, KILLED on Ctrl-C or
     SIGTERM; the exception is re-raised (SIGTERM exits with status 143).
@@ -222,17 +257,22 @@ def job_run(
     if out is not None:
         check_writable(out)
         marker = run_marker(out)
-    client, experiment_id = open_store(cfg)
+    client, experiment_id = open_store(cfg, jobs=axes is None)
+    run_name = run_name or stage
     run_tags = {
         STAGE_TAG: stage,
         INVOCATION_TAG: invocation_id(),
         **{k: str(v) for k, v in (tags or {}).items()},
     }
-    if parent_run_id:
-        run_tags[PARENT_TAG] = parent_run_id
+    if source_run_id:
+        run_tags.update(_lineage(client, source_run_id))
     if commit := _git_commit():
         run_tags[GIT_COMMIT_TAG] = commit
-    params = flatten(cfg)
+    if axes is None:
+        params = flatten(cfg)
+    else:
+        params = dict(axes)
+        run_tags[CONFIG_TAG] = _config_digest(cfg)
     with _sigterm_raises():
         existing = existing_run(client, run_id) if run_id else None
         killed = marked_run(client, marker)
@@ -263,6 +303,8 @@ def job_run(
             params = {k: v for k, v in params.items() if k not in logged}
         try:
             mark_run(marker, job.run_id)
+            if axes is not None:
+                retry(lambda: client.log_dict(job.run_id, cfg, CONFIG_ARTIFACT))
             job.log_params(params)
             yield job
         except (KeyboardInterrupt, _Terminated):

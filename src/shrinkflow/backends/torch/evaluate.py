@@ -176,7 +176,7 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     return counter.get_total_flops() // 2
 
 
-def _logits(subject: Subject, images: torch.Tensor, batch: int) -> np.ndarray:
+def logits(subject: Subject, images: torch.Tensor, batch: int) -> np.ndarray:
     """Logits of ``images`` in batches of ``batch``. For a fixed-batch subject the last batch is
     zero-padded, so that a program lowered for one batch size scores a split of any size: in
     eval mode a model's logits for an image do not depend on the rest of its batch."""
@@ -197,8 +197,7 @@ def _accuracy(subject: Subject, data: PreparedData, batch: int, device: torch.de
     for split in ("test", "val"):
         index = getattr(data, split)
         images = normalize(data.images[index], spec["mean"], spec["std"], device)
-        logits = _logits(subject, images, batch)
-        scores[split] = metrics.topk_accuracy(logits, data.labels[index])
+        scores[split] = metrics.topk_accuracy(logits(subject, images, batch), data.labels[index])
     return metrics.accuracy_figures(scores["test"], scores["val"], data)
 
 
