@@ -23,7 +23,9 @@ def summary_rows(
 ) -> list[dict]:
     """Rows shaped like a real sweep's: accuracy falls with sparsity and bits, gzip size falls
     with sparsity, int8 is ~4x smaller and faster; validation top-1 is test top-1 plus a little
-    noise; one chain per training seed in ``seeds``. Deterministic for a given ``seed``."""
+    noise, and right after pruning (``pruned_val_top1``, on fine-tuned points and their quantized
+    copies) it is lower than after fine-tuning; one chain per training seed in ``seeds``, each
+    run in MLflow experiment 1 (the baselines) or 2. Deterministic for a given ``seed``."""
     rng = np.random.default_rng(seed)
     rows = []
     for backend, model, training_seed in itertools.product(backends, models, seeds):
@@ -40,6 +42,7 @@ def summary_rows(
         ]
         for stage, method, sparsity, loss in sources:
             kept = 1 - (sparsity or 0.0)
+            pruned = None if sparsity is None else base["top1"] - 3 * loss - 0.05 * sparsity
             float_row = _row(
                 training_seed,
                 backend,
@@ -54,6 +57,7 @@ def summary_rows(
                 base["gzip"] * (0.1 + 0.9 * kept),
                 1.2,
                 rng,
+                pruned_top1=pruned,
             )
             rows.append(float_row)
             for q in qmethods:
@@ -74,6 +78,7 @@ def summary_rows(
                         1.2 * speed,
                         rng,
                         float_latency=float_row["latency_ms_b1"],
+                        pruned_top1=pruned,
                     )
                 )
 
@@ -98,6 +103,7 @@ def _row(
     latency,
     rng,
     float_latency=None,
+    pruned_top1=None,
 ):
     label = f"{backend}/{model}/seed{seed}/{stage}"
     top1 = float(top1) + rng.normal(0, 0.003)
@@ -115,6 +121,7 @@ def _row(
         "quant_method": qmethod,
         "top1": round(top1, 4),
         "val_top1": round(top1 + rng.normal(0, 0.005), 4),
+        "pruned_val_top1": "" if pruned_top1 is None else round(pruned_top1, 4),
         "top5": round(min(1.0, top1 + 0.02), 4),
         "test_images": TEST_IMAGES,
         "val_images": VAL_IMAGES,
@@ -137,6 +144,7 @@ def _row(
         "speedup_b1": "" if float_latency is None else round(float_latency / latency, 4),
         "peak_mem_mb": round(30 + rng.uniform(0, 5), 2),
         "run_id": hashlib.md5(f"{label}/{method}/{sparsity}/{qmethod}".encode()).hexdigest(),
+        "experiment_id": "1" if stage == "baseline" else "2",
         "artifact": f"results/models/{label}/model",
     }
 

@@ -29,6 +29,7 @@ def test_summary_columns_follow_the_design():
     added = {
         "seed", "val_top1", "test_images", "val_images", "nominal_bytes", "sparse_bytes",
         "sparse_gzip_bytes", "runtime", "float_latency_ms_b1", "speedup_b1",
+        "pruned_val_top1", "experiment_id",
     }  # fmt: skip
     assert [c for c in metrics.SUMMARY_COLUMNS if c not in added] == list(design)
     assert set(metrics.SUMMARY_COLUMNS) - set(design) == added

@@ -18,6 +18,7 @@ from shrinkflow.errors import ShrinkflowError
 from shrinkflow.invocation import ENV, invocation_id
 from shrinkflow.metrics import SUMMARY_COLUMNS
 from shrinkflow.report import noise, selection, table
+from shrinkflow.stages import report as report_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 SHRINKFLOW = str(Path(sys.executable).parent / "shrinkflow")
@@ -88,6 +89,41 @@ def test_seeds_aggregate_with_student_t_intervals(tmp_path):
     assert point.within_noise == (point.drop_low <= 0 <= point.drop_high)
     assert point.interval == "95 % Student-t interval over 3 training seeds"
     assert point.shipped == f"torch/resnet20/seed{int(np.argmax(values))}/{point.label[15:]}"
+
+
+def test_quantization_cost_and_top1_after_pruning_pair_each_seed_with_its_own_chain(tmp_path):
+    rows = summary_rows(backends=("torch",), methods=("l1_unstructured",), sparsities=(0.5,),
+                        qmethods=("static_int8",), seeds=(0, 1, 2))  # fmt: skip
+    df = annotated(tmp_path, rows).set_index("label")
+    point = "torch/resnet20/finetuned/l1_unstructured/0.5"
+    copy = df.loc["torch/resnet20/quantized/static_int8/finetuned/l1_unstructured/0.5"]
+    assert copy.source == point and df.loc[point, "source"] == ""
+    by_seed = {(r["stage"], r["seed"]): r for r in rows if r["prune_method"]}
+    floats = np.array([by_seed["finetuned", k]["val_top1"] for k in (0, 1, 2)])
+    copies = np.array([by_seed["quantized", k]["val_top1"] for k in (0, 1, 2)])
+    expected = noise.drop_interval(list(floats), list(copies), 144)
+    assert (copy.quant_drop, copy.quant_drop_low, copy.quant_drop_high) == pytest.approx(expected)
+    assert copy.quant_drop == pytest.approx((floats - copies).mean())
+    pruned = [by_seed["finetuned", k]["pruned_val_top1"] for k in (0, 1, 2)]
+    assert df.loc[point, "pruned_val_top1"] == pytest.approx(np.mean(pruned))
+    assert (df.loc[point, "pruned_val_top1_low"], df.loc[point, "pruned_val_top1_high"]) == (
+        pytest.approx(tuple(noise.accuracy_interval(pruned, 144))[1:])
+    )
+    base = df.loc["torch/resnet20/baseline"]
+    assert np.isnan(base.pruned_val_top1) and np.isnan(base.quant_drop)
+    assert base.experiment_id == "1" and copy.experiment_id == "2"
+
+
+@pytest.mark.parametrize(
+    ("uri", "ui"),
+    [
+        ("http://tracker:5000/", "http://tracker:5000"),  # a tracking server serves its UI
+        ("sqlite:///mlflow.db", "http://127.0.0.1:5000"),  # else the one `make mlflow-ui` serves
+    ],
+)
+def test_run_links_point_at_the_ui_of_the_store_the_runs_are_in(uri, ui):
+    cfg = {"tracking": {"uri": uri}, "report": {"mlflow_ui": "http://127.0.0.1:5000"}}
+    assert report_stage._mlflow_ui(cfg) == ui
 
 
 def test_an_accuracy_interval_stays_within_0_and_1():
@@ -200,7 +236,7 @@ def shrinkflow(project: Path, *args: str) -> subprocess.CompletedProcess:
         (lambda p: write_summary(p / "summary.csv", summary_rows()[1:]), [],
          "error: --summary summary.csv: no baseline row for torch/resnet20 seed 0"),
         (lambda p: write_summary(p / "summary.csv", summary_rows(), SUMMARY_COLUMNS[:-3]), [],
-         "error: --summary summary.csv: missing column(s) peak_mem_mb, run_id, artifact"),
+         "error: --summary summary.csv: missing column(s) run_id, experiment_id, artifact"),
         (lambda p: write_summary(p / "summary.csv", summary_rows()),
          ["--set", "report.max_accuracy_drop=-0.01"],
          "error: report.max_accuracy_drop: -0.01 is not in [0, 1]"),

@@ -11,8 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.container import ErrorbarContainer
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 from PIL import Image
 from report_fixtures import TEST_IMAGES, summary_rows
 
@@ -180,6 +182,54 @@ def test_sparsity_without_test_interval_fails(column):
         plots.accuracy_vs_sparsity(
             _frame().drop(columns=column), BUDGET, Path("unused.png"), dataset="cifar10"
         )
+
+
+def _label_boxes(figure: Figure, ax) -> list:
+    """The drawn extents of the labels on ``ax`` (the text alone, not a leader line)."""
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    figure.draw(renderer)
+    return [Text.get_window_extent(text, renderer) for text in ax.texts]
+
+
+def _overlapping(boxes: list) -> list[tuple[int, int]]:
+    return [(i, j) for i, a in enumerate(boxes) for j, b in enumerate(boxes[:i]) if a.overlaps(b)]
+
+
+def test_sensitivity_names_near_ends_without_overlap(drawn):
+    """Three sensitive groups ending 1 pt apart: three readable names inside the panel."""
+    rows = [
+        {"group": f"g{k}", "members": f"g{k}", "ratio": r, "drop": end * r, "val_top1": 0.5}
+        for k, end in enumerate([0.80, 0.79, 0.78, 0.2, 0.1])
+        for r in (0.5, 0.9)
+    ]
+    plots.sensitivity({"torch/resnet20": pd.DataFrame(rows)}, BUDGET, Path("unused.png"))
+    ax = drawn[0].axes[0]
+    assert sorted(t.get_text() for t in ax.texts) == ["g0", "g1", "g2"]
+    boxes = _label_boxes(drawn[0], ax)
+    assert _overlapping(boxes) == []
+    panel = ax.get_window_extent()
+    assert all(panel.y0 <= box.y0 and box.y1 <= panel.y1 for box in boxes)
+
+
+def test_tradeoff_names_close_budget_edges_apart_and_the_choice_in_the_legend(drawn):
+    df = _frame(models=("resnet20", "resnet44"))
+    df.loc[df["model"] == "resnet44", "baseline_val_top1"] = df["baseline_val_top1"].iloc[0] - 1e-3
+    plots.latency_vs_accuracy(df, _selection(df), Path("unused.png"))
+    ax = drawn[0].axes[0]
+    names = [t for t in ax.texts if "/" in t.get_text()]
+    assert sorted(t.get_text() for t in names) == ["torch/resnet20", "torch/resnet44"]
+    assert _overlapping(_label_boxes(drawn[0], ax)) == []
+    # Among the points only a letter marks the choice; its name is in the legend.
+    assert [t.get_text() for t in ax.texts if "/" not in t.get_text()] == ["S"]
+    legend = [t.get_text() for t in drawn[0].legends[0].get_texts()]
+    champion = _selection(df).champion.label
+    assert any(t.startswith("S: smallest and fastest") and champion in t for t in legend)
+
+
+def test_spread_keeps_order_and_gap_and_moves_only_what_collides():
+    assert plots._spread([0.0, 100.0], 8.0) == [0.0, 100.0]
+    assert plots._spread([10.0, 10.0, 10.0], 8.0) == [2.0, 10.0, 18.0]
+    assert plots._spread([5.0, 0.0, 50.0], 8.0) == [6.5, -1.5, 50.0]
 
 
 def test_figures_with_bars_and_references_save_as_png(tmp_path):

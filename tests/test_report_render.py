@@ -20,9 +20,10 @@ from report_fixtures import summary_rows, write_summary
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.report import plots, render, selection, table
 from shrinkflow.report.render import FigureFile, ReportContext
-from shrinkflow.report.selection import Choice
+from shrinkflow.report.selection import Choice, points
 
 BUDGET, MEASURE = 0.01, "gzip_bytes"
+MLFLOW_UI = "http://127.0.0.1:5000"
 MAX_PNG_BYTES = 150_000
 
 
@@ -76,6 +77,7 @@ def _context(df, chosen, figures, **changes) -> ReportContext:
         figures=figures,
         facts=[("Data set", "digits (32 px)"), ("Summary", "results/summary.csv")],
         notes=["No sensitivity sweep in this DAG."],
+        mlflow_ui=MLFLOW_UI,
     )
     return dataclasses.replace(ctx, **changes)
 
@@ -92,32 +94,38 @@ def report(tmp_path_factory) -> tuple[Path, ReportContext]:
 
 
 class _Page(HTMLParser):
-    """The parts of index.html the tests look at: attributes, text, the node table's rows."""
+    """The parts of index.html the tests look at: attributes, text, the body rows of each table
+    by its id (``node_rows``: the decision table's)."""
 
     def __init__(self, html: str) -> None:
         super().__init__(convert_charrefs=True)
         self.attributes: list[tuple[str, str, str]] = []  # (tag, name, value)
         self.text: list[str] = []
-        self.node_rows: list[dict] = []  # {"class": ..., "cells": [text, ...]}
-        self._in_nodes = self._in_body = False
+        self.rows: dict[str, list[dict]] = {}  # table id -> [{"class": ..., "cells": [...]}]
+        self._table: list[dict] | None = None
+        self._in_body = False
         self._cell: list[str] | None = None
         self.feed(html)
+
+    @property
+    def node_rows(self) -> list[dict]:
+        return self.rows["node-table"]
 
     def handle_starttag(self, tag, attrs):
         self.attributes += [(tag, k, v or "") for k, v in attrs]
         attrs = dict(attrs)
         if tag == "table":
-            self._in_nodes = attrs.get("id") == "node-table"
-        elif tag == "tbody" and self._in_nodes:
+            self._table = self.rows.setdefault(attrs.get("id") or "", [])
+        elif tag == "tbody":
             self._in_body = True
         elif tag == "tr" and self._in_body:
-            self.node_rows.append({"class": attrs.get("class", ""), "cells": []})
-        elif tag == "td" and self._in_body:
+            self._table.append({"class": attrs.get("class", ""), "cells": []})
+        elif tag in ("td", "th") and self._in_body:
             self._cell = []
 
     def handle_endtag(self, tag):
-        if tag == "td" and self._cell is not None:
-            self.node_rows[-1]["cells"].append("".join(self._cell))
+        if tag in ("td", "th") and self._cell is not None:
+            self._table[-1]["cells"].append("".join(self._cell))
             self._cell = None
         elif tag == "tbody":
             self._in_body = False
@@ -192,15 +200,38 @@ def test_html_is_self_contained(report):
     folder, ctx = report
     html = (folder / "index.html").read_text(encoding="utf-8")
     page = _Page(html)
-    assert "http://" not in html and "https://" not in html
     sources = [v for tag, name, v in page.attributes if name == "src"]
     assert len(sources) == len(ctx.figures)
     for source, figure in zip(sources, ctx.figures, strict=True):
         assert source.startswith("data:image/png;base64,")
         assert base64.b64decode(source.split(",", 1)[1]) == (folder / figure.name).read_bytes()
+    # The only network addresses are links (never loaded) to the MLflow UI's run pages.
+    runs = {v for tag, name, v in page.attributes if tag == "a" and name == "href" and "/#/" in v}
+    assert runs == {_run_link(row) for row in ctx.df.to_dict("records")}
     links = [v for tag, name, v in page.attributes if name in ("href", "src", "action")]
-    assert all(v.startswith(("#", "data:")) for v in links), links
+    assert all(v.startswith(("#", "data:")) or v in runs for v in links), links
+    for link in runs:
+        html = html.replace(link, "")
+    assert "http://" not in html and "https://" not in html
     assert str(folder) not in html  # no path of this machine
+
+
+def _run_link(row: dict) -> str:
+    """The MLflow UI page of a row's evaluate run, as MLflow 3's UI routes it."""
+    return (
+        f"{MLFLOW_UI}/#/experiments/{row['experiment_id']}/runs/{row['run_id']}"
+        "?workflowType=machine_learning"
+    )
+
+
+def test_run_links_fall_back_to_the_ui_route_without_an_experiment():
+    view = "?workflowType=machine_learning"  # the UI's model-training view, not its GenAI one
+    assert render.run_url("http://h:5000/", "", "abc") == f"http://h:5000/#/runs/abc{view}"
+    assert (
+        render.run_url("http://h:5000", "7", "abc")
+        == f"http://h:5000/#/experiments/7/runs/abc{view}"
+    )
+    assert render.run_url("http://h:5000", "7", "") == ""
 
 
 def test_html_shows_the_choice_and_every_node(report):
@@ -231,17 +262,53 @@ def test_html_shows_the_choice_and_every_node(report):
     cells = page.node_rows[champion]["cells"]
     row = df.loc[champion]
     assert "★" in cells[2] and "chosen" in page.node_rows[champion]["class"]
-    # validation decides (mean, interval, drop), test is reported beside it
-    assert cells[3:7] == [
-        f"{row.val_top1:.4f}",
-        f"{row.val_top1_low:.4f}",
-        f"{row.val_top1_high:.4f}",
-        f"{-row['drop'] * 100:+.2f}",
+    # validation decides (mean and interval; right after pruning; drop and its interval), test
+    # is reported beside it, then the sizes, the latency and the speed-up
+    assert cells[3:8] == [
+        f"{row.val_top1:.4f}[{row.val_top1_low:.4f}, {row.val_top1_high:.4f}]",
+        f"{row.pruned_val_top1:.4f}[{row.pruned_val_top1_low:.4f}, {row.pruned_val_top1_high:.4f}]",
+        f"{-row['drop'] * 100:+.2f}[{-row.drop_high * 100:+.2f}, {-row.drop_low * 100:+.2f}]",
+        f"{row.top1:.4f}",
+        f"{int(row.gzip_bytes):,}",
     ]
-    assert cells[7] == f"{row.top1:.4f}"
-    assert f"{int(row.gzip_bytes):,}" in cells and f"{row.latency_ms_b1:.2f}" in cells
+    assert cells[8:11] == [
+        f"{int(row.size_bytes):,}",
+        f"{row.latency_ms_b1:.2f}",
+        f"{row.speedup:.2f}x",
+    ]
+    assert cells[11] == row.run_id[:8]
     baseline = page.node_rows[int(df.index[df["stage"] == "baseline"][0])]["cells"]
-    assert baseline[6] == "+0.00" and baseline[13] == "–"  # no target sparsity
+    assert baseline[4] == "–" and baseline[5].startswith("+0.00")  # nothing was pruned
+    # the other columns, folded below: one row per artefact, every detail column
+    detail = page.rows["detail-table"]
+    assert [r["cells"][0] for r in detail] == list(df["label"])
+    assert detail[int(df.index[df["stage"] == "baseline"][0])]["cells"][6] == "–"  # sparsity
+
+
+def test_each_float_model_sits_beside_its_quantized_copies(report):
+    folder, ctx = report
+    df = ctx.df
+    groups: list[list[list[str]]] = []
+    for row in _Page((folder / "index.html").read_text(encoding="utf-8")).rows["pairs-table"]:
+        if "group" in row["class"]:
+            groups.append([row["cells"]])
+        else:
+            groups[-1].append(row["cells"])
+    floats = df[df["stage"].isin(["baseline", "finetuned"])]
+    assert [g[0][0] for g in groups] == list(floats["label"])
+    quant = sorted(df.loc[df["stage"] == "quantized", "quant_method"].unique())
+    for (header, source, *copies), (_, float_row) in zip(groups, floats.iterrows(), strict=True):
+        assert source[:2] == ["float", float_row.runtime] and source[3] == "–"
+        assert sorted(c[0] for c in copies) == quant
+        for cells in copies:
+            row = df[(df["source"] == header[0]) & (df["quant_method"] == cells[0])].iloc[0]
+            # the copy's cost against its own float model, paired by seed, with its interval
+            drop = float_row.val_top1 - row.val_top1
+            assert row.quant_drop == pytest.approx(drop)
+            assert cells[3].startswith(f"{points(drop)}[")
+            assert cells[6] == f"{float_row.gzip_bytes / row.gzip_bytes:.3g}x"
+            # like with like: the float model timed in the copy's runtime
+            assert cells[8:10] == [f"{row.float_latency_ms_b1:.2f}", f"{row.speedup_b1:.2f}x"]
 
 
 def test_hostile_text_is_escaped(tmp_path, report):
@@ -309,10 +376,27 @@ def test_bad_figure_names_are_refused(tmp_path, report):
     assert not (tmp_path / "index.html").exists()
 
 
+# At a 1,400 px window: how far each table (the folded one opened) reaches past the room it has,
+# and the right edge of the decision table's last column against the window's.
+_OVERFLOW_JS = """
+() => {
+  document.getElementById("details").open = true;
+  const tables = Array.from(document.querySelectorAll("table[id]"));
+  const last = document.querySelector("#node-table thead th:last-child");
+  return {
+    page: document.documentElement.scrollWidth - document.documentElement.clientWidth,
+    tables: Object.fromEntries(
+      tables.map((t) => [t.id, t.scrollWidth - t.parentElement.clientWidth])),
+    lastColumnRight: last.getBoundingClientRect().right - window.innerWidth,
+  };
+}
+"""
+
+
 @requires_chromium
 def test_page_renders_and_sorts_in_a_browser(tmp_path, report):
     folder, ctx = report
-    check = render_page(folder / "index.html", tmp_path / "page.png")
+    check = render_page(folder / "index.html", tmp_path / "page.png", width=1400)
     assert check.problems() == [] and check.title == ctx.title
     assert check.ink_fraction > 0.05, "the page rendered (nearly) blank"
     assert check.height_px > 3000, "figures and the node table make a long page"
@@ -322,13 +406,22 @@ def test_page_renders_and_sorts_in_a_browser(tmp_path, report):
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
         try:
-            page = browser.new_page()
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
             page.goto((folder / "index.html").as_uri())
+            overflow = page.evaluate(_OVERFLOW_JS)
+            links = page.eval_on_selector_all(
+                "#node-table tbody a.run", "(links) => links.map((a) => a.href)"
+            )
             page.click("#node-table th:nth-child(4)")  # val top-1, ascending
             first = page.inner_text("#node-table tbody tr:first-child td:nth-child(4)")
             page.click("#node-table th:nth-child(4)")
             top = page.inner_text("#node-table tbody tr:first-child td:nth-child(4)")
         finally:
             browser.close()
+    # Nothing scrolls sideways at 1,400 px: size, latency and speed-up stay in view.
+    assert overflow["page"] <= 0 and overflow["lastColumnRight"] <= 0, overflow
+    assert set(overflow["tables"]) >= {"node-table", "detail-table", "pairs-table"}
+    assert all(excess <= 0 for excess in overflow["tables"].values()), overflow
+    assert links == [_run_link(row) for row in ctx.df.to_dict("records")]
     low, high = ctx.df["val_top1"].min(), ctx.df["val_top1"].max()
-    assert first == f"{low:.4f}" and top == f"{high:.4f}"
+    assert first.split()[0] == f"{low:.4f}" and top.split()[0] == f"{high:.4f}"

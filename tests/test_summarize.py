@@ -51,6 +51,19 @@ def test_a_missing_quantized_metrics_file_is_named(tmp_path):
         collect_rows(CFG, tmp_path)
 
 
+def test_top1_after_pruning_and_the_runs_experiment_reach_the_summary(tmp_path):
+    """Evaluate's record carries both (a fine-tuned node's node.json has its pruned model's
+    val top-1); a baseline has no pruned model, so its cell is empty."""
+    for node in dag.evaluated_nodes(CFG):
+        path = tmp_path / node.metrics.relative_to(dag.MODELS)
+        path.parent.mkdir(parents=True)
+        pruned = {"pruned_val_top1": 0.81} if node.prune_method else {}
+        write_json(path, {**asdict(node), "top1": 0.9, "experiment_id": "4", **pruned})
+    rows = collect_rows(CFG, tmp_path)
+    assert [r["pruned_val_top1"] for r in rows] == ["", 0.81, "", "", 0.81, 0.81]
+    assert {r["experiment_id"] for r in rows} == {"4"}
+
+
 def test_every_row_carries_its_training_seed(tmp_path):
     cfg = {**CFG, "seeds": [0, 3]}
     for node in dag.evaluated_nodes(cfg):

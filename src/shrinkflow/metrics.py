@@ -31,7 +31,10 @@ if TYPE_CHECKING:
 # (torch, keras, tflite); `float_latency_ms_b1` is the float model of the same runtime, timed
 # side by side (a quantized/converted artefact's source, converted to that runtime's float
 # form where needed), and `speedup_b1` = float_latency_ms_b1 / latency_ms_b1; both are empty
-# for float models, whose speed-up the report takes against the baseline.
+# for float models, whose speed-up the report takes against the baseline. `pruned_val_top1` is
+# the validation top-1 of the chain's pruned model right after pruning, before fine-tuning (set
+# on fine-tuned points and what was quantized from them). `experiment_id` is the MLflow
+# experiment of `run_id` (the evaluate run), so the report can link the run's page.
 SUMMARY_COLUMNS: tuple[str, ...] = (
     "backend",
     "model",
@@ -43,6 +46,7 @@ SUMMARY_COLUMNS: tuple[str, ...] = (
     "quant_method",
     "top1",
     "val_top1",
+    "pruned_val_top1",
     "top5",
     "test_images",
     "val_images",
@@ -61,6 +65,7 @@ SUMMARY_COLUMNS: tuple[str, ...] = (
     "speedup_b1",
     "peak_mem_mb",
     "run_id",
+    "experiment_id",
     "artifact",
 )
 

@@ -36,6 +36,9 @@ from shrinkflow.report.table import pareto_mask
 
 DPI = 120  # as sensitivity.png: sharp on screen, small files
 _NAMED = 3  # the most sensitive groups named in each sensitivity panel
+_LABEL_POINTS = 6  # font size of the labels drawn beside lines (budget edges, sensitive groups)
+_LABEL_GAP = 1.35  # their line spacing, in font sizes: labels closer than this are spread
+_CHOSEN = "crimson"  # the ring and tag of a chosen artefact
 _LINE_STYLES = ("-", "--", ":", "-.")
 _QUANT_MARKERS = ("s", "^", "v", "D", "P", "X", "<", ">", "h", "p")
 _FLOAT_MARKERS = {"baseline": "*", "finetuned": "o", "pruned": "x"}
@@ -287,8 +290,7 @@ def _tradeoff(
     front = data[on_front].sort_values(column, kind="stable")
     # steps-post: the best validation top-1 reachable at or below each x.
     ax.plot(front[column], front["val_top1"], drawstyle="steps-post", color="black", linewidth=0.9)
-    _budget_lines(ax, data, selection.max_drop)
-    _mark_chosen(ax, data, selection, column)
+    chosen = _mark_chosen(ax, data, selection, column)
     values = data[column].to_numpy()
     if values.max() / values.min() >= _LOG_SPAN:
         ax.set_xscale("log")
@@ -306,8 +308,10 @@ def _tradeoff(
         _line("grey", f"validation baseline - {selection.max_drop * 100:g} pt", ":"),
         _line("grey", "outside budget (faded)", "none", marker="o", alpha=_FADED),
         _bars_entry(df["interval"].iloc[0]),
+        *chosen,
     ]
     fig.legend(handles=handles, loc="outside right upper", fontsize=7, frameon=False)
+    _budget_lines(ax, data, selection.max_drop)  # last: its labels are placed on the final layout
     _save(fig, path)
 
 
@@ -362,43 +366,121 @@ def _budget_lines(ax: Axes, data: pd.DataFrame, max_drop: float) -> None:
     firsts = data.groupby(["backend", "model"], sort=False)["baseline_val_top1"].first()
     for (backend, model), top1 in firsts.items():
         edges.setdefault(round(float(top1) - max_drop, 9), []).append(f"{backend}/{model}")
-    for y, names in edges.items():
+    for y in edges:
         ax.axhline(y, color="grey", linewidth=0.7, linestyle=":")
-        ax.annotate(
-            ", ".join(names),
-            xy=(1.0, y),
-            xycoords=ax.get_yaxis_transform(),
-            xytext=(-2, 1),
-            textcoords="offset points",
-            ha="right",
-            va="bottom",
-            fontsize=6,
-            color="dimgrey",
-        )
+    ax.figure.draw_without_rendering()  # lay out first: labels are spread in points
+    labels = [(1.0, y, ", ".join(names), "dimgrey") for y, names in edges.items()]
+    _spread_labels(ax, labels, ax.get_yaxis_transform(), dx=-2, ha="right")
 
 
-def _mark_chosen(ax: Axes, data: pd.DataFrame, selection: Selection, column: str) -> None:
-    """Ring the chosen rows and name them in boxes at the lower right (large and inaccurate:
-    the emptiest corner of both plots), with an arrow to each."""
-    chosen = [(selection.champion, "smallest" if selection.fastest else "smallest and fastest")]
+def _mark_chosen(ax: Axes, data: pd.DataFrame, selection: Selection, column: str) -> list[Line2D]:
+    """Ring the chosen rows and tag each with a letter (S: smallest, F: fastest) beside its
+    ring; the legend entries returned name them in full. A letter is all that sits among the
+    points, so no name covers a point, a bar or another name."""
+    chosen = [(selection.champion, "S", "smallest within budget")]
     if selection.fastest:
-        chosen.append((selection.fastest, "fastest"))
-    for k, (choice, role) in enumerate(chosen):
+        chosen.append((selection.fastest, "F", "fastest within budget"))
+    else:
+        chosen = [(selection.champion, "S", "smallest and fastest within budget")]
+    entries = []
+    for choice, tag, role in chosen:
         rows = data[data["label"] == choice.label]
         if rows.empty:  # e.g. its latency was not measured
             continue
         x, y = float(rows[column].iloc[0]), float(rows["val_top1"].iloc[0])
-        ax.scatter([x], [y], s=150, facecolors="none", edgecolors="crimson", linewidths=1.4)
+        ax.scatter([x], [y], s=150, facecolors="none", edgecolors=_CHOSEN, linewidths=1.4)
         ax.annotate(
-            f"{role}: {choice.label}",
+            tag,
             xy=(x, y),
-            xytext=(0.98, 0.05 + 0.09 * k),
-            textcoords="axes fraction",
-            ha="right",
-            fontsize=7,
-            bbox={"boxstyle": "round,pad=0.3", "fc": "white", "ec": "crimson", "alpha": 0.9},
-            arrowprops={"arrowstyle": "->", "color": "crimson", "linewidth": 0.8},
+            xytext=(6, 6),
+            textcoords="offset points",
+            fontsize=8,
+            fontweight="bold",
+            color=_CHOSEN,
+            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8},
         )
+        entries.append(
+            _line(
+                _CHOSEN,
+                f"{tag}: {role}\n{_wrap_label(choice.label)}",
+                "none",
+                marker="o",
+                hollow=True,
+            )  # fmt: skip
+        )
+    return entries
+
+
+def _wrap_label(label: str, width: int = 44) -> str:
+    """A node label broken after slashes into lines of at most about ``width`` characters."""
+    lines = [""]
+    for part in label.split("/"):
+        piece = part if not lines[-1] else f"/{part}"
+        if lines[-1] and len(lines[-1]) + len(piece) > width:
+            lines.append("  /" + part)
+        else:
+            lines[-1] += piece
+    return "\n".join(lines)
+
+
+def _spread(wishes: Sequence[float], gap: float) -> list[float]:
+    """Positions as near ``wishes`` as labels at least ``gap`` apart allow, in the same order:
+    each run of labels that would collide is spaced ``gap`` apart around its wishes' mean."""
+    order = sorted(range(len(wishes)), key=lambda i: wishes[i])
+    runs: list[list[int]] = []
+
+    def start(run: list[int]) -> float:
+        return float(np.mean([wishes[i] - k * gap for k, i in enumerate(run)]))
+
+    for i in order:
+        runs.append([i])
+        while len(runs) > 1 and start(runs[-2]) + len(runs[-2]) * gap > start(runs[-1]):
+            runs[-2:] = [runs[-2] + runs[-1]]
+    placed = [0.0] * len(wishes)
+    for run in runs:
+        first = start(run)
+        for k, i in enumerate(run):
+            placed[i] = first + k * gap
+    return placed
+
+
+def _spread_labels(
+    ax: Axes,
+    labels: Sequence[tuple[float, float, str, object]],
+    transform,
+    *,
+    dx: float,
+    ha: str,
+) -> None:
+    """Write each (x, y, text, colour) at its point, offset ``dx`` points sideways and moved
+    up or down just enough that no two labels overlap (a leader joins a moved label to it).
+    Call it once the figure is laid out (``Figure.draw_without_rendering``): the spreading is
+    done in points on the page, where the text size is known."""
+    if not labels:
+        return
+    to_points = 72.0 / ax.figure.dpi
+    heights = [transform.transform((x, y))[1] * to_points for x, y, _, _ in labels]
+    box = ax.get_window_extent()
+    low, high = box.y0 * to_points, box.y1 * to_points - _LABEL_POINTS * _LABEL_GAP
+    placed = _spread(heights, _LABEL_POINTS * _LABEL_GAP)
+    shift = min(0.0, high - max(placed)) or max(0.0, low - min(placed))  # keep them inside
+    for (x, y, text, colour), wish, at in zip(labels, heights, placed, strict=True):
+        moved = at + shift - wish
+        ax.annotate(
+            text,
+            xy=(x, y),
+            xycoords=transform,
+            xytext=(dx, 1 + moved),
+            textcoords="offset points",
+            ha=ha,
+            va="bottom",
+            fontsize=_LABEL_POINTS,
+            color=colour,
+            bbox={"boxstyle": "square,pad=0.05", "fc": "white", "ec": "none", "alpha": 0.75},
+            arrowprops=None
+            if abs(moved) < _LABEL_POINTS / 2
+            else {"arrowstyle": "-", "color": colour, "linewidth": 0.6, "shrinkA": 0},
+        ).set_in_layout(False)
 
 
 def layer_sparsity(layers: Mapping[str, Sequence[Mapping]], path: Path) -> None:
@@ -470,6 +552,7 @@ def sensitivity(curves: Mapping[str, pd.DataFrame], max_drop: float, path: Path)
     axes = fig.subplots(
         max(len(models), 1), max(len(backends), 1), sharex=True, sharey=True, squeeze=False
     )
+    named: dict[Axes, dict[tuple[float, float], list]] = {}  # ends -> [colour, groups]
     for (r, model), (c, backend) in _grid(models, backends):
         ax = axes[r][c]
         frame = curves.get(f"{backend}/{model}" if model else backend)
@@ -481,29 +564,22 @@ def sensitivity(curves: Mapping[str, pd.DataFrame], max_drop: float, path: Path)
             frame.groupby("group", sort=False)["drop"].max().nlargest(_NAMED, keep="first").index
         )
         # Groups often end on the same point (e.g. at chance level): one label names them all.
-        ends: dict[tuple[float, float], list[str]] = {}
+        ends = named.setdefault(ax, {})
         for i, (group, rows) in enumerate(groups):
             rows = rows.sort_values("ratio", kind="stable")
             x, y = [0.0, *rows["ratio"]], [0.0, *(rows["drop"] * 100)]
+            colour = _DEPTH(i / max(len(groups) - 1, 1))
             ax.plot(
                 x,
                 y,
-                color=_DEPTH(i / max(len(groups) - 1, 1)),
+                color=colour,
                 marker="o",
                 markersize=2,
                 linewidth=0.9,
             )
             if group in worst:
-                ends.setdefault((round(x[-1], 3), round(y[-1], 1)), []).append(str(group))
-        for (x, y), names in ends.items():
-            ax.annotate(
-                ", ".join(names),
-                xy=(x, y),
-                xytext=(-3, 2),
-                textcoords="offset points",
-                ha="right",
-                fontsize=6,
-            )
+                end = ends.setdefault((round(x[-1], 3), round(y[-1], 1)), [colour, []])
+                end[1].append(str(group))
         ax.axhline(max_drop * 100, color="grey", linewidth=0.8, linestyle="--")
         _panel(
             ax,
@@ -527,6 +603,11 @@ def sensitivity(curves: Mapping[str, pd.DataFrame], max_drop: float, path: Path)
     else:
         axes[0][0].text(0.5, 0.5, "no sensitivity sweep", ha="center", va="center")
         axes[0][0].set_axis_off()
+    # Named last, on the final layout and shared limits, so near ends get spread labels.
+    fig.draw_without_rendering()
+    for ax, ends in named.items():
+        labels = [(x, y, ", ".join(names), colour) for (x, y), (colour, names) in ends.items()]
+        _spread_labels(ax, labels, ax.transData, dx=-3, ha="right")
     _save(fig, path)
 
 

@@ -1,9 +1,15 @@
 """results/report/index.html and report.md: one context, two Jinja2 templates (templates/).
 
 index.html is self-contained: figures are embedded as data: URIs, the CSS and the optional
-column-sorting script are inline, and nothing refers to a network address, so the page reads
-the same from a laptop, an e-mail attachment or an archived DVC output. Nothing time-dependent
-goes in, so the same inputs give byte-identical files (DVC sees no change when nothing changed).
+column-sorting script are inline, and nothing is loaded from the network, so the page reads the
+same from a laptop, an e-mail attachment or an archived DVC output. The only network addresses
+are links a reader may follow: each artefact's evaluate run in the MLflow UI (``run_url``).
+Nothing time-dependent goes in, so the same inputs give byte-identical files (DVC sees no
+change when nothing changed).
+
+The page is laid out for a 1,400 px window without sideways scrolling: one decision table
+(accuracy with its intervals, size, latency, speed-up, the marks), the other measured columns
+in a folded table below it, and each float model beside its quantized copies.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from shrinkflow.report.selection import (
     points,
     speed_words,
 )
+from shrinkflow.tracking.store import MODEL_TRAINING_VIEW
 
 HTML_FILE, MARKDOWN_FILE = "index.html", "report.md"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -50,6 +57,23 @@ class ReportContext:
     figures: list[FigureFile]
     facts: list[tuple[str, str]]  # key/value lines of the header box, in order
     notes: list[str]  # what the DAG left out, e.g. "No sensitivity sweep in this DAG."
+    mlflow_ui: str  # the MLflow UI's base URL, e.g. http://127.0.0.1:5000 (run links)
+
+
+def run_url(ui: str, experiment_id: str, run_id: str) -> str:
+    """The MLflow UI's page of a run (MLflow 3's hash routes), opened in its model-training view
+    (the UI's default is its GenAI view); ``""`` without a run id. Without an experiment id the
+    UI's ``#/runs/<id>`` route finds the run's experiment itself."""
+    if not run_id:
+        return ""
+    base = ui.rstrip("/")
+    run = quote(run_id, safe="")
+    page = (
+        f"#/experiments/{quote(experiment_id, safe='')}/runs/{run}"
+        if experiment_id
+        else f"#/runs/{run}"
+    )
+    return f"{base}/{page}?{MODEL_TRAINING_VIEW}"
 
 
 def _fraction(value: float) -> str:
@@ -82,16 +106,36 @@ class _Column:
     key: str  # the DataFrame column
     fmt: Callable[[float], str]
     hint: str = ""  # the header's tooltip
+    # The columns of its interval, in display order, shown under the value in the HTML page's
+    # decision table (a drop's are high then low: ``points`` flips the sign).
+    interval: tuple[str, str] | None = None
 
 
 # The node table's number columns, in display order (the label and marks come first). Numbers
 # are means over the node's training seeds; the intervals are the report's (see report.noise).
 _COLUMNS = (
-    _Column("val top-1", "val_top1", _fraction, "validation accuracy, mean over seeds: decides"),
+    _Column(
+        "val top-1",
+        "val_top1",
+        _fraction,
+        "validation accuracy, mean over seeds: decides",
+        ("val_top1_low", "val_top1_high"),
+    ),
     _Column("val low", "val_top1_low", _fraction, "lower end of its 95 % interval"),
     _Column("val high", "val_top1_high", _fraction, "upper end of its 95 % interval"),
     _Column(
-        "Δ val (pt)", "drop", points, "validation top-1 against its baseline; negative is worse"
+        "val top-1 after pruning",
+        "pruned_val_top1",
+        _fraction,
+        "the chain's pruned model right after pruning, before fine-tuning (and quantization)",
+        ("pruned_val_top1_low", "pruned_val_top1_high"),
+    ),
+    _Column(
+        "Δ val (pt)",
+        "drop",
+        points,
+        "validation top-1 against its baseline; negative is worse",
+        ("drop_high", "drop_low"),
     ),
     _Column("test top-1", "top1", _fraction, "test accuracy, reported once: decides nothing"),
     _Column("test low", "top1_low", _fraction, "lower end of its 95 % interval"),
@@ -118,6 +162,15 @@ _COLUMNS = (
     _Column("images/s", "throughput_ips", _one_decimal),
     _Column("peak MB", "peak_mem_mb", _one_decimal, "peak memory while evaluating"),
 )
+# The HTML page's decision table: what the choice weighs, the intervals under the values (the
+# Markdown table has every column); the folded table under it: every other measured column.
+_DECISION_KEYS = (
+    *("val_top1", "pruned_val_top1", "drop", "top1"),
+    *("gzip_bytes", "size_bytes", "latency_ms_b1", "speedup"),
+)
+_DECISION = tuple(next(c for c in _COLUMNS if c.key == key) for key in _DECISION_KEYS)
+_SHOWN = {*_DECISION_KEYS, "val_top1_low", "val_top1_high"}  # the interval is under the mean
+_DETAIL = tuple(c for c in _COLUMNS if c.key not in _SHOWN)
 MARKS = {
     "champion": ("★", "the chosen model: smallest within budget"),
     "fastest": ("⚡", "fastest within budget"),
@@ -140,7 +193,21 @@ def _sort_key(value: float) -> str:
     return "" if value is None or math.isnan(value) else repr(float(value))
 
 
-def _node_rows(df: pd.DataFrame, selection: Selection) -> list[dict]:
+def _cells(row: dict, columns: tuple[_Column, ...]) -> list[dict]:
+    """A row's cells: the value, its interval (or ""), the raw number to sort by."""
+    cells = []
+    for c in columns:
+        value = row[c.key]
+        missing = value is None or (isinstance(value, float) and math.isnan(value))
+        interval = ""
+        if c.interval and not missing:
+            low, high = (_text(row[k], c.fmt) for k in c.interval)
+            interval = f"[{low}, {high}]"
+        cells.append({"text": _text(value, c.fmt), "interval": interval, "sort": _sort_key(value)})
+    return cells
+
+
+def _node_rows(df: pd.DataFrame, selection: Selection, ui: str) -> list[dict]:
     chosen = {selection.champion.label: ["champion"]}
     if selection.fastest:
         chosen.setdefault(selection.fastest.label, []).append("fastest")
@@ -158,13 +225,13 @@ def _node_rows(df: pd.DataFrame, selection: Selection) -> list[dict]:
                 "number": number,
                 "label": row["label"],
                 "run_id": row["run_id"],
+                "run_url": run_url(ui, row["experiment_id"], row["run_id"]),
                 "marks": "".join(MARKS[m][0] for m in marks),
                 "eligible": bool(row["eligible"]),
                 "chosen": row["label"] in chosen,
-                "cells": [
-                    {"text": _text(row[c.key], c.fmt), "sort": _sort_key(row[c.key])}
-                    for c in _COLUMNS
-                ],
+                "cells": _cells(row, _COLUMNS),
+                "decision": _cells(row, _DECISION),
+                "detail": _cells(row, _DETAIL),
             }
         )
     return rows
@@ -175,7 +242,45 @@ def _baselines(df: pd.DataFrame) -> dict[tuple[str, str], dict]:
     return {(r["backend"], r["model"]): r for r in base.to_dict("records")}
 
 
-def _choice_view(choice: Choice, df: pd.DataFrame, selection: Selection) -> dict:
+def _pair_groups(df: pd.DataFrame, selection: Selection) -> list[dict]:
+    """Each float model (the baseline, each fine-tuned point) with its quantized copies: what
+    quantization cost on validation (paired by seed, with its interval), what it saved in the
+    size measure, and its batch-1 speed-up against the float model timed in its own runtime."""
+    size_key = selection.size_metric
+    groups = []
+    for source in df[df["stage"].isin(["baseline", "finetuned"])].to_dict("records"):
+        copies = df[df["source"] == source["label"]].to_dict("records")
+        if not copies:
+            continue
+        rows = []
+        for row in [source, *copies]:
+            quantized = row["stage"] == "quantized"
+            rows.append(
+                {
+                    "kind": row["quant_method"] if quantized else "float",
+                    "runtime": row["runtime"],
+                    "val_top1": _text(row["val_top1"], _fraction),
+                    "val_interval": f"[{row['val_top1_low']:.4f}, {row['val_top1_high']:.4f}]",
+                    "cost": points(row["quant_drop"]) if quantized else "–",
+                    "cost_interval": (
+                        f"[{points(row['quant_drop_high'])}, {points(row['quant_drop_low'])}]"
+                        if quantized and not math.isnan(row["quant_drop"])
+                        else ""
+                    ),
+                    "top1": _text(row["top1"], _fraction),
+                    "size": _count(row[size_key]),
+                    "smaller": _ratio(source[size_key] / row[size_key]) if quantized else "–",
+                    "latency": _ms(row["latency_ms_b1"]),
+                    "float_latency": _text(row["float_latency_ms_b1"], _ms),
+                    "speedup": _text(row["speedup_b1"], _two_decimals) if quantized else "–",
+                    "eligible": bool(row["eligible"]),
+                }
+            )
+        groups.append({"source": source["label"], "rows": rows})
+    return groups
+
+
+def _choice_view(choice: Choice, df: pd.DataFrame, selection: Selection, ui: str) -> dict:
     """A chosen node's key numbers, next to its baseline's."""
     row = df[df["label"] == choice.label].iloc[0]
     base = _baselines(df)[(row["backend"], row["model"])]
@@ -196,11 +301,12 @@ def _choice_view(choice: Choice, df: pd.DataFrame, selection: Selection) -> dict
         ("non-zero params", f"{_count(row['nonzero_params'])} of {_count(row['params'])}"),
         ("measured sparsity", _text(row["measured_sparsity"], _percent)),
         ("seeds", f"{row['seeds']} ({row['interval']}); shipped: {row['shipped']}"),
-        ("MLflow run", row["run_id"] or "–"),
     ]
     return {
         "role": choice.role,
         "label": choice.label,
+        "run_id": row["run_id"],
+        "run_url": run_url(ui, row["experiment_id"], row["run_id"]),
         "reason": choice.reason,
         "numbers": numbers,
         "model": f"{row['backend']}/{row['model']}",
@@ -278,19 +384,26 @@ def _view(ctx: ReportContext) -> dict:
         "unit": SIZE_WORDS[size_key],
         "eligible": selection.eligible,
         "total": selection.total,
-        "champion": _choice_view(selection.champion, ctx.df, selection),
-        "fastest": _choice_view(selection.fastest, ctx.df, selection)
+        "champion": _choice_view(selection.champion, ctx.df, selection, ctx.mlflow_ui),
+        "fastest": _choice_view(selection.fastest, ctx.df, selection, ctx.mlflow_ui)
         if selection.fastest
         else None,
-        "per_model": [_choice_view(c, ctx.df, selection) for c in selection.per_model],
-        "columns": [
-            {"header": c.header, "hint": c.hint, "measure": c.key == size_key} for c in _COLUMNS
+        "per_model": [
+            _choice_view(c, ctx.df, selection, ctx.mlflow_ui) for c in selection.per_model
         ],
+        "columns": _headers(_COLUMNS, size_key),
+        "decision_columns": _headers(_DECISION, size_key),
+        "detail_columns": _headers(_DETAIL, size_key),
         "marks": list(MARKS.values()),
-        "rows": _node_rows(ctx.df, selection),
+        "rows": _node_rows(ctx.df, selection, ctx.mlflow_ui),
+        "pairs": _pair_groups(ctx.df, selection),
         "encoding_headers": list(encodings.SIZES.values()),
         "encodings": _encoding_rows(ctx.df),
     }
+
+
+def _headers(columns: tuple[_Column, ...], size_key: str) -> list[dict]:
+    return [{"header": c.header, "hint": c.hint, "measure": c.key == size_key} for c in columns]
 
 
 def _markdown(text: object) -> str:

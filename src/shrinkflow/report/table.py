@@ -31,10 +31,11 @@ MEASURED = (
     "latency_ms_b1",
 )
 # Columns that may be empty (a baseline has no sparsity target, a float model no quant method
-# and no same-runtime float reference).
+# and no same-runtime float reference, a chain without pruning no top-1 right after pruning).
 OPTIONAL_NUMBERS = (
     "target_sparsity",
     "measured_sparsity",
+    "pruned_val_top1",
     "top5",
     "macs",
     "throughput_ips",
@@ -50,6 +51,7 @@ TEXT = (
     "quant_method",
     "runtime",
     "run_id",
+    "experiment_id",
     "artifact",
 )
 # What makes a node, whatever its seed: the seeds of one node are aggregated into one row.
@@ -133,7 +135,13 @@ def annotate(df: pd.DataFrame, max_drop: float, size_metric: str) -> pd.DataFram
     compression. ``label`` is the node's folder without the seed level, ``seeds`` how many
     were aggregated, ``shipped`` the folder of the seed best on validation (the artefact the
     report registers), ``interval`` says which interval the row's numbers carry.
+    ``pruned_val_top1`` (with ``_low``/``_high``) is the validation top-1 of the node's pruned
+    model right after pruning, before fine-tuning (NaN where the chain has none). A quantized
+    node names its float ``source`` (a label; empty for float nodes) and carries
+    ``quant_drop`` with ``_low``/``_high``: the source's validation top-1 minus its own, paired
+    by seed (what quantization cost).
     """
+    df = df.assign(_point=[_label(row) for _, row in df.iterrows()])
     rows = []
     for _, group in df.groupby(NODE_KEY, sort=False, dropna=False):
         rows.append(_aggregate(group.sort_values("seed", kind="stable"), df))
@@ -167,6 +175,15 @@ def _aggregate(group: pd.DataFrame, df: pd.DataFrame) -> dict:
     row["shipped"] = _label(best, seed=True)
     row["shipped_seed"] = int(best.seed)
     row["run_id"], row["artifact"] = best.run_id, best.artifact
+    row["experiment_id"] = best.experiment_id
+    pruned = group["pruned_val_top1"].dropna()
+    interval = (
+        noise.accuracy_interval(pruned.tolist(), int(first.val_images))
+        if len(pruned)
+        else noise.Interval(math.nan, math.nan, math.nan)
+    )
+    row["pruned_val_top1_low"], row["pruned_val_top1_high"] = interval.low, interval.high
+    row.update(_quantization_cost(group, df))
     for split, images in (("val_top1", "val_images"), ("top1", "test_images")):
         n = int(first[images])
         interval = noise.accuracy_interval(group[split].tolist(), n)
@@ -190,11 +207,31 @@ def _aggregate(group: pd.DataFrame, df: pd.DataFrame) -> dict:
     return row
 
 
-def _label(row: pd.Series, *, seed: bool = False) -> str:
-    """The node's folder below results/models: without the seed level (the node over all its
-    seeds), or with it (``seed=True``: the folder of that row's seed)."""
+def _quantization_cost(group: pd.DataFrame, df: pd.DataFrame) -> dict:
+    """A quantized node's float source (its label) and the validation top-1 it lost against
+    it, paired by seed, with its interval; empty and NaN for a float node."""
+    first = group.iloc[0]
+    source = _node(first).source.point_label if first.stage == "quantized" else ""
+    floats = df[df["_point"] == source].set_index("seed")
+    if not source or not group["seed"].isin(floats.index).all():  # float, or a partial summary
+        return {"source": source, "quant_drop": math.nan, "quant_drop_low": math.nan,
+                "quant_drop_high": math.nan}  # fmt: skip
+    floats = floats.loc[group["seed"]]
+    cost = noise.drop_interval(
+        floats["val_top1"].tolist(), group["val_top1"].tolist(), int(first.val_images)
+    )
+    return {
+        "source": source,
+        "quant_drop": cost.mean,
+        "quant_drop_low": cost.low,
+        "quant_drop_high": cost.high,
+    }
+
+
+def _node(row: pd.Series) -> Node:
+    """The DAG node of a summary row."""
     sparsity = row.target_sparsity
-    node = Node(
+    return Node(
         backend=row.backend,
         model=row.model,
         stage=row.stage,
@@ -203,6 +240,12 @@ def _label(row: pd.Series, *, seed: bool = False) -> str:
         quant_method=row.quant_method,
         seed=int(row.seed),
     )
+
+
+def _label(row: pd.Series, *, seed: bool = False) -> str:
+    """The node's folder below results/models: without the seed level (the node over all its
+    seeds), or with it (``seed=True``: the folder of that row's seed)."""
+    node = _node(row)
     return node.label if seed else node.point_label
 
 
