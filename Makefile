@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS := 1
 export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: venv services run test lint repro push mlflow-ui mlflow-server bench clean
+.PHONY: venv services run test lint repro push mlflow-ui mlflow-server bench screenshots clean
 
 # Re-installs only when the dependency pins change. pip's output goes to a log (it is long);
 # its tail is shown if the install fails.
@@ -23,8 +23,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 		> $(VENV)/install.log 2>&1 || { tail -n 40 $(VENV)/install.log; exit 1; }
 	@touch $@
 
+# profiles/default/ (loaded by every snakemake) makes a re-run resume after a crash.
 run: venv
-	snakemake --profile workflow/profiles/local --cores $(CORES)
+	snakemake --cores $(CORES)
 
 # Debian packages the tests start for real, installed when missing (needs root and Debian's
 # mirror; without them the hint is printed and those tests skip):
@@ -64,7 +65,11 @@ repro: venv
 push: venv
 	shrinkflow remote push
 
+# The local store's UI. A project folder copied or moved elsewhere opens with its artefacts: the
+# store's recorded artefact locations are moved to this folder first (shrinkflow.tracking.relocate).
 mlflow-ui: venv
+	python -c 'import sys; from shrinkflow.tracking.relocate import main; main(sys.argv[1:])' \
+		$(CURDIR)/mlflow.db
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 # The shared tracking server: MLflow on 127.0.0.1:${PORT:-5000} with a PostgreSQL store kept in
@@ -74,13 +79,19 @@ mlflow-ui: venv
 mlflow-server: venv
 	python -m shrinkflow.tracking.server $(MLFLOW_SERVER_ARGS)
 
-bench: venv
-	python benchmarks/pipeline.py
-	python benchmarks/int8_flows.py
-	python benchmarks/quantization.py
-	python benchmarks/tensorflow.py
-	python benchmarks/report.py
-	python benchmarks/scaleout.py
+# Every benchmark writes its block of docs/figures.md (benchmarks/figures.py). All of them take
+# hours on 2 cores; `make bench-report` (or any bench-<script>) runs one.
+BENCHMARKS := pipeline pruning quantization int8_flows tensorflow selection_noise runtimes \
+	report scaleout
+BENCH_ARGS_selection_noise := --configfile benchmarks/selection_noise.yaml
+.PHONY: $(addprefix bench-,$(BENCHMARKS))
+bench: $(addprefix bench-,$(BENCHMARKS))
+$(addprefix bench-,$(BENCHMARKS)): bench-%: venv
+	python benchmarks/$*.py $(BENCH_ARGS_$*)
+
+# docs/images/report.png, the README's screenshot, from results/report/ (after `make run`).
+screenshots: venv
+	python benchmarks/screenshots.py
 
 # Pipeline outputs and the local store only: .mlflow-server/ (the shared tracking server's
 # data) and dvc-storage/ (the remote) are left alone.

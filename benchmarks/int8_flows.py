@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from figures import recorded
 
 from shrinkflow.backends.torch import pt2e, pt2e_archive
 from shrinkflow.backends.torch.artifact import save_model
@@ -146,4 +147,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("int8-flows"):
+        main()

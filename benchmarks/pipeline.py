@@ -23,6 +23,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from figures import recorded
 from workspace import BIN, ROOT, fresh_workspace, timed
 
 
@@ -105,4 +106,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("pipeline"):
+        main()

@@ -21,7 +21,10 @@ import time
 from pathlib import Path
 
 import yaml
+from figures import recorded
 from workspace import BIN, ROOT, fresh_workspace
+
+from shrinkflow import dag
 
 METHODS = [
     "l1_unstructured",
@@ -44,7 +47,8 @@ def main() -> None:
     workspace = ROOT / "benchmarks/out/pruning"
     if not (args.reuse and workspace.is_dir()):
         fresh_workspace(workspace)
-    sweep = {"prune": {"methods": METHODS, "sparsities": args.sparsities}}
+    # The structured methods are torch's: a backend that lacks one is refused before any job.
+    sweep = {"backends": ["torch"], "prune": {"methods": METHODS, "sparsities": args.sparsities}}
     (workspace / "sweep.yaml").write_text(yaml.safe_dump(sweep))
     # --keep-going: a point that cannot be pruned as asked (a clear error in its log) must not
     # stop the others; it is listed below with its reason.
@@ -55,7 +59,7 @@ def main() -> None:
         cwd=workspace, capture_output=True, text=True,
     )  # fmt: skip
     seconds = time.perf_counter() - start
-    models = workspace / "results/models/torch/resnet20"
+    models = workspace / dag.seed_dir("torch", "resnet20", 0)
     base = {**json.loads((models / "baseline/metrics.json").read_text())}
     rows, failed = [], []
     for method in METHODS:
@@ -122,4 +126,5 @@ def report_targets(points: list[dict], base: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("pruning"):
+        main()

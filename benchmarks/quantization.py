@@ -33,6 +33,7 @@ import zipfile
 from pathlib import Path
 
 import yaml
+from figures import recorded
 from workspace import BIN, ROOT, failure, fresh_workspace, read_metrics, train_seconds
 
 from shrinkflow import dag
@@ -77,6 +78,7 @@ def main() -> None:
     if not (args.reuse and workspace.is_dir()):
         fresh_workspace(workspace)
     config = {
+        "backends": [BACKEND],  # qat_int8 is torch's: a backend without it is refused
         "models": args.models,
         "train": {"epochs": args.epochs},
         "prune": {"methods": [args.prune_method], "sparsities": [SPARSITY]},
@@ -267,4 +269,5 @@ def report_targets(results: dict, workspace: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("quantization"):
+        main()

@@ -19,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the synthetic summary is the tests' fixture
 
+from figures import recorded  # noqa: E402
 from report_fixtures import summary_rows, write_summary  # noqa: E402
 from workspace import BIN, timed  # noqa: E402
 
@@ -63,4 +64,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("report"):
+        main()

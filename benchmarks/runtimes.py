@@ -26,6 +26,8 @@ import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # before tensorflow: tfmot needs Keras 2
+from figures import recorded  # this script's folder, before it leaves the path
+
 # Python puts this script's folder first on the path, where benchmarks/tensorflow.py would
 # shadow the tensorflow package.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
@@ -138,4 +140,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("runtimes"):
+        main()

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from figures import recorded
 from workspace import BIN, ROOT, fresh_workspace, timed
 
 SWEEP = {  # the measured sweep: every job kind of a pruning sweep, small enough for 2 cores
@@ -295,9 +296,14 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.measure_throughput:
-        measure_throughput()
+        measure_throughput()  # one node's figure, printed for --node-images-per-second
         return
+    with recorded("scaleout"):
+        sweep_and_project(args)
 
+
+def sweep_and_project(args: argparse.Namespace) -> None:
+    """Part 1 measured, part 2 projected from it (the module's docstring)."""
     walls = {cores: run_sweep(cores, args.reuse) for cores in (1, 2)}
     (wall_1, workspace), (wall_2, _) = walls[1], walls[2]
     kinds, counts = measure_kinds(workspace)

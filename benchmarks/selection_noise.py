@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
+from figures import recorded
 from workspace import BIN, ROOT, fresh_workspace, timed
 
 from shrinkflow.config import load_params, read_yaml
@@ -117,9 +118,12 @@ def main() -> None:
             workspace,
         )
         print(f"snakemake with seeds {args.seeds}: {seconds / 60:.1f} min")
+        if extra:  # the block in docs/figures.md names the file, not what it held
+            print(f"over params.yaml: {args.configfile} = {extra}")
         args.summary = workspace / "results/summary.csv"
     analyse(args.summary, budget, size_metric)
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("selection-noise"):
+        main()

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import yaml
+from figures import recorded
 from workspace import BIN, ROOT, failure, fresh_workspace, read_metrics, train_seconds
 
 from shrinkflow import dag
@@ -220,4 +221,5 @@ def report_targets(rows: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("tensorflow"):
+        main()
