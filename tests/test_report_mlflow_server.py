@@ -254,7 +254,11 @@ def md5s(root: Path) -> dict[str, str]:
         str(path.relative_to(root)): hashlib.md5(path.read_bytes()).hexdigest()
         for top in ("results", "data")
         for path in sorted((root / top).rglob("*"))
-        if path.is_file() and path.name != ".gitignore" and "resume" not in path.parts
+        # (.snakemake_timestamp: Snakemake's empty marker in a folder output, which .dvcignore
+        # keeps out of DVC)
+        if path.is_file()
+        and path.name not in (".gitignore", ".snakemake_timestamp")
+        and "resume" not in path.parts
     }
 
 
