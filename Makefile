@@ -70,6 +70,7 @@ push: venv
 mlflow-ui: venv
 	python -c 'import sys; from shrinkflow.tracking.relocate import main; main(sys.argv[1:])' \
 		$(CURDIR)/mlflow.db
+	@echo "open http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (MLflow's model-training view)"
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 # The shared tracking server: MLflow on 127.0.0.1:${PORT:-5000} with a PostgreSQL store kept in
