@@ -193,9 +193,9 @@ def _log_and_register(
         raise
     retry(lambda: client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY))
     source = f"models:/{logged.model_id}"
-    # MLflow's SQL registry looks the LoggedModel of a models:/ source up through the
-    # process-wide tracking URI, not this client's (a TODO in its create_model_version): point
-    # that at this store for the one call.
+    # MLflow 3.17's SQL registry looks the LoggedModel of a models:/ source up through the
+    # process-wide tracking URI, not this client's (its create_model_version notes the gap):
+    # point that at this store for the one call.
     with _process_tracking_uri(client.tracking_uri):
         created = retry(
             lambda: client.create_model_version(
