@@ -66,9 +66,9 @@ def one_line_error(call, starts: str) -> str:
             "stage 'baseline' with quant_method",
         ),
         (
-            b'{"backend": "tensorflow", "model": "resnet20", "stage": "quantized", '
-            b'"quant_method": "qat_int8", "seed": 0}',
-            "quant_method 'qat_int8' does not exist for tensorflow",
+            b'{"backend": "torch", "model": "resnet20", "stage": "quantized", '
+            b'"quant_method": "float16", "seed": 0}',
+            "quant_method 'float16' does not exist for torch",
         ),
         (b'{"backend": "torch", "model": "resnet20", "stage": "baseline"}', "seed None is not"),
         (

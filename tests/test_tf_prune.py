@@ -251,11 +251,12 @@ def test_one_shot_stage_saves_a_plain_model_at_the_target(baseline, tmp_path):
     ("method", "sparsity", "cfg", "message"),
     [
         (
-            "structured_l1",
+            "taylor",
             0.5,
             CFG,
-            r"^prune.methods: 'structured_l1' is not available for backend tensorflow "
-            r"\(available: l1_unstructured, gradual_polynomial, gradual_constant\)$",
+            r"^prune.methods: 'taylor' is not available for backend tensorflow "
+            r"\(available: l1_unstructured, gradual_polynomial, gradual_constant, structured_l1, "
+            r"structured_random, structured_sensitivity\)$",
         ),
         ("l1_unstructured", 1.0, CFG, r"^prune.sparsities: 1.0 is not in \[0, 1\)$"),
         ("l1_unstructured", 0.5, with_prune(scope="block"), r"^prune.scope: 'block' is not one"),

@@ -154,7 +154,7 @@ def test_empty_calibration_is_refused(baseline, tmp_path):
     assert not (tmp_path / "static_int8" / TFLITE_FILE).exists()
 
 
-@pytest.mark.parametrize("method", ["qat_int8", "int4"])  # fixed_w<bits>: test_tf_fixed_point
+@pytest.mark.parametrize("method", ["int4", "static_int4"])  # fixed_w<bits>: test_tf_fixed_point
 def test_other_methods_are_refused_by_name(baseline, tmp_path, method):
     folder, data, _ = baseline
     with pytest.raises(ShrinkflowError) as raised:
@@ -162,7 +162,7 @@ def test_other_methods_are_refused_by_name(baseline, tmp_path, method):
     message = str(raised.value)
     assert message == (
         f"--method: {method!r} is not available for backend tensorflow "
-        "(available: static_int8, dynamic_int8, float16, float32)"
+        "(available: static_int8, dynamic_int8, float16, float32, qat_int8)"
     )
     assert list((tmp_path / method).iterdir()) == []
 

@@ -23,9 +23,9 @@ from torch_prune_fixtures import prune_structured as prune
 from shrinkflow.backends.torch import sensitivity
 from shrinkflow.backends.torch.artifact import load_model
 from shrinkflow.backends.torch.models import create_model
-from shrinkflow.backends.torch.prune_structured import RATIOS_FILE, fill_to_mean, load_ratios
 from shrinkflow.backends.torch.train import fit_in_memory
 from shrinkflow.errors import ShrinkflowError
+from shrinkflow.structured_ratios import RATIOS_FILE, fill_to_mean, load_ratios
 
 RESIDUAL_STAGE_1 = "conv1 layer1.0.conv2 layer1.1.conv2 layer1.2.conv2"
 

@@ -25,8 +25,7 @@ BACKENDS = ("torch", "tensorflow")
 
 # What each backend implements, declared here so that a config is checked before any job runs
 # (and without importing a framework). A method name means the same idea on every backend that
-# has it; the structured (filter-removing) methods and QAT are torch's, TFLite's float
-# conversions TensorFlow's.
+# has it; both have every prune method and QAT, only TensorFlow TFLite's float conversions.
 PRUNE_METHODS: dict[str, tuple[str, ...]] = {
     "torch": (
         "l1_unstructured",
@@ -36,12 +35,36 @@ PRUNE_METHODS: dict[str, tuple[str, ...]] = {
         "structured_random",
         "structured_sensitivity",
     ),
-    "tensorflow": ("l1_unstructured", "gradual_polynomial", "gradual_constant"),
+    "tensorflow": (
+        "l1_unstructured",
+        "gradual_polynomial",
+        "gradual_constant",
+        "structured_l1",
+        "structured_random",
+        "structured_sensitivity",
+    ),
+}
+# The models each backend's registry builds (backends/<backend>/models.py ``list_models``,
+# kept equal by tests/test_backend_twins.py), declared here so that a config is checked without
+# importing a framework. Any other model is a ``custom_models`` entry (shrinkflow.custom_models).
+REGISTRY_MODELS: dict[str, tuple[str, ...]] = {
+    backend: (
+        "googlenet",
+        "resnet18",
+        "resnet20",
+        "resnet32",
+        "resnet44",
+        "resnet50",
+        "resnet56",
+        "vgg16",
+        "vgg16_bn",
+    )
+    for backend in BACKENDS
 }
 # Families of shrinkflow.quantization method names.
 QUANT_FAMILIES: dict[str, tuple[str, ...]] = {
     "torch": ("static", "dynamic", "qat", "fixed"),
-    "tensorflow": ("static", "dynamic", "float", "fixed"),
+    "tensorflow": ("static", "dynamic", "qat", "float", "fixed"),
 }
 
 
@@ -183,12 +206,3 @@ def quant_methods(backend: str) -> list[str]:
     if "fixed" in QUANT_FAMILIES[backend]:
         offered.append(f"{FIXED_PREFIX}<bits>")
     return offered
-
-
-def check_model(backend: str, model_name: str) -> None:
-    known = backend_module(backend, "models").list_models()
-    if model_name not in known:
-        raise ShrinkflowError(
-            f"model: {model_name!r} is not available for backend {backend} "
-            f"(known: {', '.join(known)})"
-        )

@@ -71,21 +71,31 @@ def create_model(
     image_size: int = 32,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    factory: str | None = None,
 ) -> keras.Model:
     """Build the registered model ``name`` with freshly initialised weights.
 
     Args:
         mean, std: per-channel statistics on the 0..1 scale (``PreparedData.mean/std``); the
             model normalises its 0..255 input with them. Default: 0.5 and 0.25 per channel.
+        factory: the ``custom_models`` ref that builds ``name`` when it is not a registry
+            model (``custom.build``).
 
     The initial weights depend only on TensorFlow's global seed, so
     ``keras.utils.set_random_seed`` before this call makes them reproducible.
     """
-    check_model_args("tensorflow", name, list_models(), num_classes, in_channels, image_size)
+    known = [name] if factory else list_models()
+    check_model_args("tensorflow", name, known, num_classes, in_channels, image_size)
     mean = [0.5] * in_channels if mean is None else [float(m) for m in mean]
     std = [0.25] * in_channels if std is None else [float(s) for s in std]
     if len(mean) != in_channels or len(std) != in_channels:
         raise ValueError(f"mean/std need {in_channels} values each, got {len(mean)}/{len(std)}")
+    if factory:
+        from shrinkflow.backends.tensorflow import custom
+
+        return custom.build(
+            name, factory, num_classes, in_channels, image_size, mean, std, OUTPUT_LAYER
+        )
     inputs = keras.Input((image_size, image_size, in_channels), name="pixels")
     x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
     x = layers.Normalization(mean=mean, variance=[s * s for s in std], name="normalize")(x)
@@ -226,3 +236,78 @@ def _cifar_vgg(batch_norm: bool) -> ModelFactory:
 
 register("vgg16")(_cifar_vgg(False))
 register("vgg16_bn")(_cifar_vgg(True))
+
+
+# torchvision's GoogLeNet inception blocks: (name, 1x1, 3x3 reduce, 3x3, "5x5" reduce, "5x5",
+# pool projection), and the ceil-mode max-pools between them (kernel, stride), by torch name.
+_INCEPTIONS: list[tuple[str, int, int, int, int, int, int] | tuple[str, int, int]] = [
+    ("inception3a", 64, 96, 128, 16, 32, 32),
+    ("inception3b", 128, 128, 192, 32, 96, 64),
+    ("maxpool3", 3, 2),
+    ("inception4a", 192, 96, 208, 16, 48, 64),
+    ("inception4b", 160, 112, 224, 24, 64, 64),
+    ("inception4c", 128, 128, 256, 24, 64, 64),
+    ("inception4d", 112, 144, 288, 32, 64, 64),
+    ("inception4e", 256, 160, 320, 32, 128, 128),
+    ("maxpool4", 2, 2),
+    ("inception5a", 256, 160, 320, 32, 128, 128),
+    ("inception5b", 384, 192, 384, 48, 128, 128),
+]
+
+
+def _basic_conv(x, filters: int, kernel: int, name: str):
+    """torchvision's ``BasicConv2d``: conv without bias, BN (eps 0.001), ReLU; 'same' padding
+    (the 3x3 convs pad 1, the 1x1 convs nothing)."""
+    x = _conv(x, filters, kernel, 1, f"{name}_conv")
+    x = layers.BatchNormalization(momentum=0.9, epsilon=1e-3, name=f"{name}_bn")(x)
+    return layers.ReLU(name=f"{name}_relu")(x)
+
+
+def _inception(x, name: str, c1: int, c3r: int, c3: int, c5r: int, c5: int, proj: int):
+    """torchvision's ``Inception`` block: four branches concatenated on channels. Its third
+    branch has a 3x3 conv where the paper has 5x5 (torchvision keeps it for its weights)."""
+    b1 = _basic_conv(x, c1, 1, f"{name}_branch1")
+    b2 = _basic_conv(_basic_conv(x, c3r, 1, f"{name}_branch2_0"), c3, 3, f"{name}_branch2_1")
+    b3 = _basic_conv(_basic_conv(x, c5r, 1, f"{name}_branch3_0"), c5, 3, f"{name}_branch3_1")
+    # torch's 3x3 stride-1 max-pool pads 1 with -inf: Keras' 'same' pooling ignores padding.
+    pooled = layers.MaxPooling2D(3, 1, padding="same", name=f"{name}_branch4_0")(x)
+    b4 = _basic_conv(pooled, proj, 1, f"{name}_branch4_1")
+    return layers.Concatenate(name=f"{name}_cat")([b1, b2, b3, b4])
+
+
+def _ceil_pool(x, kernel: int, stride: int, side: int, name: str):
+    """torch's ``MaxPool2d(kernel, stride, ceil_mode=True)`` on a ``side`` x ``side`` input:
+    (output, its side); the input itself where the pool would leave less than 1x1, as the torch
+    registry drops such pools (``_fit_pools``).
+
+    Ceil mode lets the last window hang over the bottom/right edge; Keras pools only whole
+    windows, so the input is zero-padded there first. Zeros stand in for torch's -inf because
+    every pooled input follows a ReLU (>= 0) and every window keeps at least one real value.
+    """
+    out = (side - kernel + stride - 1) // stride + 1
+    if (out - 1) * stride >= side:  # the last window must start inside the input
+        out -= 1
+    if out < 1:
+        return x, side
+    overhang = (out - 1) * stride + kernel - side
+    if overhang > 0:
+        x = layers.ZeroPadding2D(((0, overhang), (0, overhang)), name=f"{name}_pad")(x)
+    return layers.MaxPooling2D(kernel, stride, name=name)(x), out
+
+
+@register("googlenet")
+def googlenet(x, num_classes: int, image_size: int):
+    """torchvision's GoogLeNet with the torch registry's CIFAR stem: a 3x3 stride-1 conv and no
+    stem max-pools; no auxiliary heads; dropout 0.2 before the output layer."""
+    x = _basic_conv(x, 64, 3, "conv1")
+    x = _basic_conv(x, 64, 1, "conv2")
+    x = _basic_conv(x, 192, 3, "conv3")
+    side = image_size
+    for name, *sizes in _INCEPTIONS:
+        if name.startswith("maxpool"):
+            x, side = _ceil_pool(x, *sizes, side, name)
+        else:
+            x = _inception(x, name, *sizes)
+    x = layers.GlobalAveragePooling2D(name="avgpool")(x)
+    x = layers.Dropout(0.2, name="dropout")(x)
+    return layers.Dense(num_classes, kernel_initializer=_dense_init(), name=OUTPUT_LAYER)(x)

@@ -1,4 +1,6 @@
-"""`shrinkflow prune` for TensorFlow: magnitude pruning of single weights, one-shot or gradual.
+"""`shrinkflow prune` for TensorFlow: magnitude pruning of single weights, one-shot or gradual,
+and (``structured_l1``, ``structured_random``, ``structured_sensitivity``) removal of whole
+filters, in ``prune_structured``.
 
 ``l1_unstructured`` zeroes the smallest |w| of the trained baseline's Conv2D/Dense kernels once
 (plain numpy: tfmot has no one-shot pruning, and none with one ranking across layers).
@@ -44,7 +46,7 @@ from shrinkflow.backends.base import (  # noqa: E402
     check_scope,
     check_sparsity,
 )
-from shrinkflow.backends.tensorflow import weights  # noqa: E402
+from shrinkflow.backends.tensorflow import prune_structured, weights  # noqa: E402
 from shrinkflow.backends.tensorflow.artifact import load_model, save_model  # noqa: E402
 from shrinkflow.backends.tensorflow.device import distribution_strategy  # noqa: E402
 from shrinkflow.backends.tensorflow.resume_state import job_fingerprint  # noqa: E402
@@ -208,8 +210,9 @@ def prune_model(
     """Prune the model in ``model_dir`` with ``method`` to ``sparsity``, into
     ``context.out_dir``.
 
-    ``sensitivity_dir`` is unused: the signature is shared by every prune family and backend.
-    Every input is checked before anything is written or trained. Returns
+    Every input is checked before anything is written or trained. The structured methods
+    return ``prune_structured.prune_structured``'s facts (``sensitivity_dir``: the sensitivity
+    stage's folder, read by ``structured_sensitivity`` only). The others return
     ``measured_sparsity`` (zeros over the pruned layers, counted in the saved file),
     ``val_top1``, ``params`` and ``nonzero_params`` of the saved model; the gradual methods add
     ``epochs``, ``best_epoch`` and ``resumed_from_epoch``.
@@ -218,6 +221,10 @@ def prune_model(
     check_sparsity(sparsity)
     p = cfg["prune"]
     check_scope(p["scope"])
+    if method in prune_structured.METHODS:
+        return prune_structured.prune_structured(
+            cfg, method, sparsity, model_dir, data, context, sensitivity_dir
+        )
     model, spec = load_model(model_dir)
     facts: dict[str, float | int] = {}
     if method == "l1_unstructured":

@@ -4,13 +4,18 @@
   ``model.tflite`` (see ``tflite``): full-integer with activations calibrated on
   ``quantize.calibration_batches`` training batches, int8 weights with float activations,
   float16 weights, and the plain conversion;
-- ``fixed_w<bits>``: fixed-point weights in ``model.fixed.npz`` (see ``fixed_point``).
+- ``fixed_w<bits>``: fixed-point weights in ``model.fixed.npz`` (see ``fixed_point``);
+- ``qat_int8``: quantization-aware training with tfmot, then the int8 TFLite conversion
+  (``qat``): ``quantize.qat.epochs`` of fake-quantized fine-tuning (``train.fit``: resumable,
+  best-on-val epoch kept), distilled from the baseline in ``teacher_dir`` when
+  ``finetune.distill`` is set.
 
 A pruned model's zeros survive: TFLite's int8 and the fixed-point weights are symmetric (zero
-maps to code 0), and float16 represents zero exactly.
+maps to code 0), float16 represents zero exactly, and QAT trains a source with zeros under
+tfmot's prune-preserving scheme.
 
-Every method takes seconds, so a job never resumes: of the job's context only ``out_dir`` is
-used (torch's QAT trains and resumes, with the rest of it).
+Only QAT trains, and resumes; the other methods take seconds and use only the context's
+``out_dir``.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from shrinkflow.backends.base import JobContext
-from shrinkflow.backends.tensorflow import tflite
+from shrinkflow.backends.tensorflow import qat, tflite
 from shrinkflow.backends.tensorflow.artifact import (
     FIXED_FILE,
     TFLITE_FILE,
@@ -34,6 +39,7 @@ from shrinkflow.backends.tensorflow.artifact import (
 )
 from shrinkflow.backends.tensorflow.evaluate import logits
 from shrinkflow.backends.tensorflow.fixed_point import quantized_kernels
+from shrinkflow.backends.tensorflow.resume_state import resumable_run_id
 from shrinkflow.backends.tensorflow.tflite import METHODS
 from shrinkflow.data.prepared import PreparedData, check_fits
 from shrinkflow.errors import ShrinkflowError
@@ -43,10 +49,18 @@ from shrinkflow.quantization import FIXED_PREFIX, calibration_count, parse_quant
 
 
 def resumable_quantize_run_id(
-    cfg: dict, method: str, model_dir: Path, data: PreparedData, resume_dir: Path
+    cfg: dict,
+    method: str,
+    model_dir: Path,
+    data: PreparedData,
+    resume_dir: Path,
+    teacher_dir: Path | None = None,
 ) -> str | None:
-    """No method resumes (each takes seconds)."""
-    return None
+    """Only QAT trains (and resumes); the other methods take seconds."""
+    if parse_quant_method(method).family != "qat":
+        return None
+    fingerprint = qat.quantize_fingerprint(cfg, method, model_dir, data, teacher_dir)
+    return resumable_run_id(resume_dir, fingerprint)
 
 
 def calibration_batches(cfg: dict, data: PreparedData) -> list[np.ndarray]:
@@ -71,18 +85,22 @@ def quantize_model(
     model_dir: Path,
     data: PreparedData,
     context: JobContext,
+    teacher_dir: Path | None = None,
 ) -> dict[str, float | int | str]:
     """Quantize the Keras model in ``model_dir`` with ``method``; write it into ``context.out_dir``.
+    Only QAT reads ``teacher_dir`` (its teacher, when ``finetune.distill`` is set).
 
     Returns facts for the run: the artefact's file name, the weights' ``bits``, the conv and
     dense layers whose weights the file stores quantized (``quantized_layers``), the val top-1
     of the saved file (run by the TFLite interpreter, or reloaded as Keras), the seconds taken
     and, for ``static_int8``, the calibration batches and images seen and the input
     quantization (``input_scale``, ``input_zero_point``: 1 and 0 when the calibration pixels
-    span 0..255).
+    span 0..255); QAT's are ``qat.qat_int8``'s.
     """
     started = time.perf_counter()
-    if method.startswith(FIXED_PREFIX):
+    if method == qat.METHOD:
+        facts = qat.qat_int8(cfg, Path(model_dir), data, context, teacher_dir)
+    elif method.startswith(FIXED_PREFIX):
         bits = parse_quant_method(method).bits
         facts = _quantize_fixed(cfg, bits, Path(model_dir), data, Path(context.out_dir))
     else:
@@ -96,7 +114,7 @@ def _convert(cfg: dict, method: str, model_dir: Path, data: PreparedData, out_di
     if method not in METHODS:
         raise ShrinkflowError(
             f"--method: {method!r} is not available for backend tensorflow "
-            f"(available: {', '.join(METHODS)})"
+            f"(available: {', '.join((*METHODS, qat.METHOD))})"
         )
     calibration = calibration_batches(cfg, data) if method == "static_int8" else []
     model, spec = load_model(model_dir)  # validates the input before anything is written

@@ -1,20 +1,18 @@
-"""`shrinkflow sensitivity` for TensorFlow: prune each layer alone and measure what it costs.
+"""`shrinkflow sensitivity` for TensorFlow: prune each layer group alone and measure what it costs.
 
-shrinkflow has no structured (filter-removing) pruning for TensorFlow, so the sweep is the
-classic unstructured one: every prunable Conv2D and Dense layer (``weights.prunable_layers``:
-all but the ``prune.exclude`` matches, ``output`` being the logits layer) is pruned alone to
-each ratio of ``sensitivity.ratios`` by the prune stage's own rule (``prune.magnitude_prune``
-with scope ``layer``: that share of the layer's smallest |w| set to zero), the rest of the
-model untouched and no fine-tuning, and its val top-1 is compared with the unpruned model's.
+The torch backend's twin. For every prunable layer group (``filter_groups.filter_graph``:
+residual-coupled convolutions form one group and lose their filters together, exactly as the
+prune stage would remove them) and every ratio of ``sensitivity.ratios``, the baseline loses
+that share of the group's filters by L1 norm (``prune_structured.choose_kept``; the model is
+rebuilt smaller, no fine-tuning), and its val top-1 is compared with the unpruned model's.
 
 The caller's empty folder receives ``sensitivity.csv`` and ``sensitivity.png`` (see
-``shrinkflow.sensitivity_report``), with one group per layer: ``members`` is the layer alone
-and ``params_removed`` the kernel entries zeroed. There is no ``ratios.json``: on torch it
-feeds ``structured_sensitivity``, a filter-pruning method this backend does not have, so
-nothing would read it.
-
-One model serves the whole sweep: each pruned kernel is assigned in place, scored with one
-traced forward pass over the val split, and the original kernel assigned back.
+``shrinkflow.sensitivity_report``) and ``ratios.json``: ``{group: ratio}`` for
+``structured_sensitivity`` (read by ``structured_ratios.load_ratios``). A group's ratio is the
+largest tested one up to which every tested ratio keeps the drop within
+``sensitivity.max_drop`` (0.0 if even the smallest does not): robust layers are pruned more,
+sensitive ones less, and one lucky large ratio after a failed smaller one cannot make a
+sensitive layer look robust.
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ import os
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # before tensorflow: tfmot needs Keras 2
 
-from collections.abc import Callable  # noqa: E402
 from itertools import product  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -32,10 +29,12 @@ import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
 from shrinkflow.backends.tensorflow.artifact import load_model, model_file  # noqa: E402
-from shrinkflow.backends.tensorflow.prune import magnitude_prune, pruned_layers  # noqa: E402
+from shrinkflow.backends.tensorflow.filter_groups import filter_graph, l1_scores, shrink  # noqa: E402
+from shrinkflow.backends.tensorflow.prune_structured import choose_kept, param_count  # noqa: E402
 from shrinkflow.data.prepared import PreparedData, check_fits  # noqa: E402
 from shrinkflow.errors import ShrinkflowError  # noqa: E402
 from shrinkflow.metrics import topk_accuracy  # noqa: E402
+from shrinkflow.outputs import write_json  # noqa: E402
 from shrinkflow.progress import track  # noqa: E402
 from shrinkflow.sensitivity_report import (  # noqa: E402
     CSV_FILE,
@@ -44,6 +43,7 @@ from shrinkflow.sensitivity_report import (  # noqa: E402
     plot,
     write_csv,
 )
+from shrinkflow.structured_ratios import RATIOS_FILE, robust_ratios  # noqa: E402
 
 # Val images per forward pass: large batches amortise the per-call overhead, and a CIFAR val
 # split (5,000 images of 32x32x3) holds under 100 MB as float32 whatever the batch.
@@ -53,10 +53,10 @@ _BATCH = 1000
 def analyze_sensitivity(
     cfg: dict, model_dir: Path, data: PreparedData, out_dir: Path
 ) -> dict[str, float | int]:
-    """Sweep every prunable layer of the model in ``model_dir`` over ``sensitivity.ratios``.
+    """Sweep every layer group of the model in ``model_dir`` over ``sensitivity.ratios``.
 
-    Writes the two files above into ``out_dir`` (an existing empty folder owned by the
-    caller) and returns ``groups`` (the layers swept) and ``baseline_val_top1``.
+    Writes the three files above into ``out_dir`` (an existing empty folder owned by the
+    caller) and returns ``groups`` (their number) and ``baseline_val_top1``.
     """
     ratios = sorted(float(r) for r in cfg["sensitivity"]["ratios"])
     for ratio in ratios:
@@ -66,61 +66,59 @@ def analyze_sensitivity(
         raise ShrinkflowError(
             "sensitivity: the prepared data has no validation images (raise data.val_fraction)"
         )
-    model, spec = load_model(model_dir)
+    baseline, spec = load_model(model_dir)
     check_fits(spec, data, model_file(model_dir))
-    layers = pruned_layers(model, cfg["prune"]["exclude"])
-    val_top1 = _scorer(model, data)
-    baseline_top1 = val_top1()
+    graph = filter_graph(baseline, cfg["prune"]["exclude"])
+    if not graph.groups:
+        raise ShrinkflowError(
+            "prune.exclude: no layer group is left to prune (every group holds an excluded layer)"
+        )
+    batches, labels = _val_batches(data)
+    baseline_top1 = _top1(baseline, batches, labels)
+    baseline_params = param_count(baseline)
+    scores = l1_scores(graph)
+    initial = {g.name: g.channels for g in graph.groups}
 
     results = []
-    originals = {layer.name: layer.kernel.numpy() for layer in layers}
-    pairs = list(product(layers, ratios))
-    for layer, ratio in track(pairs, total=len(pairs), description="sensitivity"):
-        original = originals[layer.name]
-        pruned = magnitude_prune([original], ratio, "layer")[0]
-        layer.kernel.assign(pruned)
-        try:
-            top1 = val_top1()
-        finally:
-            layer.kernel.assign(original)
-        removed = int(np.count_nonzero(original)) - int(np.count_nonzero(pruned))
+    pairs = list(product(graph.groups, ratios))
+    for group, ratio in track(pairs, total=len(pairs), description="sensitivity"):
+        alone = {name: ratio if name == group.name else 0.0 for name in initial}
+        # max_ratio 1.0: the sweep may go past prune.structured.max_layer_ratio (never to 0).
+        keep, _ = choose_kept(graph, scores, alone, 0.0, initial, 1.0, max_ratio=1.0)
+        model = shrink(graph, keep)
+        top1 = _top1(model, batches, labels)
+        removed = baseline_params - param_count(model)
+        members = " ".join(group.members)
         results.append(
-            SensitivityRecord(layer.name, layer.name, ratio, top1, baseline_top1 - top1, removed)
+            SensitivityRecord(group.name, members, ratio, top1, baseline_top1 - top1, removed)
         )
 
     out_dir = Path(out_dir)
     write_csv(results, out_dir / CSV_FILE)
+    max_drop = float(cfg["sensitivity"]["max_drop"])
     plot(
         results,
         baseline_top1,
-        float(cfg["sensitivity"]["max_drop"]),
+        max_drop,
         out_dir / PLOT_FILE,
-        xlabel="share of the layer's weights zeroed (smallest |w|)",
-        title="Sensitivity of each layer to magnitude pruning",
+        xlabel="share of the group's filters removed",
+        title="Sensitivity of each layer group to filter pruning",
     )
-    return {"groups": len(layers), "baseline_val_top1": baseline_top1}
+    write_json(out_dir / RATIOS_FILE, robust_ratios(results, max_drop))
+    return {"groups": len(graph.groups), "baseline_val_top1": baseline_top1}
 
 
-def _scorer(model: keras.Model, data: PreparedData) -> Callable[[], float]:
-    """A function returning ``model``'s val top-1 with the weights it holds when called.
-
-    The val pixels are converted once, and the forward pass is traced once (one input
-    signature for every batch size): the model's variables are read at each call, so a kernel
-    assigned in between is what the next score sees.
-    """
+def _val_batches(data: PreparedData) -> tuple[list[tf.Tensor], np.ndarray]:
+    """The val pixels as float32 batches (converted once for the whole sweep), and labels."""
     index = np.asarray(data.val)
-    labels = data.labels[index]
     batches = [
         tf.constant(data.images[index[i : i + _BATCH]], dtype=tf.float32)
         for i in range(0, len(index), _BATCH)
     ]
-    forward = tf.function(
-        lambda x: model(x, training=False),
-        input_signature=[tf.TensorSpec((None, *data.images.shape[1:]), tf.float32)],
-    )
+    return batches, data.labels[index]
 
-    def val_top1() -> float:
-        logits = np.concatenate([forward(batch).numpy() for batch in batches])
-        return topk_accuracy(logits, labels, (1,))[1]
 
-    return val_top1
+def _top1(model: keras.Model, batches: list[tf.Tensor], labels: np.ndarray) -> float:
+    """Val top-1 by direct calls: every swept model is new, so tracing one would not pay."""
+    logits = np.concatenate([model(batch, training=False).numpy() for batch in batches])
+    return topk_accuracy(logits, labels, (1,))[1]

@@ -13,6 +13,10 @@ Conversion methods (``quantize.methods`` names):
   threshold (1024 values, e.g. a 1-channel stem conv) stay float.
 - ``float16``: float16 weights, dequantized to float32 when the model is loaded.
 - ``float32``: the plain conversion, the deployment-format baseline int8 is compared with.
+- ``qat_int8``: the conversion of a model trained quantization-aware (``qat``): the int8
+  ranges are those its fake quantizers learned, so no calibration; every conv, add and dense
+  runs in int8 (float32 pixels in, float32 logits out, quantized once after the model's float
+  preprocessing).
 
 Every file is run by one interpreter (``interpreter``): LiteRT's, the maintained successor of
 ``tf.lite.Interpreter`` (deprecated since TF 2.20, same kernels and XNNPACK delegate).
@@ -25,6 +29,7 @@ import os
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # before tensorflow: tfmot needs Keras 2
 
 import re  # noqa: E402
+import warnings  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -41,8 +46,9 @@ from shrinkflow.backends.tensorflow.weights import Counts, count_weights  # noqa
 from shrinkflow.errors import ShrinkflowError  # noqa: E402
 from shrinkflow.nodes import NODE_FILE, check_artifact  # noqa: E402
 
-METHODS = ("static_int8", "dynamic_int8", "float16", "float32")
-BITS = {"static_int8": 8, "dynamic_int8": 8, "float16": 16, "float32": 32}  # of the weights
+METHODS = ("static_int8", "dynamic_int8", "float16", "float32")  # of a float model
+QAT_METHOD = "qat_int8"  # of a model trained quantization-aware
+BITS = {"static_int8": 8, "dynamic_int8": 8, "float16": 16, "float32": 32, QAT_METHOD: 8}
 
 # The ops that hold a model's conv and dense weights (input 1: filter, input 2: bias) and
 # whose multiply-accumulates are counted, as torch counts its convolutions and matrix products.
@@ -76,7 +82,8 @@ def default_threads() -> int:
 
 def convert(model: keras.Model, method: str, calibration: list[np.ndarray]) -> bytes:
     """``model`` as a ``.tflite`` flatbuffer by ``method``; ``calibration`` (raw float32
-    pixel batches) is used by ``static_int8`` only.
+    pixel batches) is used by ``static_int8`` only. ``qat_int8`` takes a tfmot
+    quantization-aware model.
 
     The converter gets a concrete function whose variables a plain ``tf.Module`` holds: given
     the Keras model itself it exports a Keras SavedModel first, re-tracing every layer (7 s
@@ -100,7 +107,10 @@ def convert(model: keras.Model, method: str, calibration: list[np.ndarray]) -> b
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         converter.inference_input_type = tf.uint8
         converter.inference_output_type = tf.float32
-    with filtered_stderr():
+    with filtered_stderr(), warnings.catch_warnings():
+        # A QAT model's float input has no range of its own (it is quantized after the
+        # preprocessing), which the converter warns about on every conversion.
+        warnings.filterwarnings("ignore", "Statistics for quantized inputs were expected")
         return converter.convert()
 
 
@@ -214,6 +224,47 @@ class Runner:
         self._interpreter.set_tensor(self._input, x)
         self._interpreter.invoke()
         return self._interpreter.get_tensor(self._output)
+
+
+@dataclass(frozen=True)
+class OpTypes:
+    """The element types of one conv or dense op of a ``.tflite`` file, as its tensors hold
+    them: the activation it reads, its filter and its output."""
+
+    op: str
+    output_name: str
+    input: np.dtype
+    filter: np.dtype
+    output: np.dtype
+
+    @property
+    def all_int8(self) -> bool:
+        """Integer arithmetic end to end: int8 activations in and out, int8 weights."""
+        return self.input == self.filter == self.output == np.dtype(np.int8)
+
+    def describe(self) -> str:
+        return (
+            f"{self.op} {self.output_name!r}: input {self.input.name}, filter "
+            f"{self.filter.name}, output {self.output.name}"
+        )
+
+
+def weight_op_types(path: Path) -> list[OpTypes]:
+    """The element types of every conv and dense op of the file ``path``, as the interpreter
+    (without delegates) reports its tensors: a full-integer file has int8 throughout."""
+    inspector = interpreter(path, threads=1, delegates=False)
+    types = {d["index"]: (np.dtype(d["dtype"]), d["name"]) for d in inspector.get_tensor_details()}
+    return [
+        OpTypes(
+            op.name,
+            types[op.outputs[0]][1],
+            types[op.inputs[0]][0],
+            types[op.inputs[1]][0],
+            types[op.outputs[0]][0],
+        )
+        for op in file_ops(path)
+        if op.name in WEIGHT_OPS
+    ]
 
 
 @dataclass(frozen=True)

@@ -19,18 +19,16 @@ the fine-tuning between ``prune.structured.rounds`` would be repeated.
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch_pruning as tp
 from torch import nn
 
 from shrinkflow.backends.base import JobContext
-from shrinkflow.backends.torch.artifact import load_model, save_model
+from shrinkflow.backends.torch.artifact import first_line, load_model, save_model
 from shrinkflow.backends.torch.device import resolve_device
 from shrinkflow.backends.torch.evaluate import ACCURACY_BATCH, PRUNABLE, count_macs
 from shrinkflow.backends.torch.prune_unstructured import prunable_modules
@@ -40,20 +38,13 @@ from shrinkflow.backends.torch.trainer import evaluate_split
 from shrinkflow.data.prepared import PreparedData
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.progress import say
+from shrinkflow.structured_ratios import (
+    LayerGroup,
+    plan_ratios,
+    removable,
+)
 
 METHODS = ("structured_l1", "structured_random", "structured_sensitivity")
-# The sensitivity stage's per-group ratios for ``structured_sensitivity`` (sensitivity.py).
-RATIOS_FILE = "ratios.json"
-# Ratios a hair above a limit only through float round-off (a profile scaled to its own mean)
-# still count as on the limit.
-_TOLERANCE = 1e-9
-
-
-@dataclass(frozen=True)
-class LayerGroup:
-    name: str  # the member that runs first in a forward pass
-    members: tuple[str, ...]  # conv/linear layers whose filters are removed together, run order
-    channels: int  # the filters each member has (the same for all of them)
 
 
 def example_input(spec: dict, device: torch.device | str) -> torch.Tensor:
@@ -137,133 +128,6 @@ def importance(method: str, seed: int) -> tp.importance.Importance:
     return tp.importance.GroupMagnitudeImportance(p=1, target_types=list(PRUNABLE))
 
 
-def plan_ratios(
-    cfg: dict,
-    method: str,
-    sparsity: float,
-    groups: list[LayerGroup],
-    sensitivity_dir: Path | None,
-) -> dict[str, float] | None:
-    """Each group's filter ratio by group name, or None for one global ranking.
-
-    ``prune.scope`` global ranks all groups' filters together and removes the ``sparsity``
-    share of them (a residual group's filters count once, however many members share them);
-    layer gives every group ``sparsity``. A profile (``prune.structured.layer_ratios``, or for
-    ``structured_sensitivity`` the per-group ratios of the sensitivity stage) overrides the
-    scope: the groups are split into ``len(profile)`` consecutive chunks in forward order and
-    chunk i gets ``profile[i] * sparsity / mean(profile)``, so that at
-    ``sparsity == mean(profile)`` the profile is used as written.
-    """
-    max_ratio = float(cfg["prune"]["structured"]["max_layer_ratio"])
-    if sparsity > max_ratio + _TOLERANCE:
-        raise ShrinkflowError(
-            f"prune.sparsities: {sparsity} is above prune.structured.max_layer_ratio "
-            f"{max_ratio}, which no layer may exceed"
-        )
-    if not groups:
-        raise ShrinkflowError(
-            "prune.exclude: no layer group is left to prune (every group holds an excluded layer)"
-        )
-    if method == "structured_sensitivity":
-        if sensitivity_dir is None:
-            raise ShrinkflowError("structured_sensitivity needs the sensitivity stage's folder")
-        source = str(Path(sensitivity_dir) / RATIOS_FILE)
-        measured = load_ratios(sensitivity_dir)
-        missing = [g.name for g in groups if g.name not in measured]
-        if missing:
-            raise ShrinkflowError(
-                f"{source}: no ratio for layer group {missing[0]!r} "
-                "(re-run sensitivity for this model and prune.exclude)"
-            )
-        key = f"prune.sparsities: {sparsity} with the ratios of {source}"
-        return fill_to_mean({g.name: measured[g.name] for g in groups}, sparsity, max_ratio, key)
-    elif cfg["prune"]["structured"]["layer_ratios"] is not None:
-        profile = [float(r) for r in cfg["prune"]["structured"]["layer_ratios"]]
-        key = f"prune.structured.layer_ratios at sparsity {sparsity}"
-    elif cfg["prune"]["scope"] == "global":
-        return None
-    else:
-        return {g.name: float(sparsity) for g in groups}
-    ratios = _scaled_profile(profile, sparsity, groups, key)
-    for name, ratio in ratios.items():
-        if ratio > max_ratio + _TOLERANCE:
-            raise ShrinkflowError(
-                f"{key}: layer {name!r} would lose {ratio:.2f} of its filters "
-                f"(prune.structured.max_layer_ratio {max_ratio})"
-            )
-    return ratios
-
-
-def load_ratios(sensitivity_dir: Path) -> dict[str, float]:
-    """The per-group ratios a sensitivity run wrote to ``sensitivity_dir/ratios.json``."""
-    path = Path(sensitivity_dir) / RATIOS_FILE
-    try:
-        ratios = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ShrinkflowError(f"{path}: not found (run shrinkflow sensitivity first)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ShrinkflowError(f"{path}: unreadable ({type(e).__name__})") from None
-    if not isinstance(ratios, dict) or not all(
-        isinstance(r, int | float) and not isinstance(r, bool) and 0 <= r < 1
-        for r in ratios.values()
-    ):
-        raise ShrinkflowError(f"{path}: expected an object of layer group -> ratio in [0, 1)")
-    return {str(name): float(r) for name, r in ratios.items()}
-
-
-def fill_to_mean(
-    weights: dict[str, float], sparsity: float, cap: float, key: str
-) -> dict[str, float]:
-    """Per-group ratios proportional to ``weights`` with mean ``sparsity``, none above ``cap``.
-
-    Sensitivity ratios are a ranking of how much each group tolerates, not a plan: scaled to a
-    target they often push the robust groups past the cap. Those groups are held at the cap and
-    the rest of the target is spread over the others in proportion (water-filling), so the
-    target is met whenever the groups the analysis allows to be pruned can carry it at all.
-    """
-    ratios = {name: 0.0 for name in weights}
-    free = {name: w for name, w in weights.items() if w > 0}
-    remaining = sparsity * len(weights)
-    while free and remaining > _TOLERANCE:
-        scale = remaining / sum(free.values())
-        over = [name for name, w in free.items() if w * scale > cap]
-        if not over:
-            ratios.update({name: w * scale for name, w in free.items()})
-            remaining = 0.0
-            break
-        for name in over:
-            ratios[name] = cap
-            remaining -= cap
-            del free[name]
-    if remaining > _TOLERANCE * len(weights):
-        allowed = sum(1 for w in weights.values() if w > 0)
-        raise ShrinkflowError(
-            f"{key}: only {allowed} of {len(weights)} layer groups may be pruned, and at "
-            f"prune.structured.max_layer_ratio {cap} they cannot reach a mean of {sparsity}"
-        )
-    return ratios
-
-
-def _scaled_profile(
-    profile: list[float], sparsity: float, groups: list[LayerGroup], key: str
-) -> dict[str, float]:
-    if len(profile) > len(groups):
-        raise ShrinkflowError(
-            f"{key}: {len(profile)} ratios for {len(groups)} prunable layer groups "
-            f"(give at most {len(groups)})"
-        )
-    mean = sum(profile) / len(profile)
-    if mean == 0 and sparsity > 0:
-        raise ShrinkflowError(f"{key}: every ratio is 0, so no filter can be removed")
-    scale = sparsity / mean if sparsity > 0 else 0.0
-    chunks = np.array_split(np.arange(len(groups)), len(profile))
-    return {
-        groups[i].name: ratio * scale
-        for ratio, chunk in zip(profile, chunks, strict=True)
-        for i in chunk
-    }
-
-
 def build_pruner(
     model: nn.Module,
     example: torch.Tensor,
@@ -291,11 +155,6 @@ def build_pruner(
     )
 
 
-def removable(channels: int, ratio: float) -> int:
-    """The filters a layer of ``channels`` may lose at ``ratio``: rounded down, never all."""
-    return min(math.floor(channels * ratio + _TOLERANCE), channels - 1)
-
-
 def prune_step(pruner: tp.pruner.BasePruner, max_ratio: float) -> int:
     """One step of ``pruner``, but no group loses more than ``max_ratio`` of its original
     filters, nor its last one. Returns how many groups were held back by that limit.
@@ -319,6 +178,23 @@ def prune_step(pruner: tp.pruner.BasePruner, max_ratio: float) -> int:
             group = pruner.DG.get_pruning_group(root, handler, idxs)
         group.prune()
     return held
+
+
+@contextmanager
+def torch_pruning_errors(job: str, arch: str, step: str) -> Iterator[None]:
+    """Turn a failure inside Torch-Pruning, or of the model it pruned, into one line naming
+    the job (``prune structured_l1``, ``sensitivity``), the model, the step and the reason.
+    The registry's models are built for Torch-Pruning; a custom model may not be."""
+    try:
+        yield
+    except ShrinkflowError:
+        raise
+    except Exception as e:  # Torch-Pruning and the model's own code raise many kinds
+        raise ShrinkflowError(
+            f"{job}: Torch-Pruning cannot prune model {arch}: {step} failed "
+            f"({first_line(e)}); a reshape or view to fixed sizes, or a layer's weight used "
+            "outside its module, keeps it from following the channels"
+        ) from None
 
 
 def weight_count(model: nn.Module) -> int:
@@ -365,24 +241,29 @@ def prune_structured(
     model, spec = load_model(model_dir, dev)
     example = example_input(spec, dev)
     ignored = ignored_layers(model, cfg["prune"]["exclude"])
-    groups = layer_groups(model, example, ignored)
+    with torch_pruning_errors(f"prune {method}", spec["arch"], "tracing it"):
+        groups = layer_groups(model, example, ignored)
     ratios = plan_ratios(cfg, method, sparsity, groups, sensitivity_dir)
     x_val, y_val = to_device_tensors(data, "val", dev)
     weights_before, params_before = weight_count(model), param_count(model)
     macs_before = count_macs(model, tuple(example.shape))
 
-    pruner = build_pruner(
-        model,
-        example,
-        importance(method, cfg["seed"]),
-        ratios,
-        sparsity,
-        ignored,
-        rounds,
-        max_ratio,
-    )
+    with torch_pruning_errors(f"prune {method}", spec["arch"], "tracing it"):
+        pruner = build_pruner(
+            model,
+            example,
+            importance(method, cfg["seed"]),
+            ratios,
+            sparsity,
+            ignored,
+            rounds,
+            max_ratio,
+        )
     for round_ in range(1, rounds + 1):
-        held = prune_step(pruner, max_ratio)
+        with torch_pruning_errors(f"prune {method}", spec["arch"], "running the pruned model"):
+            held = prune_step(pruner, max_ratio)
+            with torch.no_grad():
+                model.eval()(example)  # a shape Torch-Pruning could not follow fails here
         if held:
             say(f"round {round_}: {held} layer group(s) held at max_layer_ratio {max_ratio}")
         metrics = {

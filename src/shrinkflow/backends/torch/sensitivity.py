@@ -24,7 +24,6 @@ from pathlib import Path
 from shrinkflow.backends.torch.artifact import load_model
 from shrinkflow.backends.torch.device import resolve_device
 from shrinkflow.backends.torch.prune_structured import (
-    RATIOS_FILE,
     build_pruner,
     example_input,
     ignored_layers,
@@ -32,6 +31,7 @@ from shrinkflow.backends.torch.prune_structured import (
     layer_groups,
     param_count,
     prune_step,
+    torch_pruning_errors,
     val_top1,
 )
 from shrinkflow.backends.torch.tensors import to_device_tensors
@@ -40,6 +40,7 @@ from shrinkflow.errors import ShrinkflowError
 from shrinkflow.outputs import write_json
 from shrinkflow.progress import track
 from shrinkflow.sensitivity_report import CSV_FILE, PLOT_FILE, SensitivityRecord, plot, write_csv
+from shrinkflow.structured_ratios import RATIOS_FILE, robust_ratios
 
 
 def analyze_sensitivity(
@@ -62,7 +63,8 @@ def analyze_sensitivity(
     dev = resolve_device("auto")
     baseline, spec = load_model(model_dir, dev)
     example = example_input(spec, dev)
-    groups = layer_groups(baseline, example, ignored_layers(baseline, exclude))
+    with torch_pruning_errors("sensitivity", spec["arch"], "tracing it"):
+        groups = layer_groups(baseline, example, ignored_layers(baseline, exclude))
     x_val, y_val = to_device_tensors(data, "val", dev)
     baseline_top1 = val_top1(baseline, x_val, y_val)
     baseline_params = param_count(baseline)
@@ -71,18 +73,19 @@ def analyze_sensitivity(
     pairs = list(product(groups, ratios))
     for group, ratio in track(pairs, total=len(pairs), description="sensitivity"):
         model = copy.deepcopy(baseline)
-        pruner = build_pruner(
-            model,
-            example,
-            importance("structured_l1", cfg["seed"]),
-            {group.name: ratio},
-            0.0,  # every other group keeps all its filters
-            ignored_layers(model, exclude),
-            rounds=1,
-            max_ratio=1.0,  # the sweep may go past prune.structured.max_layer_ratio
-        )
-        prune_step(pruner, max_ratio=1.0)
-        top1 = val_top1(model, x_val, y_val)
+        with torch_pruning_errors("sensitivity", spec["arch"], f"pruning {group.name}"):
+            pruner = build_pruner(
+                model,
+                example,
+                importance("structured_l1", cfg["seed"]),
+                {group.name: ratio},
+                0.0,  # every other group keeps all its filters
+                ignored_layers(model, exclude),
+                rounds=1,
+                max_ratio=1.0,  # the sweep may go past prune.structured.max_layer_ratio
+            )
+            prune_step(pruner, max_ratio=1.0)
+            top1 = val_top1(model, x_val, y_val)
         removed = baseline_params - param_count(model)
         members = " ".join(group.members)
         results.append(
@@ -100,20 +103,5 @@ def analyze_sensitivity(
         xlabel="share of the group's filters removed",
         title="Sensitivity of each layer group to filter pruning",
     )
-    write_json(out_dir / RATIOS_FILE, _robust_ratios(results, max_drop))
+    write_json(out_dir / RATIOS_FILE, robust_ratios(results, max_drop))
     return {"groups": len(groups), "baseline_val_top1": baseline_top1}
-
-
-def _robust_ratios(results: list[SensitivityRecord], max_drop: float) -> dict[str, float]:
-    chosen: dict[str, float] = {}
-    failed: set[str] = set()
-    for r in sorted(results, key=lambda r: r.ratio):
-        name = r.group
-        chosen.setdefault(name, 0.0)
-        # The tolerance keeps a drop of exactly max_drop (say 100 of 5000 images at 0.02) from
-        # failing by float round-off; NaN never passes.
-        if name in failed or not r.drop <= max_drop + 1e-9:
-            failed.add(name)
-        else:
-            chosen[name] = r.ratio
-    return chosen
