@@ -83,7 +83,7 @@ mlflow-server: venv
 # Every benchmark writes its block of docs/figures.md (benchmarks/figures.py). All of them take
 # hours on 2 cores; `make bench-report` (or any bench-<script>) runs one.
 BENCHMARKS := pipeline pruning quantization int8_flows tensorflow selection_noise runtimes \
-	report scaleout
+	report scaleout distill tf_qat_sparsity
 BENCH_ARGS_selection_noise := --configfile benchmarks/selection_noise.yaml
 .PHONY: $(addprefix bench-,$(BENCHMARKS))
 bench: $(addprefix bench-,$(BENCHMARKS))

@@ -36,9 +36,10 @@ def one_thread() -> None:
 
 
 TRAIN_CFG = {
+    "custom_models": {},
     "seed": 0,
     "train": {**TRAIN_WITH_REGULARISATION, "epochs": 2},
-    "finetune": {"epochs": 1, "lr": 0.01},
+    "finetune": {"epochs": 1, "lr": 0.01, "distill": None},
 }
 
 

@@ -14,7 +14,11 @@ from data_fixtures import TRAIN_WITH_REGULARISATION
 # slower. Every run here (the worker processes included) uses this one count.
 THREADS = 1
 
-TRAIN_CFG = {"seed": 0, "train": {**TRAIN_WITH_REGULARISATION, "epochs": 3}}
+TRAIN_CFG = {
+    "seed": 0,
+    "custom_models": {},
+    "train": {**TRAIN_WITH_REGULARISATION, "epochs": 3},
+}
 
 
 def with_train(**changes) -> dict:

@@ -37,7 +37,7 @@ PRUNE_CFG = {
             "initial_sparsity": 0.0,
         },
     },
-    "finetune": {"epochs": 2, "lr": 0.01},
+    "finetune": {"epochs": 2, "lr": 0.01, "distill": None},
 }
 
 
@@ -99,7 +99,7 @@ STRUCTURED_CFG = {
             "max_layer_ratio": 0.9,
         },
     },
-    "finetune": {"epochs": 1, "lr": 0.01},
+    "finetune": {"epochs": 1, "lr": 0.01, "distill": None},
     "sensitivity": {"ratios": [0.25, 0.5, 0.75], "max_drop": 0.02},
 }
 

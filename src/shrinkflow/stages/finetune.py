@@ -1,4 +1,5 @@
-"""`shrinkflow finetune`: re-train a pruned model with its masks (or smaller shape) fixed."""
+"""`shrinkflow finetune`: re-train a pruned model with its masks (or smaller shape) fixed,
+distilled from its baseline (``--teacher``) when ``finetune.distill`` is set."""
 
 from __future__ import annotations
 
@@ -12,10 +13,15 @@ from shrinkflow.outputs import read_json
 from shrinkflow.progress import say
 from shrinkflow.stages import job_config, read_node
 from shrinkflow.stages.model_job import TRAINING_METRICS, model_job, resume_dir_for
+from shrinkflow.training.distill import check_teacher, distill_plan
 
 
-def run(cfg: dict, model_dir: Path, data_dir: Path, out: Path) -> None:
+def run(cfg: dict, model_dir: Path, data_dir: Path, out: Path, teacher: Path | None = None) -> None:
     node = {**read_node(model_dir), "stage": "finetuned"}
+    if teacher is not None:
+        check_teacher(teacher, node)
+    # Only a distilled run reads the teacher (the DAG always names it).
+    teacher_dir = teacher if distill_plan(cfg, teacher) else None
     # Top-1 right after pruning, before fine-tuning: evaluate copies node.json into metrics.json,
     # so it reaches the summary beside the fine-tuned figure.
     pruned = model_dir / "prune.json"
@@ -24,7 +30,7 @@ def run(cfg: dict, model_dir: Path, data_dir: Path, out: Path) -> None:
     finetune = backend_module(node["backend"], "finetune")
     data = load_prepared(data_dir)
     resume_dir = resume_dir_for(out)
-    fingerprint = finetune.finetune_fingerprint(seeded, model_dir, data)
+    fingerprint = finetune.finetune_fingerprint(seeded, model_dir, data, teacher_dir)
     resume_state = backend_module(node["backend"], "resume_state")
     resumed = resume_state.resumable_run_id(resume_dir, fingerprint)
     with model_job(
@@ -42,6 +48,7 @@ def run(cfg: dict, model_dir: Path, data_dir: Path, out: Path) -> None:
             model_dir,
             data,
             job.context,
+            teacher_dir,
         )
         job.facts = asdict(result)
     say(f"finetune {node_label(node)}: best val top-1 {result.best_val_top1:.4f}")

@@ -6,6 +6,9 @@ to "a weight that is zero in the input is zero in the output" whatever produced 
 a kernel without zeros has nothing to hold. The pruned model arrives stripped of tfmot's
 wrappers (plain Conv2D/Dense), so the masks are re-applied after every training batch by a
 callback (``KeepZeros``) rather than by pruning wrappers.
+
+With ``finetune.distill`` set the run is distilled from the baseline in ``teacher_dir``
+(``distill``; the stage checks that it is the student's own baseline).
 """
 
 from __future__ import annotations
@@ -24,17 +27,23 @@ import tf_keras as keras  # noqa: E402
 from shrinkflow.backends.base import JobContext  # noqa: E402
 from shrinkflow.backends.tensorflow.artifact import KERAS_FILE, SPEC_FILE, load_model  # noqa: E402
 from shrinkflow.backends.tensorflow.device import distribution_strategy  # noqa: E402
+from shrinkflow.backends.tensorflow.distill import load_teacher, teacher_point  # noqa: E402
 from shrinkflow.backends.tensorflow.resume_state import job_fingerprint  # noqa: E402
 from shrinkflow.backends.tensorflow.train import fit  # noqa: E402
 from shrinkflow.backends.tensorflow.trainer import evaluate_split  # noqa: E402
 from shrinkflow.data.prepared import PreparedData  # noqa: E402
 from shrinkflow.training import TrainResult  # noqa: E402
+from shrinkflow.training.distill import distill_plan  # noqa: E402
 from shrinkflow.training.jobs import run_finetune  # noqa: E402
 
 
-def finetune_fingerprint(cfg: dict, model_dir: Path, data: PreparedData) -> str:
-    """Hash of what decides a fine-tuning run: a resume state is reused only on a match."""
-    return job_fingerprint("finetune", cfg, {}, data, model_dir)
+def finetune_fingerprint(
+    cfg: dict, model_dir: Path, data: PreparedData, teacher_dir: Path | None = None
+) -> str:
+    """Hash of what decides a fine-tuning run: a resume state is reused only on a match. A
+    distilled run's includes its teacher's file."""
+    point = teacher_point(distill_plan(cfg, teacher_dir))
+    return job_fingerprint("finetune", cfg, point, data, model_dir)
 
 
 def finetune_model(
@@ -42,9 +51,12 @@ def finetune_model(
     model_dir: Path,
     data: PreparedData,
     context: JobContext,
+    teacher_dir: Path | None = None,
 ) -> TrainResult:
     """``jobs.run_finetune`` of the model files in ``model_dir`` with ``train.fit``, whose
-    ``KeepZeros`` callback re-applies the model's zeros after every batch."""
+    ``KeepZeros`` callback re-applies the model's zeros after every batch; distilled from the
+    baseline in ``teacher_dir`` when ``finetune.distill`` is set."""
+    teacher = load_teacher(distill_plan(cfg, teacher_dir), data)
 
     def load() -> tuple[keras.Model, dict]:
         with distribution_strategy().scope():
@@ -54,14 +66,15 @@ def finetune_model(
         return evaluate_split(model, data, "val", int(cfg["train"]["batch_size"]))[1]
 
     def fit_zeros_held(model: keras.Model, **args) -> TrainResult:
-        return fit(model, cfg, data, callbacks=[KeepZeros(zero_masks(model))], **args)
+        keep_zeros = [KeepZeros(zero_masks(model))]
+        return fit(model, cfg, data, callbacks=keep_zeros, teacher=teacher, **args)
 
     return run_finetune(
         cfg,
         model_dir,
         context,
         model_files=[KERAS_FILE, SPEC_FILE],
-        fingerprint=lambda: finetune_fingerprint(cfg, model_dir, data),
+        fingerprint=lambda: finetune_fingerprint(cfg, model_dir, data, teacher_dir),
         load=load,
         val_top1=val_top1,
         fit=fit_zeros_held,

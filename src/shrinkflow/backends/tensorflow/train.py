@@ -41,11 +41,13 @@ import tf_keras as keras  # noqa: E402
 from shrinkflow.backends.base import EpochCallback, JobContext  # noqa: E402
 from shrinkflow.backends.tensorflow.artifact import save_model  # noqa: E402
 from shrinkflow.backends.tensorflow.device import distribution_strategy, reproducible  # noqa: E402
+from shrinkflow.backends.tensorflow.distill import Teacher  # noqa: E402
 from shrinkflow.backends.tensorflow.models import create_model  # noqa: E402
 from shrinkflow.backends.tensorflow.resume_state import (  # noqa: E402
     train_fingerprint,
 )
 from shrinkflow.backends.tensorflow.trainer import Trainer  # noqa: E402
+from shrinkflow.custom_models import factory_ref  # noqa: E402
 from shrinkflow.data.prepared import PreparedData  # noqa: E402
 from shrinkflow.training import (  # noqa: E402
     TrainPlan,
@@ -68,11 +70,19 @@ def train_model(
     """
     args = fit_args(train_plan(cfg), context)
     reproducible(cfg["seed"])
+    factory = factory_ref(cfg, "tensorflow", model_name)  # None for a registry model
     with distribution_strategy().scope():
         model = create_model(
-            model_name, data.num_classes, data.channels, data.image_size, data.mean, data.std
+            model_name,
+            data.num_classes,
+            data.channels,
+            data.image_size,
+            data.mean,
+            data.std,
+            factory=factory,
         )
-    fingerprint, spec = train_fingerprint(cfg, model_name, data), model_spec(model_name, data)
+    fingerprint = train_fingerprint(cfg, model_name, data)
+    spec = model_spec(model_name, data, factory)
     return fit(model, cfg, data, fingerprint=fingerprint, spec=spec, **args)
 
 
@@ -95,6 +105,7 @@ def fit(
     save: Callable[[keras.Model, Path], None] | None = None,
     prepare: Callable[[keras.Model], None] | None = None,
     lr_key: str = "train.lr",
+    teacher: Teacher | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``epochs`` and save its best-on-val epoch to ``out_dir``: the loop
     ``training.loop.train_epochs`` (which says what ``fingerprint``, ``on_epoch``, ``run_id``
@@ -119,6 +130,8 @@ def fit(
         prepare: called once with the model to train, compiled, inside the strategy scope and
             before the resume state is restored: the place to create variables that the
             checkpoint must hold.
+        teacher: distils from this teacher (``distill``): the loss becomes the distillation
+            loss of every batch.
 
     ``model`` holds the best epoch's weights (all of them: BN statistics, masks) when this
     returns.
@@ -132,6 +145,6 @@ def fit(
             save(best, Path(out_dir))
 
     def build() -> Trainer:
-        return Trainer(model, cfg, data, plan, Path(resume_dir), callbacks, prepare, keep)
+        return Trainer(model, cfg, data, plan, Path(resume_dir), callbacks, prepare, keep, teacher)
 
     return train_epochs(build, epochs, fingerprint, run_id, on_epoch, select_from_epoch)

@@ -26,6 +26,7 @@ from shrinkflow.backends.tensorflow.device import (  # noqa: E402
     reproducible,
     with_policy,
 )
+from shrinkflow.backends.tensorflow.distill import Teacher  # noqa: E402
 from shrinkflow.backends.tensorflow.optim import LRSchedule, compile_model  # noqa: E402
 from shrinkflow.backends.tensorflow.resume_state import (  # noqa: E402
     STATE_FORMAT,
@@ -45,7 +46,8 @@ class Trainer:
 
     ``callbacks`` are Keras callbacks for every ``model.fit`` call (one per epoch); ``prepare``
     is called once with the compiled model before the resume state is restored; ``save``
-    writes the model to keep (see ``train.fit``).
+    writes the model to keep (see ``train.fit``); a distilled run's ``teacher`` adds its logits
+    to every batch, and the model is compiled with its loss.
     """
 
     state_format = STATE_FORMAT
@@ -60,6 +62,7 @@ class Trainer:
         callbacks: Sequence[keras.callbacks.Callback],
         prepare: Callable[[keras.Model], None] | None,
         save: Callable[[keras.Model], None],
+        teacher: Teacher | None = None,
     ) -> None:
         t = cfg["train"]
         self.batch_size = int(t["batch_size"])
@@ -69,19 +72,24 @@ class Trainer:
         amp = mixed_precision(t)
         strategy = distribution_strategy()
         steps = len(self.bounds)
+        self.teacher = teacher
+
+        def compile_run(trained: keras.Model) -> None:
+            compile_model(trained, t, self.schedule, amp)
+            if teacher is not None:
+                teacher.compile(trained, data.num_classes, float(t["label_smoothing"]))
+
         with strategy.scope():
             trained = with_policy(model, "mixed_float16") if amp else model
             self.schedule = LRSchedule(
                 plan.lr, t["schedule"], plan.warmup_epochs * steps, plan.epochs * steps
             )
-            compile_model(trained, t, self.schedule, amp)
+            compile_run(trained)
             if prepare is not None:
                 prepare(trained)
         self.model, self.trained, self.data, self.replicas = model, trained, data, replicas
         self.callbacks, self.save = list(callbacks), save
-        self.checkpoint = Checkpoint(
-            trained, strategy, recompile=lambda: compile_model(trained, t, self.schedule, amp)
-        )
+        self.checkpoint = Checkpoint(trained, strategy, recompile=lambda: compile_run(trained))
         self.file = StateFile(Path(resume_dir))
         self.epoch_data = EpochData(
             data, self.batch_size, bool(t["augment"]), bool(t["hflip"]), cfg["seed"], replicas
@@ -107,8 +115,11 @@ class Trainer:
         """``model.fit`` over epoch ``epoch``'s batches, then the val split's score."""
         guard = _StopOnNonFinite()
         steps = len(self.bounds)
+        batches = self.epoch_data.batches(epoch)
+        if self.teacher is not None:
+            batches = self.teacher.with_logits(batches)
         fitted = self.trained.fit(
-            self.epoch_data.batches(epoch),
+            batches,
             epochs=epoch,
             initial_epoch=epoch - 1,
             steps_per_epoch=steps if self.replicas > 1 else None,  # a distributed data set's

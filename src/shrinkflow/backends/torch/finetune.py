@@ -6,6 +6,9 @@ weight that is zero in the input is zero in the output" whatever produced the in
 gradual or structured pruning, or a preset with other exclusions), and an unpruned layer has no
 zeros to hold (a weight that trained to exactly 0.0 stays there, which changes nothing).
 Structured pruning removed its filters physically, so a model from it has no masks to keep.
+
+With ``finetune.distill`` set the run is distilled from the baseline in ``teacher_dir``
+(``distill``; the stage checks that it is the student's own baseline).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from torch import nn
 from shrinkflow.backends.base import JobContext
 from shrinkflow.backends.torch.artifact import MODEL_FILE, load_model
 from shrinkflow.backends.torch.device import resolve_device
+from shrinkflow.backends.torch.distill import load_teacher, teacher_point
 from shrinkflow.backends.torch.prune_unstructured import apply_masks, masks_from_zeros
 from shrinkflow.backends.torch.resume_state import job_fingerprint
 from shrinkflow.backends.torch.tensors import to_device_tensors
@@ -24,12 +28,17 @@ from shrinkflow.backends.torch.train import fit
 from shrinkflow.backends.torch.trainer import evaluate_split
 from shrinkflow.data.prepared import PreparedData
 from shrinkflow.training import TrainResult
+from shrinkflow.training.distill import distill_plan
 from shrinkflow.training.jobs import run_finetune
 
 
-def finetune_fingerprint(cfg: dict, model_dir: Path, data: PreparedData) -> str:
-    """Hash of what decides a fine-tuning run: a resume state is reused only on a match."""
-    return job_fingerprint("finetune", cfg, {}, data, model_dir)
+def finetune_fingerprint(
+    cfg: dict, model_dir: Path, data: PreparedData, teacher_dir: Path | None = None
+) -> str:
+    """Hash of what decides a fine-tuning run: a resume state is reused only on a match. A
+    distilled run's includes its teacher's file."""
+    point = teacher_point(distill_plan(cfg, teacher_dir))
+    return job_fingerprint("finetune", cfg, point, data, model_dir)
 
 
 def finetune_model(
@@ -37,10 +46,13 @@ def finetune_model(
     model_dir: Path,
     data: PreparedData,
     context: JobContext,
+    teacher_dir: Path | None = None,
 ) -> TrainResult:
     """``jobs.run_finetune`` of the model file in ``model_dir`` with ``train.fit``, whose step
-    hook re-applies the model's zeros after every step."""
+    hook re-applies the model's zeros after every step; distilled from the baseline in
+    ``teacher_dir`` when ``finetune.distill`` is set."""
     dev = resolve_device("auto")
+    teacher = load_teacher(distill_plan(cfg, teacher_dir), data)
 
     def val_top1(model: nn.Module) -> float:
         x, y = to_device_tensors(data, "val", dev)
@@ -56,14 +68,14 @@ def finetune_model(
             apply_masks(model, masks)
 
         hook = keep_zeros if masks else None
-        return fit(model, cfg, data, step_hook=hook, device=str(dev), **args)
+        return fit(model, cfg, data, step_hook=hook, device=str(dev), teacher=teacher, **args)
 
     return run_finetune(
         cfg,
         model_dir,
         context,
         model_files=[MODEL_FILE],
-        fingerprint=lambda: finetune_fingerprint(cfg, model_dir, data),
+        fingerprint=lambda: finetune_fingerprint(cfg, model_dir, data, teacher_dir),
         load=lambda: load_model(model_dir, dev),
         val_top1=val_top1,
         fit=fit_zeros_held,

@@ -4,7 +4,8 @@
   ``quantize.calibration_batches`` training batches (see ``pt2e``);
 - dynamic_int8: PT2E dynamic quantization of the linear layers;
 - qat_int8: PT2E quantization-aware training, ``quantize.qat.epochs`` of fake-quantized
-  fine-tuning (``train.fit``: resumable, best-on-val epoch kept), then conversion;
+  fine-tuning (``train.fit``: resumable, best-on-val epoch kept), then conversion; distilled
+  from the float baseline in ``teacher_dir`` when ``finetune.distill`` is set;
 - fixed_w<bits>: fixed-point weights (see ``fixed_point``).
 
 A pruned model's zeros survive: int8 and fixed-point weights are symmetric (zero maps to code
@@ -25,6 +26,7 @@ from torch import nn
 from shrinkflow.backends.base import JobContext
 from shrinkflow.backends.torch import pt2e, pt2e_archive
 from shrinkflow.backends.torch.artifact import MODEL_FILE, load_model, save_fixed_point
+from shrinkflow.backends.torch.distill import load_teacher, teacher_point
 from shrinkflow.backends.torch.resume_state import job_fingerprint, resumable_run_id
 from shrinkflow.backends.torch.tensors import normalize, to_device_tensors
 from shrinkflow.backends.torch.train import fit
@@ -33,20 +35,31 @@ from shrinkflow.errors import ShrinkflowError
 from shrinkflow.progress import say
 from shrinkflow.quantization import QuantMethod, calibration_count, parse_quant_method
 from shrinkflow.training import TrainResult, batch_bounds
+from shrinkflow.training.distill import distill_plan
 
 
-def quantize_fingerprint(cfg: dict, method: str, model_dir: Path, data: PreparedData) -> str:
-    """Hash of what decides a QAT run: its resume state is reused only on a match."""
-    return job_fingerprint("quantize", cfg, {"qmethod": method}, data, model_dir)
+def quantize_fingerprint(
+    cfg: dict, method: str, model_dir: Path, data: PreparedData, teacher_dir: Path | None = None
+) -> str:
+    """Hash of what decides a QAT run: its resume state is reused only on a match. A distilled
+    run's includes its teacher's file."""
+    point = {"qmethod": method, **teacher_point(distill_plan(cfg, teacher_dir))}
+    return job_fingerprint("quantize", cfg, point, data, model_dir)
 
 
 def resumable_quantize_run_id(
-    cfg: dict, method: str, model_dir: Path, data: PreparedData, resume_dir: Path
+    cfg: dict,
+    method: str,
+    model_dir: Path,
+    data: PreparedData,
+    resume_dir: Path,
+    teacher_dir: Path | None = None,
 ) -> str | None:
     """Only QAT trains (and resumes); the other methods take seconds."""
     if parse_quant_method(method).family != "qat":
         return None
-    return resumable_run_id(resume_dir, quantize_fingerprint(cfg, method, model_dir, data))
+    fingerprint = quantize_fingerprint(cfg, method, model_dir, data, teacher_dir)
+    return resumable_run_id(resume_dir, fingerprint)
 
 
 def calibration_batches(cfg: dict, data: PreparedData, spec: dict) -> list[torch.Tensor]:
@@ -70,6 +83,7 @@ class _Job:
     model_dir: Path
     data: PreparedData
     context: JobContext
+    teacher_dir: Path | None = None
 
 
 def quantize_model(
@@ -78,15 +92,17 @@ def quantize_model(
     model_dir: Path,
     data: PreparedData,
     context: JobContext,
+    teacher_dir: Path | None = None,
 ) -> dict[str, float | int | str]:
     """Quantize the float model in ``model_dir`` with ``method``; write it into ``context.out_dir``.
+    Only QAT reads ``teacher_dir`` (its teacher, when ``finetune.distill`` is set).
 
     Returns facts for the run: the artefact's file name, the calibration batches seen, the
     layers quantized, the val top-1 of the quantized model (computed on the reference int8
     graph, for the record; ``evaluate`` measures the saved artefact) and the seconds taken.
     """
     started = time.perf_counter()
-    job = _Job(cfg, parse_quant_method(method), Path(model_dir), data, context)
+    job = _Job(cfg, parse_quant_method(method), Path(model_dir), data, context, teacher_dir)
     model, spec = load_model(model_dir)  # validates the input before anything is written
     check_fits(spec, data, job.model_dir / MODEL_FILE)
     if job.method.family == "fixed":
@@ -137,6 +153,9 @@ def _train_qat(job: _Job, model: nn.Module, spec: dict) -> tuple[torch.fx.GraphM
     the caller writes, so ``fit`` gets a ``save`` that writes nothing.
     """
     qat = job.cfg["quantize"]["qat"]
+    plan = distill_plan(job.cfg, job.teacher_dir)
+    # The float teacher stays a plain module; only the student is prepared for fake quantization.
+    teacher = load_teacher(plan, job.data)
     prepared = pt2e.prepare(model, spec, "qat")
     # Pruned weights are zero in the float model and must stay zero through QAT's updates.
     masks = {
@@ -159,7 +178,9 @@ def _train_qat(job: _Job, model: nn.Module, spec: dict) -> tuple[torch.fx.GraphM
         epochs=int(qat["epochs"]),
         lr=float(qat["lr"]),
         warmup_epochs=0,
-        fingerprint=quantize_fingerprint(job.cfg, job.method.name, job.model_dir, job.data),
+        fingerprint=quantize_fingerprint(
+            job.cfg, job.method.name, job.model_dir, job.data, job.teacher_dir
+        ),
         **job.context.fit_kwargs(),
         spec=spec,
         step_hook=keep_zeros if masks else None,
@@ -167,6 +188,7 @@ def _train_qat(job: _Job, model: nn.Module, spec: dict) -> tuple[torch.fx.GraphM
         # Training may run on CUDA (fake quantization is ordinary tensor arithmetic); the
         # int8 graph it converts to runs on x86 CPUs, so the result comes back to the CPU.
         save=lambda trained, folder: None,
+        teacher=teacher,
     )
     return prepared.cpu(), result
 

@@ -37,6 +37,7 @@ from shrinkflow.backends.base import EpochCallback, JobContext
 from shrinkflow.backends.torch import distributed
 from shrinkflow.backends.torch.artifact import save_model
 from shrinkflow.backends.torch.device import deterministic_on_cpu, resolve_device
+from shrinkflow.backends.torch.distill import Teacher
 from shrinkflow.backends.torch.models import create_model
 from shrinkflow.backends.torch.resume_state import (
     train_fingerprint,
@@ -45,6 +46,7 @@ from shrinkflow.backends.torch.trainer import (
     StepHook,
     Trainer,
 )
+from shrinkflow.custom_models import factory_ref
 from shrinkflow.data.prepared import PreparedData
 from shrinkflow.training import TrainPlan, TrainResult, model_spec
 from shrinkflow.training.jobs import fit_args, train_plan
@@ -65,13 +67,15 @@ def train_model(
     """
     args = fit_args(train_plan(cfg), context)
     torch.manual_seed(cfg["seed"])
+    factory = factory_ref(cfg, "torch", model_name)  # None for a registry model
     model = create_model(
-        model_name, data.num_classes, in_channels=data.channels, image_size=data.image_size
+        model_name, data.num_classes, data.channels, data.image_size, factory=factory
     )
     with distributed.process_group():
         if distributed.worker_rank() is not None:
             device = distributed.device_of_worker()
-        fingerprint, spec = train_fingerprint(cfg, model_name, data), model_spec(model_name, data)
+        fingerprint = train_fingerprint(cfg, model_name, data)
+        spec = model_spec(model_name, data, factory)
         return fit(model, cfg, data, fingerprint=fingerprint, spec=spec, device=device, **args)
 
 
@@ -94,6 +98,7 @@ def fit(
     device: str = "auto",
     save: Callable[[nn.Module, Path], None] | None = None,
     lr_key: str = "train.lr",
+    teacher: Teacher | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``epochs`` and save its best-on-val epoch to ``out_dir``: the loop
     ``training.loop.train_epochs`` (which says what ``fingerprint``, ``on_epoch``, ``run_id``
@@ -115,6 +120,8 @@ def fit(
         save: writes the best model into ``out_dir`` instead of ``artifact.save_model`` (a
             model that is not a registry model, such as a QAT graph, has its own format);
             ``model`` holds the best epoch's weights when it returns.
+        teacher: distils from this teacher (``distill``): the loss becomes the distillation
+            loss of every batch.
 
     In a process group (DDP) only rank 0 writes the resume state and the model; the others
     read rank 0's resume state and write nothing.
@@ -129,7 +136,9 @@ def fit(
             save(best, Path(out_dir))
 
     def build() -> Trainer:
-        return Trainer.build(model, cfg, data, plan, dev, step_hook, Path(resume_dir), keep)
+        return Trainer.build(
+            model, cfg, data, plan, dev, step_hook, Path(resume_dir), keep, teacher
+        )
 
     with deterministic_on_cpu(dev):
         return train_epochs(build, epochs, fingerprint, run_id, on_epoch, select_from_epoch)

@@ -23,6 +23,7 @@ from torch import nn
 from shrinkflow.backends.torch import distributed
 from shrinkflow.backends.torch.augment import Augment
 from shrinkflow.backends.torch.device import mixed_precision
+from shrinkflow.backends.torch.distill import Teacher
 from shrinkflow.backends.torch.optim import lr_scheduler, sgd
 from shrinkflow.backends.torch.resume_state import STATE_FORMAT, StateFile
 from shrinkflow.backends.torch.tensors import to_device_tensors
@@ -69,6 +70,7 @@ class Trainer:
     loss_fn: nn.Module
     step_hook: StepHook | None
     diverged: Callable[..., ShrinkflowError]  # ``training.diverged`` for this run
+    teacher: Teacher | None = None  # a distilled run's teacher (stateless: nothing to resume)
     # ``fit`` only (a run in memory keeps no state and saves nothing):
     resume_dir: Path | None = None
     save: Callable[[nn.Module], None] | None = None  # writes the model to keep
@@ -86,9 +88,11 @@ class Trainer:
         step_hook: StepHook | None = None,
         resume_dir: Path | None = None,
         save: Callable[[nn.Module], None] | None = None,
+        teacher: Teacher | None = None,
     ) -> Trainer:
         """The optimizer, schedule, data and RNGs of a run of ``plan`` from ``cfg``, with
-        ``model`` moved to ``dev`` and the global RNG (dropout) seeded from ``cfg["seed"]``."""
+        ``model`` (and a distilled run's ``teacher``) moved to ``dev`` and the global RNG
+        (dropout) seeded from ``cfg["seed"]``."""
         t = cfg["train"]
         batch_size = int(t["batch_size"])
         rank, world = distributed.rank_and_size()
@@ -124,6 +128,7 @@ class Trainer:
             ),
             resume_dir=resume_dir,
             save=save,
+            teacher=None if teacher is None else teacher.to(dev),
         )
 
     @property
@@ -153,6 +158,8 @@ class Trainer:
             with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=self.amp):
                 logits = self.forward(xb)
                 loss = self.loss_fn(logits, yb)
+                if self.teacher is not None:
+                    loss = self.teacher.loss(xb, logits, loss)
             objective = loss
             if self.world > 1:
                 # DDP averages the processes' gradients; weighting each mean loss by its share
