@@ -15,10 +15,15 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from shrinkflow.backends.base import BACKENDS, PRUNE_METHODS, check_quant_method, quant_methods
+from shrinkflow.backends.base import (
+    BACKENDS,
+    PRUNE_METHODS,
+    REGISTRY_MODELS,
+    check_quant_method,
+    quant_methods,
+)
 from shrinkflow.backends.native_log import filtered_stderr, startup_lines_kept
 from shrinkflow.cli import app
-from shrinkflow.config import schema
 from shrinkflow.quantization import MAX_BITS, MIN_BITS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +45,7 @@ def shrinkflow(project: Path, *args: str) -> subprocess.CompletedProcess:
     [
         (
             ["train", "--backend", "torch", "--model", "nope", "--in", "d", "--out", "m"],
-            "error: model: 'nope' is not available for backend torch (known: googlenet,",
+            "error: --model: 'nope' is neither a torch registry model (googlenet,",
         ),
         (
             ["train", "--backend", "jax", "--model", "resnet20", "--in", "d", "--out", "m"],
@@ -210,7 +215,7 @@ def help_text(*args: str) -> str:
     return " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())
 
 
-MODELS = schema()["properties"]["models"]["items"]["enum"]
+MODELS = sorted(set().union(*REGISTRY_MODELS.values()))
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,7 @@ def test_default_params_are_valid():
         ("train.epochs=two", "train.epochs: 'two' is not of type integer"),
         ("train.epochs=0", "train.epochs: 0 is not in [1, 1000]"),
         ("train.lr=0", "train.lr: 0 is not in (0, inf)"),
-        ("models=[resnet20, resnet21]", "models[1]: 'resnet21' is not one of"),
+        ("models=[resnet20, resnet21]", "models[1]: 'resnet21' is neither a torch registry"),
         ("backends=[torch, jax]", "backends[1]: 'jax' is not one of torch"),
         ("backends=[]", "backends: needs at least 1 item(s)"),
         ("evaluate.batch_sizes=[1, 0]", "evaluate.batch_sizes[1]: 0 is not in [1, 4096]"),
@@ -108,16 +108,6 @@ def test_every_quantize_method_family_is_accepted_and_an_empty_list_turns_it_off
     ("overrides", "message"),
     [
         (
-            ["prune.methods=[l1_unstructured, structured_l1]"],
-            "prune.methods[1]: 'structured_l1' is not available for backend tensorflow (it has: "
-            "l1_unstructured, gradual_polynomial, gradual_constant)",
-        ),
-        (
-            ["quantize.methods=[qat_int8]"],
-            "quantize.methods[0]: 'qat_int8' is not available for backend tensorflow (it has: "
-            "static_int8, dynamic_int8, float32, float16, fixed_w<bits>)",
-        ),
-        (
             ["backends=[torch]", "quantize.methods=[static_int8, float16]"],
             "quantize.methods[1]: 'float16' is not available for backend torch (it has: "
             "static_int8, dynamic_int8, qat_int8, fixed_w<bits>)",
@@ -176,10 +166,23 @@ def test_unreadable_and_malformed_files_are_named(tmp_path):
         load_params([listy])
 
 
-def test_schema_model_names_match_the_torch_registry():
-    from shrinkflow.backends.torch.models import list_models
+def test_declared_registry_models_are_what_each_backend_builds():
+    """backends.base.REGISTRY_MODELS (read without a framework, by config validation) lists
+    each backend's registry; torch first, as in any process that loads both frameworks."""
+    from shrinkflow.backends.base import REGISTRY_MODELS, backend_module
 
-    assert schema()["properties"]["models"]["items"]["enum"] == list_models()
+    for backend in ("torch", "tensorflow"):
+        built = backend_module(backend, "models").list_models()
+        assert sorted(REGISTRY_MODELS[backend]) == sorted(built), backend
+
+
+def test_a_model_no_backend_registers_is_a_one_line_error():
+    with pytest.raises(ShrinkflowError) as err:
+        load_params([ROOT / "params.yaml"], ["models=[resnet20, resnet21]"])
+    assert str(err.value) == (
+        "models[1]: 'resnet21' is neither a torch registry model (googlenet, resnet18, resnet20, "
+        "resnet32, resnet44, resnet50, resnet56, vgg16, vgg16_bn) nor a custom_models key"
+    )
 
 
 def test_packaged_schema_is_the_workflow_schema():
@@ -393,3 +396,60 @@ def test_a_bad_tracking_uri_in_the_environment_names_the_variable(monkeypatch):
 
     with pytest.raises(ShrinkflowError, match=r"^MLFLOW_TRACKING_URI: "):
         tracking_uri({"tracking": {"uri": None}})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["quantize.methods={torch: [fixed_w8]}"],
+            "quantize.methods: no list for tensorflow, which backends lists (a per-backend "
+            "mapping names every listed backend; give it one or drop it from backends)",
+        ),
+        (
+            ["backends=[torch]", "quantize.methods={torch: [fixed_w8], tensorflow: [float16]}"],
+            "quantize.methods.tensorflow: tensorflow is not in backends",
+        ),
+        (
+            ["quantize.methods={torch: [float16], tensorflow: [float16]}"],
+            "quantize.methods.torch[0]: 'float16' is not available for backend torch (it has: "
+            "static_int8, dynamic_int8, qat_int8, fixed_w<bits>)",
+        ),
+        (
+            ["quantize.methods=[static_int8, float16]"],
+            "quantize.methods[1]: 'float16' is not available for backend torch (it has: "
+            "static_int8, dynamic_int8, qat_int8, fixed_w<bits>); a list applies to every listed "
+            "backend: for an entry one backend lacks, write quantize.methods per backend, "
+            "{torch: [...], tensorflow: [...]}",
+        ),
+        (
+            ["models={torch: [resnet20], tf: [resnet20]}"],
+            "models: 'tf' is not one of torch, tensorflow",
+        ),
+    ],
+)
+def test_per_backend_lists_are_checked_per_backend(overrides, message):
+    with pytest.raises(ShrinkflowError) as err:
+        load_params([ROOT / "params.yaml"], overrides)
+    assert str(err.value) == message
+
+
+def test_a_per_backend_list_gives_each_backend_its_own_sweep():
+    from shrinkflow import dag
+
+    cfg = load_params(
+        [ROOT / "params.yaml"],
+        [
+            "models={torch: [resnet20, resnet32], tensorflow: [resnet20]}",
+            "quantize.methods={torch: [fixed_w8], tensorflow: [fixed_w8, float16]}",
+            "prune.methods=[l1_unstructured]",
+        ],
+    )
+    nodes = dag.evaluated_nodes(cfg)
+    points = len(cfg["prune"]["sparsities"])
+    torch_nodes = [n for n in nodes if n.backend == "torch"]
+    tf_nodes = [n for n in nodes if n.backend == "tensorflow"]
+    assert len(torch_nodes) == 2 * (1 + points) * (1 + 1)
+    assert len(tf_nodes) == 1 * (1 + points) * (1 + 2)
+    assert {n.quant_method for n in torch_nodes} == {"", "fixed_w8"}
+    assert {n.model for n in tf_nodes} == {"resnet20"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -108,7 +109,8 @@ def graph_differences(cwd: Path) -> list[str]:
             if not _covered(key, d["params"]):
                 problems.append(f"{command}: DVC does not track the params key {key}")
     for d in dvc.values():
-        name = d["stage"].removesuffix("_finetuned")  # a stage_table.FLOAT_NODES alternative
+        # a per-backend stage (`quantize_finetuned_torch`) of a FLOAT_NODES alternative
+        name = re.sub(r"_(torch|tensorflow)$", "", d["stage"]).removesuffix("_finetuned")
         for key in sorted(set(stage(name).all_params()) ^ set(d["params"])):
             problems.append(f"{d['stage']}: DVC's params miss or add the key {key}")
     return sorted(set(problems))
@@ -231,7 +233,8 @@ def test_quantized_nodes_have_the_same_commands_in_both(tmp_path):
     assert len(quantized) == 2 * 4  # both backends
     expected_quantize = sorted(
         f"shrinkflow quantize --params params.yaml --method {n.quant_method} "
-        f"--in {n.source.model_dir} --data data/prepared/digits --out {n.model_dir}"
+        f"--in {n.source.model_dir} --data data/prepared/digits "
+        f"--teacher {dag.baseline(n.backend, n.model, n.seed).model_dir} --out {n.model_dir}"
         for n in quantized
     )
     expected_evaluate = sorted(
@@ -255,13 +258,57 @@ def test_an_empty_method_list_turns_quantization_off_in_both(tmp_path):
     assert counts["finetune"] > 0
 
 
+def test_per_backend_lists_build_the_same_jobs_in_both(tmp_path):
+    """A method one backend lacks (float16, a TFLite conversion) and a model listed for one
+    backend only: per-backend lists in params.yaml, one DVC stage per backend where a matrix
+    spans them (dvc.yaml rewritten for that shape), the same jobs as Snakemake's."""
+    from shrinkflow import dag
+    from shrinkflow.config import load_params
+
+    project = project_copy(
+        tmp_path,
+        models={"torch": ["resnet20", "resnet32"], "tensorflow": ["resnet20"]},
+        prune={"methods": ["l1_unstructured"], "sparsities": [0.5]},
+        quantize={"methods": {"torch": ["fixed_w8"], "tensorflow": ["fixed_w8", "float16"]}},
+    )
+    stale = run_cli(project, "validate")
+    assert "dvc.yaml is not what `shrinkflow dvc-yaml` writes" in stale.stdout
+    assert run_cli(project, "dvc-yaml").stdout.strip() == "dvc.yaml: written from the stage table"
+    assert "note:" not in run_cli(project, "validate").stdout
+    smk = same_graph(project)
+    counts = stage_counts(smk)
+    # torch: 2 models x (baseline + 1 point) x 1 method; tensorflow: 1 x 2 x 2
+    assert counts["train"] == 3 and counts["quantize"] == 2 * 2 + 2 * 2
+    assert not any("--method float16" in c and "/torch/" in c for c in smk)
+    assert not any("/tensorflow/resnet32/" in c for c in smk)
+    with contextlib.chdir(project):  # custom_models and the tracking URI resolve there
+        cfg = load_params([project / "params.yaml"])
+    assert len(dag.evaluated_nodes(cfg)) == counts["evaluate"] + counts["evaluate_quantized"]
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    assert stages["train_torch"]["matrix"]["model"] == "${models.torch}"
+    assert stages["quantize_finetuned_tensorflow"]["matrix"]["qmethod"] == (
+        "${quantize.methods.tensorflow}"
+    )
+    assert stages["prune_torch"]["matrix"]["method"] == "${prune.methods}"  # one list
+    assert "prepare" in stages and "summarize" in stages  # no backend in their matrix
+
+
+def run_cli(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [str(BIN / "shrinkflow"), *args], cwd=cwd, capture_output=True, text=True
+    )
+    assert not check or result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
 def test_committed_dvc_yaml_is_what_the_stage_table_writes(tmp_path):
     """dvc.yaml is generated (`shrinkflow dvc-yaml`); `--check` fails on a stale one."""
     from shrinkflow import dvc_yaml
 
-    assert (ROOT / "dvc.yaml").read_text() == dvc_yaml.render(), "run `shrinkflow dvc-yaml`"
+    rendered = dvc_yaml.render_project(ROOT)
+    assert (ROOT / "dvc.yaml").read_text() == rendered, "run `shrinkflow dvc-yaml`"
     stale = tmp_path / "dvc.yaml"
-    stale.write_text(dvc_yaml.render().replace("    - prune.exclude\n", "", 1))
+    stale.write_text(rendered.replace("    - prune.exclude\n", "", 1))
     check = subprocess.run(
         [str(BIN / "shrinkflow"), "dvc-yaml", "--check", "--out", str(stale)],
         capture_output=True,
@@ -380,7 +427,7 @@ def test_a_changed_quantize_setting_reruns_only_the_methods_that_read_it(tmp_pat
     """Each quantize job's `params:` holds exactly the config its method reads."""
     project = project_copy(
         tmp_path / "project",
-        backends=["torch"],  # qat_int8 is torch's
+        backends=["torch"],
         prune={"methods": ["l1_unstructured"], "sparsities": [0.5]},
         quantize={"methods": ["static_int8", "qat_int8", "fixed_w4"]},
     )

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def rendered() -> str:
     """dvc.yaml as the stage table writes it now (the checkout's may wait to be regenerated)."""
-    return dvc_yaml.render()
+    return dvc_yaml.render_project(ROOT)
 
 
 def test_a_whole_run_of_params_yaml_is_recorded():
@@ -57,6 +57,9 @@ def test_a_skipped_or_failed_record_is_one_line_and_writes_nothing(tmp_path):
     (tmp_path / ".dvc").mkdir()
     skipped = dvc_lock.record(tmp_path, RunScope(targets=("train",)))
     assert skipped.startswith("note: dvc.lock not updated: this run built only part")
+    unreadable = dvc_lock.record(tmp_path, RunScope())  # no params.yaml to shape dvc.yaml
+    assert unreadable.startswith("warning: dvc.lock not updated: ") and "params.yaml" in unreadable
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")  # not what the stage table writes
     stale = dvc_lock.record(tmp_path, RunScope())
     assert stale.startswith("warning: dvc.lock not updated: dvc.yaml is not what")

@@ -16,8 +16,8 @@ from typing import Annotated
 
 import typer
 
-from shrinkflow.backends.base import BACKENDS, PRUNE_METHODS, quant_methods
-from shrinkflow.config import BASE_PARAMS, MissingKeyError, load_params, over_base_params, schema
+from shrinkflow.backends.base import BACKENDS, PRUNE_METHODS, REGISTRY_MODELS, quant_methods
+from shrinkflow.config import BASE_PARAMS, MissingKeyError, load_params, over_base_params
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.quantization import MAX_BITS, MIN_BITS
 
@@ -44,16 +44,24 @@ SetOption = Annotated[
 OutOption = Annotated[Path, typer.Option("--out", help="Output path (written atomically).")]
 DataOption = Annotated[Path, typer.Option("--data", help="The prepared data folder.")]
 BaselineOption = Annotated[Path, typer.Option("--in", help="The trained baseline's model folder.")]
+TeacherOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--teacher",
+        help="The baseline of the same backend, model and seed: the teacher when "
+        "finetune.distill is set (fine-tuning, QAT); checked, unused otherwise.",
+    ),
+]
 
 DEFAULT_PARAMS = [BASE_PARAMS]
 
 # The values an option takes, in its help, from where they are defined: the backends and what
-# each implements (shrinkflow.backends.base), the model names (the params schema's enum).
+# each implements and the models each registers (shrinkflow.backends.base).
 BACKEND_CHOICES = f"One of: {', '.join(BACKENDS)}."
 MODEL_CHOICES = (
     f"A model the backend registers, among: "
-    f"{', '.join(schema()['properties']['models']['items']['enum'])} "
-    "(`shrinkflow models --backend B` lists B's, with sizes)."
+    f"{', '.join(sorted(set().union(*REGISTRY_MODELS.values())))} "
+    "(`shrinkflow models --backend B` lists B's, with sizes), or a custom_models key."
 )
 
 
@@ -187,13 +195,14 @@ def finetune(
     in_: Annotated[Path, typer.Option("--in", help="A pruned model folder.")],
     data: DataOption,
     out: OutOption,
+    teacher: TeacherOption = None,
     params: ParamsOption = None,
     set_: SetOption = None,
 ) -> None:
-    """Fine-tune a pruned model; pruned weights stay exactly zero."""
+    """Fine-tune a pruned model; pruned weights stay exactly zero (optionally distilled)."""
     from shrinkflow.stages import finetune as stage
 
-    stage.run(_params(params, set_), in_, data, out)
+    stage.run(_params(params, set_), in_, data, out, teacher)
 
 
 @app.command()
@@ -204,13 +213,14 @@ def quantize(
     ],
     data: DataOption,
     out: OutOption,
+    teacher: TeacherOption = None,
     params: ParamsOption = None,
     set_: SetOption = None,
 ) -> None:
     """Quantize one model: int8 (static, dynamic, QAT), N-bit fixed-point weights, or TFLite."""
     from shrinkflow.stages import quantize as stage
 
-    stage.run(_params(params, set_), method, in_, data, out)
+    stage.run(_params(params, set_), method, in_, data, out, teacher)
 
 
 @app.command()
@@ -310,10 +320,21 @@ def validate(params: ParamsOption = None, set_: SetOption = None) -> None:
             f"{' + '.join(map(str, given))} over; run in the project folder or give "
             f"--params <project>/{BASE_PARAMS} first)"
         ) from None
+    from shrinkflow import per_backend
+
     typer.echo(
         f"{' + '.join(map(str, files))}: ok (data {cfg['data']['name']}, "
-        f"backends {', '.join(cfg['backends'])}, models {', '.join(cfg['models'])})"
+        f"backends {', '.join(cfg['backends'])}, "
+        f"models {', '.join(per_backend.union(cfg, 'models'))})"
     )
+    if not given and Path("dvc.yaml").is_file():
+        from shrinkflow import dvc_yaml as generator
+
+        if Path("dvc.yaml").read_text() != generator.render(cfg):
+            typer.echo(
+                "note: dvc.yaml is not what `shrinkflow dvc-yaml` writes for this params.yaml "
+                "(a list turned per-backend, or the code changed): run it before `dvc repro`"
+            )
 
 
 remote_app = typer.Typer(no_args_is_help=True, help="The shared DVC remote for checkpoints.")
@@ -346,16 +367,18 @@ def dvc_yaml(
         bool, typer.Option("--check", help="Only compare: exit 1 if OUT is not what it writes.")
     ] = False,
 ) -> None:
-    """Write dvc.yaml from the stage table (src/shrinkflow/stage_table.py), or --check it."""
+    """Write dvc.yaml from the stage table (src/shrinkflow/stage_table.py) for the shape of
+    ./params.yaml, or --check it."""
     from shrinkflow import dvc_yaml as generator
 
+    cfg = load_params([BASE_PARAMS])  # dvc.yaml follows params.yaml's shape (per-backend lists)
     if check:
         current = out.read_text() if out.is_file() else ""
-        if current != generator.render():
+        if current != generator.render(cfg):
             typer.echo(f"error: {out} is not what `shrinkflow dvc-yaml` writes: run it", err=True)
             raise typer.Exit(1)
         typer.echo(f"{out}: up to date")
-    elif generator.write(out):
+    elif generator.write(out, cfg):
         typer.echo(f"{out}: written from the stage table")
     else:
         typer.echo(f"{out}: unchanged")

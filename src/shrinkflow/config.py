@@ -11,13 +11,14 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from shrinkflow import per_backend
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.quantization import parse_quant_method
 
@@ -147,7 +148,14 @@ def _check_cross_keys(cfg: Mapping) -> None:
             "data.root: required when data.name is imagefolder "
             "(a folder with one sub-folder of images per class)"
         )
-    if "structured_sensitivity" in cfg["prune"]["methods"] and not cfg["sensitivity"]["ratios"]:
+    from shrinkflow import custom_models
+
+    custom_models.check(cfg)  # names and factory refs, before models[] may name them
+    _check_per_backend(cfg)
+    if (
+        "structured_sensitivity" in per_backend.union(cfg, "prune.methods")
+        and not cfg["sensitivity"]["ratios"]
+    ):
         raise ShrinkflowError(
             "sensitivity.ratios: empty, but prune.methods has structured_sensitivity, "
             "which takes its per-layer ratios from the sensitivity analysis"
@@ -159,21 +167,63 @@ def _check_cross_keys(cfg: Mapping) -> None:
             f"train.distributed.processes: {processes} does not divide train.batch_size "
             f"{train['batch_size']} (the global batch, split evenly over the processes)"
         )
-    for i, name in enumerate(cfg["quantize"]["methods"]):
-        parse_quant_method(name, key=f"quantize.methods[{i}]")
-    # Every sweep point runs on every backend (DVC's matrix is a full product), so each method
-    # must exist on each listed backend.
-    from shrinkflow.backends.base import check_prune_method, check_quant_method
-
-    for backend in cfg["backends"]:
-        for i, name in enumerate(cfg["prune"]["methods"]):
-            check_prune_method(backend, name, key=f"prune.methods[{i}]")
-        for i, name in enumerate(cfg["quantize"]["methods"]):
-            check_quant_method(backend, name, key=f"quantize.methods[{i}]")
     # The store every job will log to: tracking.uri, else $MLFLOW_TRACKING_URI (both checked).
     from shrinkflow.tracking import tracking_uri
 
     tracking_uri(cfg)
+
+
+def _check_per_backend(cfg: Mapping) -> None:
+    """``models``, ``prune.methods`` and ``quantize.methods`` (shrinkflow.per_backend): a mapping
+    names exactly the listed backends; each entry exists on the backend it is listed for."""
+    from shrinkflow.backends.base import check_prune_method, check_quant_method
+    from shrinkflow.custom_models import check_buildable
+
+    backends = cfg["backends"]
+    for key in per_backend.KEYS:
+        if not per_backend.is_per_backend(cfg, key):
+            continue
+        named = per_backend.value(cfg, key)
+        for backend in backends:
+            if backend not in named:
+                raise ShrinkflowError(
+                    f"{key}: no list for {backend}, which backends lists (a per-backend "
+                    f"mapping names every listed backend; give it one or drop it from backends)"
+                )
+        for backend in named:
+            if backend not in backends:
+                raise ShrinkflowError(f"{key}.{backend}: {backend} is not in backends")
+    checks: dict[str, Callable[[str, str, str], None]] = {
+        "models": lambda backend, name, key: check_buildable(cfg, backend, name, key),
+        "prune.methods": check_prune_method,
+        "quantize.methods": check_quant_method,
+    }
+    for key, check in checks.items():
+        for backend in backends:
+            for i, name in enumerate(per_backend.entries(cfg, key, backend)):
+                where = per_backend.key_path(cfg, key, backend, i)
+                if key == "quantize.methods":
+                    parse_quant_method(name, key=where)  # a malformed name, whatever the backend
+                try:
+                    check(backend, name, where)
+                except ShrinkflowError as exc:
+                    if per_backend.is_per_backend(cfg, key) or not any(
+                        _passes(check, other, name, where) for other in backends if other != backend
+                    ):
+                        raise
+                    raise ShrinkflowError(
+                        f"{exc}; a list applies to every listed backend: for an entry one "
+                        f"backend lacks, write {key} per backend, {{torch: [...], "
+                        "tensorflow: [...]}"
+                    ) from None
+
+
+def _passes(check: Callable[[str, str, str], None], backend: str, name: str, key: str) -> bool:
+    try:
+        check(backend, name, key)
+    except ShrinkflowError:
+        return False
+    return True
 
 
 def check_plain_values(cfg: Any, where: str = "") -> None:

@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from shrinkflow import per_backend
+
 RESULTS = Path("results")
 MODELS = RESULTS / "models"
 SUMMARY = RESULTS / "summary.csv"
@@ -181,26 +183,29 @@ def sensitivity_dir(backend: str, model: str, seed: int = 0) -> Path:
 
 def evaluated_nodes(cfg: dict) -> list[Node]:
     """Every node the configured DAG evaluates, in a stable order. Per backend x model x
-    training seed (in the order of ``backends``, ``models`` and ``seeds``): the baseline; its
-    fine-tuned sweep points (method x sparsity); then the quantized nodes, source by source (the
-    baseline, then each fine-tuned point in that order) and, for each source, one per
-    ``quantize.methods`` entry in list order.
+    training seed (in the order of ``backends``, the backend's ``models`` and ``seeds``): the
+    baseline; its fine-tuned sweep points (the backend's prune methods x sparsity); then the
+    quantized nodes, source by source (the baseline, then each fine-tuned point in that order)
+    and, for each source, one per the backend's ``quantize.methods`` entry in list order. (A
+    list applies to every backend, a mapping gives each its own: shrinkflow.per_backend.)
     """
     nodes = []
     for backend in cfg["backends"]:
-        for model in cfg["models"]:
+        prune_methods = per_backend.entries(cfg, "prune.methods", backend)
+        quant_methods = per_backend.entries(cfg, "quantize.methods", backend)
+        for model in per_backend.entries(cfg, "models", backend):
             for seed in cfg["seeds"]:
                 sources = [baseline(backend, model, seed)]
                 sources.extend(
                     finetuned(backend, model, method, sparsity, seed)
-                    for method in cfg["prune"]["methods"]
+                    for method in prune_methods
                     for sparsity in cfg["prune"]["sparsities"]
                 )
                 nodes.extend(sources)
                 nodes.extend(
                     quantized(backend, model, qmethod, source)
                     for source in sources
-                    for qmethod in cfg["quantize"]["methods"]
+                    for qmethod in quant_methods
                 )
     return nodes
 
@@ -210,7 +215,7 @@ def sensitivity_dirs(cfg: dict) -> list[Path]:
     return [
         sensitivity_dir(backend, model, seed)
         for backend in cfg["backends"]
-        for model in cfg["models"]
+        for model in per_backend.entries(cfg, "models", backend)
         for seed in cfg["seeds"]
     ]
 

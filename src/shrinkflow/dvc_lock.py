@@ -90,9 +90,14 @@ def record(root: Path, scope: RunScope) -> str:
     if reason:
         return f"note: dvc.lock not updated: {reason}"
     from shrinkflow import dvc_yaml
+    from shrinkflow.errors import ShrinkflowError
 
     dvc_file = root / "dvc.yaml"
-    if not dvc_file.is_file() or dvc_file.read_text() != dvc_yaml.render():
+    try:
+        expected = dvc_yaml.render_project(root)  # shaped by params.yaml (per-backend lists)
+    except ShrinkflowError as exc:
+        return f"warning: dvc.lock not updated: {exc}"
+    if not dvc_file.is_file() or dvc_file.read_text() != expected:
         return (
             f"warning: dvc.lock not updated: {dvc_file.name} is not what the stage table "
             f"writes (run `shrinkflow dvc-yaml`, then {HINT})"

@@ -42,7 +42,8 @@ TF_SPEC_FILE = "spec.json"  # a TensorFlow node's spec, beside its model file
 PT2_SPEC_ENTRY = "extra/shrinkflow.json"  # a torch int8 program's spec, inside the archive
 ZIP_FILES = ("model.pt", "model.pt2", "model.keras", "model.fixed.npz")
 TFLITE_IDENTIFIER = b"TFL3"  # bytes 4..8 of every TFLite flatbuffer
-_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a registry name, one path component
+# a registry or custom_models name (shrinkflow.custom_models.NAME), one path component
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ def _parse(model_dir: Path) -> dict:
             )
     model = node.get("model")
     if not isinstance(model, str) or not _MODEL_NAME.fullmatch(model):
-        raise ShrinkflowError(f"{node_file}: model {model!r} is not a registry model name")
+        raise ShrinkflowError(f"{node_file}: model {model!r} is not a model name")
     quant = node.get("quant_method") or ""
     if not isinstance(quant, str):
         raise ShrinkflowError(f"{node_file}: quant_method {quant!r} is not a method name")

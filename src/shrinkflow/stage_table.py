@@ -131,7 +131,8 @@ _INT8 = ("quantize.calibration_batches",)
 _QUANTIZE_FAMILIES = {
     "static": _INT8,
     "dynamic": _INT8,
-    "qat": (*_INT8, "quantize.qat", "train"),
+    # QAT also distils when finetune.distill is set
+    "qat": (*_INT8, "quantize.qat", "train", "finetune.distill"),
 }
 
 STAGES: tuple[Stage, ...] = (
@@ -157,7 +158,7 @@ STAGES: tuple[Stage, ...] = (
         "--out {output.model}",
         inputs={"data": PREPARED},
         outputs={"model": BASELINE},
-        params=("train",),
+        params=("train", "custom_models"),  # a custom model's factory ref
         module="train",
         backend_job="train",
     ),
@@ -193,10 +194,13 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         name="finetune",
-        command="finetune --in {input.model} --data {input.data} --out {output.model}",
+        command="finetune --in {input.model} --data {input.data} --teacher {input.teacher} "
+        "--out {output.model}",
         inputs={
             "model": PRUNED,
             "data": PREPARED,
+            # the baseline the pruned model came from: finetune.distill's teacher
+            "teacher": BASELINE,
         },
         outputs={"model": FINETUNED},
         params=("train", "finetune"),
@@ -206,8 +210,10 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         name="quantize",
         command="quantize --method {qmethod} --in {input.model} --data {input.data} "
-        "--out {output.model}",
-        inputs={"model": _node("{source}", MODEL), "data": PREPARED},
+        "--teacher {input.teacher} --out {output.model}",
+        # teacher: the baseline, QAT's teacher when finetune.distill is set (for the baseline's
+        # own quantization it is the source itself)
+        inputs={"model": _node("{source}", MODEL), "data": PREPARED, "teacher": BASELINE},
         outputs={"model": f"{QUANTIZED}/{MODEL}"},
         # every method reports val top-1 at train.batch_size
         params=("train.batch_size",),

@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 
 import pandas as pd
 
-from shrinkflow import dag, tracking
+from shrinkflow import dag, per_backend, tracking
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.invocation import invocation_id
 from shrinkflow.outputs import atomic_dir, read_json, write_json
@@ -252,6 +252,13 @@ def _notes(df: pd.DataFrame, layers: dict, curves: dict) -> list[str]:
     return notes
 
 
+def _per_backend_text(cfg: dict, key: str) -> str:
+    """A list as it is (``resnet20, small_cnn``), or per backend (``torch: a; tensorflow: b``)."""
+    if not per_backend.is_per_backend(cfg, key):
+        return ", ".join(per_backend.entries(cfg, key, cfg["backends"][0]))
+    return "; ".join(f"{b}: {', '.join(per_backend.entries(cfg, key, b))}" for b in cfg["backends"])
+
+
 def _facts(
     cfg: dict, summary: Path, chosen: Selection, invocation: str, run_id: str
 ) -> list[tuple[str, str]]:
@@ -259,7 +266,7 @@ def _facts(
     return [
         ("Data set", f"{cfg['data']['name']} ({cfg['data']['image_size']} px)"),
         ("Backends", ", ".join(cfg["backends"])),
-        ("Models", ", ".join(cfg["models"])),
+        ("Models", _per_backend_text(cfg, "models")),
         (
             "Budget",
             f"at most {chosen.max_drop * 100:g} pt of mean validation top-1 below the baseline "

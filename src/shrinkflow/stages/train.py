@@ -22,7 +22,8 @@ from types import ModuleType
 import yaml
 
 from shrinkflow import invocation
-from shrinkflow.backends.base import JobContext, backend_module, check_model
+from shrinkflow.backends.base import JobContext, backend_module
+from shrinkflow.custom_models import check_buildable
 from shrinkflow.dag import node_label, seed_folder
 from shrinkflow.data.prepared import PreparedData, load_prepared
 from shrinkflow.progress import say
@@ -33,7 +34,7 @@ from shrinkflow.stages.model_job import TRAINING_METRICS, model_job, resume_dir_
 def run(
     cfg: dict, backend_name: str, model_name: str, seed: int, data_dir: Path, out: Path
 ) -> None:
-    check_model(backend_name, model_name)
+    check_buildable(cfg, backend_name, model_name)
     params = cfg  # as given: the MLflow run logs them
     cfg = job_config(cfg, seed)
     train = backend_module(backend_name, "train")

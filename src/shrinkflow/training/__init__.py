@@ -101,9 +101,10 @@ def train_batches(batch_size: int, n: int, processes: int) -> list[tuple[int, in
     return global_batches(n, batch_size, processes)
 
 
-def model_spec(model_name: str, data: Any) -> dict[str, Any]:
+def model_spec(model_name: str, data: Any, factory: str | None = None) -> dict[str, Any]:
     """The spec a model file stores beside its weights: what ``model_name`` was built for
-    (``data`` is a ``PreparedData``). Every backend's model files carry these keys."""
+    (``data`` is a ``PreparedData``). Every backend's model files carry these keys, and a
+    ``custom_models`` model's also its ``factory`` ref (which rebuilds a torch model)."""
     return {
         "arch": model_name,
         "num_classes": data.num_classes,
@@ -112,6 +113,7 @@ def model_spec(model_name: str, data: Any) -> dict[str, Any]:
         "mean": [float(m) for m in data.mean],
         "std": [float(s) for s in data.std],
         "classes": [str(c) for c in data.classes],
+        **({"factory": factory} if factory else {}),
     }
 
 

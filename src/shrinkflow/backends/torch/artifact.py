@@ -44,6 +44,7 @@ def save_model(model: nn.Module, spec: dict[str, Any], folder: Path) -> Path:
     Args:
         spec: ``arch`` (registry name), ``num_classes``, ``in_channels``, ``image_size``,
             ``mean``/``std`` (per channel, 0..1 scale) and ``classes``; plain Python types only.
+            A ``custom_models`` model's spec also holds ``factory``, the ref that rebuilds it.
             A filter-pruned model is saved with the spec of the model it was pruned from.
     """
     missing = [k for k in SPEC_KEYS if k not in spec]
@@ -97,6 +98,7 @@ def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[nn.Mod
             spec["num_classes"],
             in_channels=spec["in_channels"],
             image_size=spec["image_size"],
+            factory=spec.get("factory"),
         )
     except (TypeError, ValueError) as e:
         raise ShrinkflowError(f"{path}: model spec does not describe a model ({e})") from None

@@ -21,6 +21,7 @@ from torchvision.models import resnet as tv_resnet
 from torchvision.models.googlenet import BasicConv2d
 from torchvision.models.resnet import conv1x1, conv3x3
 
+from shrinkflow import custom_models
 from shrinkflow.backends.base import check_model_args
 from shrinkflow.errors import ShrinkflowError
 
@@ -46,7 +47,11 @@ def list_models() -> list[str]:
 
 
 def create_model(
-    name: str, num_classes: int, in_channels: int = 3, image_size: int = 32
+    name: str,
+    num_classes: int,
+    in_channels: int = 3,
+    image_size: int = 32,
+    factory: str | None = None,
 ) -> nn.Module:
     """Build the registered model ``name`` with freshly initialised weights.
 
@@ -54,13 +59,54 @@ def create_model(
         num_classes: width of the output layer.
         in_channels: input channels (3 for RGB, 1 for greyscale such as digits).
         image_size: side of the square input; decides which pooling layers are kept.
+        factory: the ``custom_models`` ref that builds ``name`` when it is not a registry
+            model; its weights are the factory's own (see ``_create_custom``).
 
     The initial weights depend only on torch's global RNG, so ``torch.manual_seed`` before this
     call makes them reproducible.
     """
-    check_model_args("torch", name, list_models(), num_classes, in_channels, image_size)
+    known = [name] if factory else list_models()
+    check_model_args("torch", name, known, num_classes, in_channels, image_size)
+    if factory:
+        return _create_custom(name, factory, num_classes, in_channels, image_size)
     model = _REGISTRY[name](num_classes, in_channels, image_size)
     _init_weights(model)
+    return model
+
+
+def _create_custom(
+    name: str, factory: str, num_classes: int, in_channels: int, image_size: int
+) -> nn.Module:
+    """The model a ``custom_models`` factory builds, checked: an ``nn.Module`` that maps a
+    ``(1, in_channels, image_size, image_size)`` input to ``(1, num_classes)`` logits.
+
+    The factory's initialisation is kept (the user chose it); ``torch.manual_seed`` before
+    this call still makes it reproducible.
+    """
+    key = f"custom_models.{name}"
+    model = custom_models.build(factory, key, "torch", num_classes, in_channels, image_size)
+    if not isinstance(model, nn.Module):
+        kind = type(model)
+        raise ShrinkflowError(
+            f"{key}: {factory} returned a {kind.__module__}.{kind.__name__}, not a torch nn.Module"
+        )
+    shape = (1, in_channels, image_size, image_size)
+    training = model.training
+    try:
+        with torch.no_grad():
+            logits = model.eval()(torch.zeros(shape))
+    except Exception as e:  # the user's forward: any exception, on one line
+        raise ShrinkflowError(
+            f"{key}: the torch model fails on a {shape} input ({custom_models.one_line(e)})"
+        ) from None
+    finally:
+        model.train(training)
+    got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+    if got != (1, num_classes):
+        raise ShrinkflowError(
+            f"{key}: the torch model outputs {got} for a {shape} input, expected "
+            f"(1, {num_classes}) (one logit per class)"
+        )
     return model
 
 

@@ -56,16 +56,18 @@ def example_input(spec: dict, batch: int = EXPORT_BATCH) -> torch.Tensor:
     return torch.zeros(batch, spec["in_channels"], spec["image_size"], spec["image_size"])
 
 
-def capture(model: nn.Module, spec: dict) -> torch.fx.GraphModule:
-    """The model as a graph, in its current train/eval mode, with a dynamic batch size."""
+def capture(model: nn.Module, spec: dict, method: str = "int8") -> torch.fx.GraphModule:
+    """The model as a graph, in its current train/eval mode, with a dynamic batch size;
+    ``method`` (the quantization method it is for) names it in the error if export fails."""
     try:
         program = torch.export.export(
             model, (example_input(spec),), dynamic_shapes=({0: BATCH_DIM},)
         )
     except Exception as e:  # export reports unsupported code with many exception types
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ShrinkflowError(
-            f"model {spec['arch']}: torch.export cannot capture it for quantization "
-            f"({str(e).splitlines()[0]})"
+            f"quantize {method}: torch.export cannot capture model {spec['arch']} ({reason}); "
+            "it cannot trace Python that branches on a tensor's values (an if on x.sum())"
         ) from None
     return program.module()
 
@@ -93,7 +95,7 @@ def prepare(model: nn.Module, spec: dict, family: str) -> torch.fx.GraphModule:
     answers ``.train()`` / ``.eval()`` like a module.
     """
     model.train(family == "qat")
-    graph = capture(model, spec)
+    graph = capture(model, spec, f"{family}_int8")
     if family == "qat":
         return allow_exported_model_train_eval(prepare_qat_pt2e(graph, quantizer(family)))
     return prepare_pt2e(graph, quantizer(family))
