@@ -34,13 +34,33 @@ def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return db
 
 
+# The whole-DAG modules, longest first (docs/testing.md has their times). Under pytest-xdist's
+# ``--dist loadfile`` a module is one unit of work, handed out in collection order (pyproject's
+# ``--no-loadscope-reorder``); longest first keeps either worker from being left alone with a
+# long module at the end. A slow module not named here starts after these.
+LONGEST_FIRST = (
+    "test_pipeline_e2e",
+    "test_presets",
+    "test_pipeline_tf_e2e",
+    "test_report_mlflow_server",
+    "test_slurm",
+    "test_crash_recovery",
+    "test_custom_models",  # a CLI chain per backend: minutes, though no Snakemake DAG
+)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Modules with whole-DAG runs (marked slow) first, each module's tests kept together and in
-    order. Under pytest-xdist's ``--dist loadfile`` a module is one unit of work and the units are
-    handed out in this order, so the minutes-long modules start at once and the quick ones fill
-    the gaps at the end instead of leaving one worker alone with a long module."""
+    """Modules with whole-DAG runs (marked slow) first, the longest of them first (LONGEST_FIRST),
+    each module's tests kept together and in order; the quick modules fill the gaps at the end."""
     slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.module.__name__ not in slow_modules)
+
+    def rank(item: pytest.Item) -> int:
+        name = item.module.__name__
+        if name in LONGEST_FIRST:
+            return LONGEST_FIRST.index(name)
+        return len(LONGEST_FIRST) + (name not in slow_modules)
+
+    items.sort(key=rank)
 
 
 @pytest.fixture(scope="session")
