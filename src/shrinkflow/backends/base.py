@@ -27,22 +27,15 @@ BACKENDS = ("torch", "tensorflow")
 # (and without importing a framework). A method name means the same idea on every backend that
 # has it; both have every prune method and QAT, only TensorFlow TFLite's float conversions.
 PRUNE_METHODS: dict[str, tuple[str, ...]] = {
-    "torch": (
+    backend: (
         "l1_unstructured",
         "gradual_polynomial",
         "gradual_constant",
         "structured_l1",
         "structured_random",
         "structured_sensitivity",
-    ),
-    "tensorflow": (
-        "l1_unstructured",
-        "gradual_polynomial",
-        "gradual_constant",
-        "structured_l1",
-        "structured_random",
-        "structured_sensitivity",
-    ),
+    )
+    for backend in BACKENDS
 }
 # The models each backend's registry builds (backends/<backend>/models.py ``list_models``,
 # kept equal by tests/test_backend_twins.py), declared here so that a config is checked without
