@@ -3,6 +3,7 @@ smaller model that still runs, filter choice, scopes, rounds and the limits of t
 
 import copy
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
@@ -275,3 +276,26 @@ def test_a_shared_layer_is_refused_by_name():
     model = keras.Model(x, keras.layers.Dense(2, name="fc")(y))
     with pytest.raises(ShrinkflowError, match="layer 'twice' is called 2 times"):
         filter_graph(model, ["output"])
+
+
+@pytest.mark.parametrize(
+    ("node", "reshaped", "safe"),
+    [
+        ({"backend": "tensorflow", "model": "resnet20", "prune_method": "structured_l1"}, 0, 1),
+        ({"backend": "tensorflow", "model": "resnet20", "prune_method": "l1_unstructured"}, 0, 0),
+        ({"backend": "tensorflow", "model": "resnet20"}, True, 1),  # pruned and trained in rounds
+        ({"backend": "tensorflow", "model": "tiny_cnn"}, False, 1),  # a custom model's widths
+        ({"backend": "torch", "model": "resnet20", "prune_method": "structured_l1"}, 0, 0),
+    ],
+)
+def test_training_irregular_widths_falls_back_from_onednn(monkeypatch, node, reshaped, safe):
+    """TF 2.21's oneDNN kernels abort training a ResNet-20 pruned to 5-21 filters per layer
+    (heap corruption, measured in `make run`): such jobs train on Eigen's kernels."""
+    from shrinkflow.backends.base import ONEDNN_ENV, use_safe_training_kernels
+
+    monkeypatch.delenv(ONEDNN_ENV, raising=False)
+    use_safe_training_kernels(node, reshaped=bool(reshaped))
+    assert os.environ.get(ONEDNN_ENV) == ("0" if safe else None)
+    monkeypatch.setenv(ONEDNN_ENV, "1")  # the user's choice is kept
+    use_safe_training_kernels(node, reshaped=bool(reshaped))
+    assert os.environ[ONEDNN_ENV] == "1"

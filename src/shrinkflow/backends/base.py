@@ -12,7 +12,8 @@ backend (ruff's TID251, configured in pyproject.toml and the backends' ruff.toml
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -121,6 +122,29 @@ JOB_MODULES: dict[str, tuple[str, ...]] = {
     # (shrinkflow.tracking.pyfunc_model)
     "predict": ("load_predictor",),
 }
+
+
+# TensorFlow 2.21's oneDNN CPU kernels corrupt the heap while training convolutions of some
+# irregular widths: a ResNet-20 filter-pruned to 5-21 filters per layer aborts in its second
+# fine-tuning epoch ("corrupted size vs. prev_size", exit 134/139), every time; with
+# TF_ENABLE_ONEDNN_OPTS=0 (Eigen's kernels) it trains, to the same loss. The registry's widths
+# train correctly with oneDNN, about twice as fast on 2 cores, so only a job that trains a model
+# of other widths (filter-pruned, or a custom model) falls back. A value the user set is kept.
+ONEDNN_ENV = "TF_ENABLE_ONEDNN_OPTS"
+
+
+def use_safe_training_kernels(node: Mapping[str, Any], reshaped: bool = False) -> None:
+    """Before a TensorFlow job that trains ``node``'s model (``reshaped``: one this job will
+    filter-prune and train) imports TensorFlow: Eigen's kernels for irregular widths."""
+    if node["backend"] != "tensorflow":
+        return
+    method = str(node.get("prune_method") or "")
+    if (
+        reshaped
+        or method.startswith("structured")
+        or node["model"] not in REGISTRY_MODELS["tensorflow"]
+    ):
+        os.environ.setdefault(ONEDNN_ENV, "0")
 
 
 def backend_module(backend: str, job: str) -> ModuleType:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from shrinkflow.backends.base import backend_module
+from shrinkflow.backends.base import backend_module, use_safe_training_kernels
 from shrinkflow.dag import node_label
 from shrinkflow.data.prepared import load_prepared
 from shrinkflow.outputs import read_json
@@ -18,6 +18,7 @@ from shrinkflow.training.distill import check_teacher, distill_plan
 
 def run(cfg: dict, model_dir: Path, data_dir: Path, out: Path, teacher: Path | None = None) -> None:
     node = {**read_node(model_dir), "stage": "finetuned"}
+    use_safe_training_kernels(node)
     if teacher is not None:
         check_teacher(teacher, node)
     # Only a distilled run reads the teacher (the DAG always names it).

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shrinkflow.backends.base import backend_module, check_prune_method
+from shrinkflow.backends.base import (
+    backend_module,
+    check_prune_method,
+    use_safe_training_kernels,
+)
 from shrinkflow.dag import node_label
 from shrinkflow.data.prepared import load_prepared
 from shrinkflow.errors import ShrinkflowError
@@ -35,6 +39,8 @@ def run(
 ) -> None:
     check_point(method, sparsity)
     parent = read_node(model_dir)
+    rounds = cfg["prune"]["structured"]["rounds"]  # > 1: trains the shrunk model between rounds
+    use_safe_training_kernels(parent, reshaped=method.startswith("structured") and rounds > 1)
     seeded = job_config(cfg, parent["seed"])  # the baseline's training seed
     check_prune_method(parent["backend"], method, "--method")
     prune = backend_module(parent["backend"], "prune")

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shrinkflow.backends.base import backend_module, check_quant_method
+from shrinkflow.backends.base import (
+    backend_module,
+    check_quant_method,
+    use_safe_training_kernels,
+)
 from shrinkflow.dag import QUANTIZABLE_STAGES, node_label
 from shrinkflow.data.prepared import load_prepared
 from shrinkflow.errors import ShrinkflowError
@@ -29,6 +33,7 @@ def run(
     copy. The other methods do not train and do not read the teacher."""
     family = parse_quant_method(method).family
     source = read_node(model_dir)
+    use_safe_training_kernels(source)  # qat_int8 trains it
     if source["stage"] not in QUANTIZABLE_STAGES:
         raise ShrinkflowError(
             f"--in {model_dir}: a {source['stage']} model; quantize a baseline or a "

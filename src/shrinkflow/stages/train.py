@@ -22,7 +22,7 @@ from types import ModuleType
 import yaml
 
 from shrinkflow import invocation
-from shrinkflow.backends.base import JobContext, backend_module
+from shrinkflow.backends.base import JobContext, backend_module, use_safe_training_kernels
 from shrinkflow.custom_models import check_buildable
 from shrinkflow.dag import node_label, seed_folder
 from shrinkflow.data.prepared import PreparedData, load_prepared
@@ -35,6 +35,7 @@ def run(
     cfg: dict, backend_name: str, model_name: str, seed: int, data_dir: Path, out: Path
 ) -> None:
     check_buildable(cfg, backend_name, model_name)
+    use_safe_training_kernels({"backend": backend_name, "model": model_name})
     params = cfg  # as given: the MLflow run logs them
     cfg = job_config(cfg, seed)
     train = backend_module(backend_name, "train")
