@@ -23,6 +23,7 @@ its parent packages); ``load_factory`` imports it, in the job that builds the mo
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.machinery
 import importlib.util
@@ -204,11 +205,9 @@ def build(
         "in_channels": in_channels,
         "image_size": image_size,
     }
-    try:
+    with contextlib.suppress(TypeError, ValueError):  # no signature (a builtin): no backend=
         if "backend" in inspect.signature(factory).parameters:
             kwargs["backend"] = backend
-    except (TypeError, ValueError):
-        pass
     try:
         return factory(**kwargs)
     except Exception as exc:  # the user's code: any exception, reported on one line
