@@ -52,11 +52,12 @@ def test_study1_compares_tfmot_schedules_at_60_and_70_percent_and_converts_to_tf
     assert cfg["backends"] == ["tensorflow"] and cfg["models"] == ["resnet20", "resnet44"]
     assert cfg["prune"]["methods"] == ["gradual_polynomial", "gradual_constant"]
     assert cfg["prune"]["sparsities"] == [0.6, 0.7]
-    assert set(cfg["quantize"]["methods"]) == {"static_int8", "dynamic_int8", "float16", "float32"}
+    tflite = {"static_int8", "dynamic_int8", "float16", "float32"}
+    assert set(cfg["quantize"]["methods"]) == tflite | {"qat_int8"}  # tfmot's QAT path too
     assert cfg["train"]["mixed_precision"] and cfg["train"]["augment"]
-    # every fine-tuned point and the baseline, in every TFLite format
+    # every fine-tuned point and the baseline, in every TFLite format and through QAT
     quantized = [n for n in evaluated_nodes(cfg) if n.stage == "quantized"]
-    assert len(quantized) == 2 * (1 + 2 * 2) * 4
+    assert len(quantized) == 2 * (1 + 2 * 2) * 5
 
 
 def test_study3_sweeps_every_5_percent_and_keeps_the_output_layer():
