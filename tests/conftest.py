@@ -92,3 +92,19 @@ def tf_digits_conversions(tf_digits_baseline, tmp_path_factory: pytest.TempPathF
     from tf_fixtures import Conversions
 
     return Conversions(*tf_digits_baseline, tmp_path_factory.mktemp("tf-digits-tflite"))
+
+
+@pytest.fixture(autouse=True)
+def _onednn_choice_stays_in_its_test():
+    """A stage run in the test process that trains a filter-pruned or custom TensorFlow model
+    sets TF_ENABLE_ONEDNN_OPTS=0 (backends.base.use_safe_training_kernels) for its own process,
+    as a job would; here the variable is put back after each test, so that a worker process a
+    later test starts (a kill-and-resume test) trains with the same kernels as its reference."""
+    from shrinkflow.backends.base import ONEDNN_ENV
+
+    before = os.environ.get(ONEDNN_ENV)
+    yield
+    if before is None:
+        os.environ.pop(ONEDNN_ENV, None)
+    else:
+        os.environ[ONEDNN_ENV] = before
