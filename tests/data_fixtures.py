@@ -26,6 +26,8 @@ TRAIN = {
     "hflip": False,
     "label_smoothing": 0.0,
     "mixed_precision": False,
+    "precision": "auto",
+    "compile": "auto",
 }
 # What the training tests use: warm-up, augmentation and label smoothing on, as params.yaml has.
 TRAIN_WITH_REGULARISATION = {**TRAIN, "warmup_epochs": 1, "augment": True, "label_smoothing": 0.1}

@@ -60,6 +60,7 @@ from shrinkflow.training import (  # noqa: E402
     model_spec,  # noqa: E402
     steps_per_epoch,
 )
+from shrinkflow.training.fast_path import FastPath  # noqa: E402
 
 # CPU kernels are bit-exact only for a fixed thread count. Set at import, before any test
 # initialises TensorFlow; if another module initialised it first, its counts hold, and the
@@ -452,7 +453,7 @@ def test_tfmot_wrapped_model_resumes_its_masks_and_steps(tmp_path):
 
 def test_mixed_precision_trains_a_float16_twin_and_saves_float32(data, tmp_path, monkeypatch):
     # float16 runs (slowly) on CPU too, which exercises the GPU path where no GPU exists.
-    monkeypatch.setattr(trainer, "mixed_precision", lambda t: True)
+    monkeypatch.setattr(trainer, "fast_path", lambda t: FastPath("float16", compile=False))
     small = digits_data(slice(540, 800))
     keras.utils.set_random_seed(0)
     model = create_model("resnet20", 10, 1, 8, small.mean, small.std)

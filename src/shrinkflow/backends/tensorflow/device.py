@@ -1,5 +1,6 @@
 """Where a TensorFlow run trains and how exactly: the distribution strategy, deterministic
-kernels on CPU, and mixed precision (a float16 training twin of the model)."""
+kernels on CPU, and its fast path on GPUs (``train.precision``: a bfloat16 or float16 training
+twin of the model; ``train.compile``: XLA)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ from shrinkflow.backends.tensorflow.models import OUTPUT_LAYER  # noqa: E402
 from shrinkflow.backends.workers import collectives_on_loopback  # noqa: E402
 from shrinkflow.errors import ShrinkflowError  # noqa: E402
 from shrinkflow.progress import say  # noqa: E402
+from shrinkflow.training.fast_path import FastPath, resolve  # noqa: E402
+
+# The Keras mixed-precision policy of each reduced precision (float32: no policy, no twin).
+POLICIES = {"bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 
 
 @functools.cache
@@ -72,14 +77,19 @@ def reproducible(seed: int) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
-def mixed_precision(t: dict) -> bool:
-    """Whether to train in mixed_float16: asked for, and a GPU to run float16 on."""
-    if not t["mixed_precision"]:
-        return False
-    if tf.config.list_physical_devices("GPU"):
-        return True
-    say("train.mixed_precision: ignored on CPU (mixed_float16 needs a GPU)")
-    return False
+def fast_path(t: dict) -> FastPath:
+    """``train.precision`` and ``train.compile`` on this process's devices
+    (``training.fast_path.resolve``): a GPU run computes in bfloat16 where every GPU has it
+    (compute capability 8.0+) and compiles its step with XLA; ``compile: true`` compiles on a
+    CPU too (XLA's CPU backend); a CPU run is otherwise unchanged."""
+    gpus = tf.config.list_physical_devices("GPU")
+    bfloat16 = bool(gpus) and all(compute_capability(g) >= (8, 0) for g in gpus)
+    return resolve(t, gpu=bool(gpus), bfloat16=bfloat16, compile_on_cpu=True)
+
+
+def compute_capability(gpu: tf.config.PhysicalDevice) -> tuple[int, int]:
+    """The CUDA compute capability TensorFlow reports for ``gpu``; (0, 0) if it reports none."""
+    return tuple(tf.config.experimental.get_device_details(gpu).get("compute_capability", (0, 0)))
 
 
 def with_policy(model: keras.Model, policy: str) -> keras.Model:

@@ -86,7 +86,8 @@ class TorchSGD(keras.optimizers.SGD):
 
 
 def compile_model(model: keras.Model, t: dict, schedule: LRSchedule, amp: bool) -> None:
-    """Compile ``model`` with a fresh optimizer whose variables exist (restorable) at once."""
+    """Compile ``model`` with a fresh optimizer whose variables exist (restorable) at once;
+    ``amp``: the model computes in float16, so the loss is scaled (bfloat16 needs no scaling)."""
     optimizer: keras.optimizers.Optimizer = TorchSGD(
         learning_rate=schedule,
         momentum=float(t["momentum"]),

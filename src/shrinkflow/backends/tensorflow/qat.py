@@ -26,7 +26,6 @@ import os
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # before tensorflow: tfmot needs Keras 2
 
-import copy  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -63,6 +62,7 @@ from shrinkflow.errors import ShrinkflowError  # noqa: E402
 from shrinkflow.progress import say  # noqa: E402
 from shrinkflow.training import TrainResult  # noqa: E402
 from shrinkflow.training.distill import distill_plan  # noqa: E402
+from shrinkflow.training.fast_path import without_fast_path  # noqa: E402
 
 METHOD = tflite.QAT_METHOD
 SCHEMES = ("default_8bit", "prune_preserve_8bit")  # the ``qat_scheme`` fact
@@ -167,14 +167,11 @@ def train_qat(
     ``train``'s; distilled from ``teacher`` when given. ``model`` holds the best-on-val epoch
     when this returns; nothing is written to ``context.out_dir`` (the caller converts it).
 
-    Mixed precision is off: the fake quantizers compute in float32 (a float16 twin would round
-    their ranges).
+    Mixed precision and XLA are off: the fake quantizers compute in float32 (a float16 or
+    bfloat16 twin would round their ranges).
     """
     qat = cfg["quantize"]["qat"]
-    if cfg["train"]["mixed_precision"]:
-        say(f"quantize {METHOD}: train.mixed_precision ignored (fake quantization runs in float32)")
-        cfg = copy.deepcopy(cfg)
-        cfg["train"]["mixed_precision"] = False
+    cfg = without_fast_path(cfg, f"quantize {METHOD}", "fake quantization runs in float32")
     say(f"quantize {METHOD}: {qat['epochs']} epoch(s) of quantization-aware training")
     return fit(
         model,

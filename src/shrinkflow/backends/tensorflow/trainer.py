@@ -21,8 +21,9 @@ import tf_keras as keras  # noqa: E402
 from shrinkflow.backends.tensorflow import distributed  # noqa: E402
 from shrinkflow.backends.tensorflow.augment import EpochData, to_float  # noqa: E402
 from shrinkflow.backends.tensorflow.device import (  # noqa: E402
+    POLICIES,
     distribution_strategy,
-    mixed_precision,
+    fast_path,
     reproducible,
     with_policy,
 )
@@ -43,6 +44,9 @@ from shrinkflow.training.resume import matching_state  # noqa: E402
 class Trainer:
     """A Keras run ready to train: ``model`` (or its mixed-precision twin) compiled with torch's
     SGD and LR schedule in the process's strategy, its batches and its checkpoint.
+
+    ``train.precision`` picks the twin's policy (``device.POLICIES``; float16 also scales the
+    loss) and ``train.compile`` compiles the whole step with XLA (``device.fast_path``).
 
     ``callbacks`` are Keras callbacks for every ``model.fit`` call (one per epoch); ``prepare``
     is called once with the compiled model before the resume state is restored; ``save``
@@ -69,7 +73,8 @@ class Trainer:
         replicas = distributed.replicas()
         self.bounds = train_batches(self.batch_size, len(data.train), replicas)
         reproducible(cfg["seed"])
-        amp = mixed_precision(t)
+        path = fast_path(t)
+        amp = path.precision == "float16"  # float16 needs loss scaling, bfloat16 does not
         strategy = distribution_strategy()
         steps = len(self.bounds)
         self.teacher = teacher
@@ -78,9 +83,11 @@ class Trainer:
             compile_model(trained, t, self.schedule, amp)
             if teacher is not None:
                 teacher.compile(trained, data.num_classes, float(t["label_smoothing"]))
+            if path.compile:  # after every compile, which resets it
+                trained.jit_compile = True
 
         with strategy.scope():
-            trained = with_policy(model, "mixed_float16") if amp else model
+            trained = with_policy(model, POLICIES[path.precision]) if path.mixed else model
             self.schedule = LRSchedule(
                 plan.lr, t["schedule"], plan.warmup_epochs * steps, plan.epochs * steps
             )

@@ -1,8 +1,10 @@
-"""Where a torch run trains and how exactly: the device, deterministic kernels on CPU, and
-whether it trains in mixed precision."""
+"""Where a torch run trains and how exactly: the device, deterministic kernels on CPU, and its
+fast path on CUDA (``train.precision``, ``train.compile``)."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -10,6 +12,9 @@ import torch
 
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.progress import say
+from shrinkflow.training.fast_path import FastPath, resolve
+
+AUTOCAST = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -44,10 +49,37 @@ def deterministic_on_cpu(dev: torch.device) -> Iterator[None]:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
-def mixed_precision(t: dict, dev: torch.device) -> bool:
-    """Whether to train in float16 autocast: asked for (``train.mixed_precision``), and CUDA to
-    run it on."""
-    amp = bool(t["mixed_precision"]) and dev.type == "cuda"
-    if t["mixed_precision"] and not amp:
-        say("train.mixed_precision: ignored on CPU (float16 autocast needs CUDA)")
-    return amp
+def fast_path(t: dict, dev: torch.device, world: int = 1) -> FastPath:
+    """``train.precision`` and ``train.compile`` on ``dev`` (``training.fast_path.resolve``).
+
+    Compiling means capturing the training step as one CUDA graph (``cuda_graph.GraphStep``),
+    so it needs CUDA and a step without host syncs: it is off under float16, whose GradScaler
+    reads its overflow check on the host every step, and in data-parallel training
+    (``world`` > 1), where DDP's gradient hooks step eagerly.
+    """
+    cuda = dev.type == "cuda"
+    bfloat16 = cuda and torch.cuda.get_device_capability(dev) >= (8, 0)
+    path = resolve(t, gpu=cuda, bfloat16=bfloat16, compile_on_cpu=False)
+    why = None
+    if path.compile and path.precision == "float16":
+        why = "under float16 (GradScaler syncs the host every step; bfloat16 needs no scaler)"
+    elif path.compile and world > 1:
+        why = "in data-parallel training (DDP steps eagerly)"
+    if why is None:
+        return path
+    say(f"train.compile: off {why}")
+    return dataclasses.replace(path, compile=False)
+
+
+def autocast(
+    dtype: torch.dtype | None, dev: torch.device
+) -> contextlib.AbstractContextManager[None]:
+    """Autocast to ``dtype`` on ``dev``, or nothing for None (float32).
+
+    Without autocast's cache of cast weights, which PyTorch's CUDA graph notes rule out for a
+    captured step (the cache's tensors would outlive the capture); a step uses each weight once,
+    so the cache saves nothing here anyway.
+    """
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=dev.type, dtype=dtype, cache_enabled=False)

@@ -15,14 +15,16 @@ from shrinkflow.errors import ShrinkflowError
 from shrinkflow.training import WARMUP_START
 
 
-def sgd(model: nn.Module, t: dict, lr: float) -> torch.optim.SGD:
+def sgd(model: nn.Module, t: dict, lr: float, fused: bool = False) -> torch.optim.SGD:
     """SGD over ``model``'s parameters with ``cfg["train"]``'s momentum, Nesterov and weight
-    decay (``param_groups``), at peak LR ``lr``."""
+    decay (``param_groups``), at peak LR ``lr``; ``fused``: one CUDA kernel per step, which a
+    CUDA graph can capture (``cuda_graph``); otherwise torch's default implementation."""
     return torch.optim.SGD(
         param_groups(model, float(t["weight_decay"])),
         lr=lr,
         momentum=float(t["momentum"]),
         nesterov=bool(t["nesterov"]),
+        fused=True if fused else None,
     )
 
 

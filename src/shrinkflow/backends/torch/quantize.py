@@ -36,6 +36,7 @@ from shrinkflow.progress import say
 from shrinkflow.quantization import QuantMethod, calibration_count, parse_quant_method
 from shrinkflow.training import TrainResult, batch_bounds
 from shrinkflow.training.distill import distill_plan
+from shrinkflow.training.fast_path import without_fast_path
 
 
 def quantize_fingerprint(
@@ -171,9 +172,12 @@ def _train_qat(job: _Job, model: nn.Module, spec: dict) -> tuple[torch.fx.GraphM
                     p.mul_(masks[name])
 
     say(f"quantize {job.method.name}: {qat['epochs']} epoch(s) of quantization-aware training")
+    # Observers switch on tensors read on the host (no CUDA graph) and fake quantization is
+    # float32 arithmetic (no autocast).
+    train_cfg = without_fast_path(job.cfg, f"quantize {job.method.name}", "fake quantization")
     result = fit(
         prepared,
-        job.cfg,
+        train_cfg,
         job.data,
         epochs=int(qat["epochs"]),
         lr=float(qat["lr"]),

@@ -5,6 +5,11 @@ run (one epoch of training, the validation score, best weights, the resume state
 Everything a run reads and mutates is held in the ``Trainer``, so that it is saved and
 restored as one (``snapshot``/``restore``): weights, BN statistics, optimizer momentum,
 scheduler position, GradScaler, RNGs and a stateful step hook.
+
+On CUDA the step takes the fast path that ``train.precision`` and ``train.compile`` ask for
+(``device.fast_path``): autocast to bfloat16 (float16 with a GradScaler), channels-last
+activations, and full batches replayed as one CUDA graph (``cuda_graph.GraphStep``). On CPU
+the step is float32 and eager, exactly as before those keys existed.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from torch import nn
 
 from shrinkflow.backends.torch import distributed
 from shrinkflow.backends.torch.augment import Augment
-from shrinkflow.backends.torch.device import mixed_precision
+from shrinkflow.backends.torch.cuda_graph import GraphStep
+from shrinkflow.backends.torch.device import AUTOCAST, autocast, fast_path
 from shrinkflow.backends.torch.distill import Teacher
 from shrinkflow.backends.torch.optim import lr_scheduler, sgd
 from shrinkflow.backends.torch.resume_state import STATE_FORMAT, StateFile
@@ -62,7 +68,7 @@ class Trainer:
     scaler: torch.amp.GradScaler
     generator: torch.Generator
     device: torch.device
-    amp: bool
+    amp_dtype: torch.dtype | None  # the autocast dtype of the steps; None: float32
     train: tuple[torch.Tensor, torch.Tensor]
     val: tuple[torch.Tensor, torch.Tensor]
     batch_size: int
@@ -75,6 +81,7 @@ class Trainer:
     resume_dir: Path | None = None
     save: Callable[[nn.Module], None] | None = None  # writes the model to keep
     best_model: dict[str, torch.Tensor] | None = None  # the best epoch's weights
+    graph: GraphStep | None = None  # train.compile on CUDA: full batches replay this graph
     state_format: ClassVar[str] = STATE_FORMAT
 
     @classmethod
@@ -97,13 +104,14 @@ class Trainer:
         batch_size = int(t["batch_size"])
         rank, world = distributed.rank_and_size()
         bounds = train_batches(batch_size, len(data.train), world)
-        amp = mixed_precision(t, dev)
+        path = fast_path(t, dev, world)
+        float16 = path.precision == "float16"
         torch.manual_seed(cfg["seed"])
         model.to(dev)
         steps = len(bounds)
-        optimizer = sgd(model, t, plan.lr)
+        optimizer = sgd(model, t, plan.lr, fused=path.compile)
         warmup_steps, total_steps = plan.warmup_epochs * steps, plan.epochs * steps
-        return cls(
+        trainer = cls(
             model=model,
             forward=distributed.wrap(model, dev) if world > 1 else model,
             rank=rank,
@@ -111,12 +119,12 @@ class Trainer:
             bounds=bounds,
             optimizer=optimizer,
             scheduler=lr_scheduler(optimizer, t["schedule"], warmup_steps, total_steps),
-            scaler=torch.amp.GradScaler("cuda", enabled=amp),
+            scaler=torch.amp.GradScaler("cuda", enabled=float16),
             # Batch order and augmentation come from a CPU generator whatever the device:
             # the same on CPU and GPU, and its state is one small tensor.
             generator=torch.Generator().manual_seed(cfg["seed"]),
             device=dev,
-            amp=amp,
+            amp_dtype=AUTOCAST[path.precision],
             train=to_device_tensors(data, "train", dev),
             val=to_device_tensors(data, "val", dev),
             batch_size=batch_size,
@@ -124,12 +132,15 @@ class Trainer:
             loss_fn=nn.CrossEntropyLoss(label_smoothing=float(t["label_smoothing"])),
             step_hook=step_hook,
             diverged=functools.partial(
-                diverged, steps=steps, lr_key=plan.lr_key, lr=plan.lr, mixed_precision=amp
+                diverged, steps=steps, lr_key=plan.lr_key, lr=plan.lr, mixed_precision=float16
             ),
             resume_dir=resume_dir,
             save=save,
             teacher=None if teacher is None else teacher.to(dev),
         )
+        if path.compile:
+            trainer.graph = GraphStep(trainer.step, optimizer)
+        return trainer
 
     @property
     def val_size(self) -> int:
@@ -137,8 +148,7 @@ class Trainer:
 
     def train_epoch(self, epoch: int, label: str) -> dict[str, float]:
         """Train one epoch (1-based) in a fresh random order, then score the val split."""
-        x, y = self.train
-        n, dev = len(y), self.device
+        n, dev = len(self.train[1]), self.device
         order, shifts, flips = self.augment.draw(n, self.generator, dev)
         self.model.train()
         # Accumulated on the device: no host sync per step.
@@ -152,36 +162,31 @@ class Trainer:
         step_losses = torch.empty(len(bounds), device=dev)
         for i, (start, stop) in enumerate(track(bounds, total=len(bounds), description=label)):
             idx = order[start:stop]
+            weight = None
             if self.world > 1:
                 idx = idx[self.rank :: self.world]  # this process's share of the global batch
-            xb, yb = self.augment(x[idx], shifts[idx], flips[idx]), y[idx]
-            with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=self.amp):
-                logits = self.forward(xb)
-                loss = self.loss_fn(logits, yb)
-                if self.teacher is not None:
-                    loss = self.teacher.loss(xb, logits, loss)
-            objective = loss
-            if self.world > 1:
                 # DDP averages the processes' gradients; weighting each mean loss by its share
                 # of the batch makes that the gradient of the whole batch's mean loss.
-                objective = loss * (len(yb) * self.world / (stop - start))
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(objective).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+                weight = len(idx) * self.world / (stop - start)
+            if self.graph is not None and stop - start == self.batch_size:
+                loss, hits = self.graph(idx, shifts, flips)
+            else:  # uncompiled, or the epoch's last and smaller batch
+                loss, hits = self.step(idx, shifts, flips, weight)
             step += 1
             if self.step_hook is not None:
                 self.step_hook(step)
             lr = self.optimizer.param_groups[0]["lr"]
             self.scheduler.step()  # per iteration: warm-up and cosine are smooth within epochs
-            step_losses[i] = loss.detach().float()
-            loss_sum += loss.detach().float() * len(yb)
-            correct += (logits.detach().argmax(1) == yb).sum()
+            step_losses[i] = loss
+            loss_sum += loss * len(idx)
+            correct += hits
         self._check_finite_losses(epoch, step_losses)
         if self.world > 1:
             loss_sum = distributed.sum_over_processes(loss_sum)
             correct = distributed.sum_over_processes(correct)
-        val_loss, val_top1 = evaluate_split(self.model, *self.val, self.batch_size, self.amp)
+        val_loss, val_top1 = evaluate_split(
+            self.model, *self.val, self.batch_size, self.amp_dtype or False
+        )
         return {
             "train_loss": loss_sum.item() / n,
             "train_top1": correct.item() / n,
@@ -189,6 +194,37 @@ class Trainer:
             "val_top1": val_top1,
             "lr": lr,
         }
+
+    def step(
+        self,
+        idx: torch.Tensor,
+        shifts: torch.Tensor,
+        flips: torch.Tensor,
+        weight: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on the training images ``idx`` (augmented by the epoch's
+        ``shifts`` and ``flips``); returns the batch's mean loss (float32) and its number of
+        correct predictions, on the device. ``weight`` scales the loss that is differentiated.
+
+        No host sync, so that ``cuda_graph.GraphStep`` can capture it.
+        """
+        x, y = self.train
+        xb, yb = self.augment(x[idx], shifts[idx], flips[idx]), y[idx]
+        if self.graph is not None:
+            # NHWC activations: the layout tensor cores convolve in, without a transpose per
+            # layer. The weights stay NCHW (what is saved); their casts are per step anyway.
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with autocast(self.amp_dtype, self.device):
+            logits = self.forward(xb)
+            loss = self.loss_fn(logits, yb)
+            if self.teacher is not None:
+                loss = self.teacher.loss(xb, logits, loss)
+        objective = loss if weight is None else loss * weight
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(objective).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach().float(), (logits.detach().argmax(1) == yb).sum()
 
     def _check_finite_losses(self, epoch: int, step_losses: torch.Tensor) -> None:
         """Raise ``training.diverged`` if a step's loss in this epoch was NaN or infinite.
@@ -271,25 +307,30 @@ class Trainer:
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
         if isinstance(self.step_hook, StatefulStepHook):
             self.step_hook.load_state_dict(state["hook"])
+        if self.graph is not None:
+            self.graph.reset()  # the optimizer's momentum buffers are new tensors
 
 
 @torch.no_grad()
 def evaluate_split(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, amp: bool
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, amp: torch.dtype | bool
 ) -> tuple[float, float]:
     """Mean cross-entropy and top-1 over a split in eval mode; NaN for an empty split.
+
+    ``amp``: the autocast dtype of the forward passes; True is float16, False float32.
 
     The loss is plain cross-entropy whatever train.label_smoothing, so that validation losses
     compare between settings.
     """
     if len(y) == 0:
         return math.nan, math.nan
+    dtype = amp if isinstance(amp, torch.dtype) else AUTOCAST["float16" if amp else "float32"]
     model.eval()
     loss_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), dtype=torch.long, device=x.device)
     for i in range(0, len(y), batch_size):
         xb, yb = x[i : i + batch_size], y[i : i + batch_size]
-        with torch.autocast(device_type=x.device.type, dtype=torch.float16, enabled=amp):
+        with autocast(dtype, x.device):
             logits = model(xb)
         loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum")
         correct += (logits.argmax(1) == yb).sum()
