@@ -1,11 +1,12 @@
 """Preflight for a Slurm run: does every job's request fit some node of its partition?
 
 A request no node can satisfy (a GPU on a cluster without one, more memory than any node has,
-a runtime above the partition's MaxTime) would otherwise be found only when Slurm rejects or
-parks the job, possibly hours into a sweep. The workflow's ``onstart`` (common.smk) calls
-``preflight`` once, on the submitting host, before the first job is submitted; it asks
-``sinfo`` once for every node of every partition and compares each job's resources the way
-snakemake-executor-plugin-slurm 2.8.0 turns them into ``sbatch`` options.
+a runtime above the partition's MaxTime, a GPU shard or MPS share where no node offers them)
+would otherwise be found only when Slurm rejects or parks the job, possibly hours into a sweep.
+The workflow's ``onstart`` (common.smk) calls ``preflight`` once, on the submitting host, before
+the first job is submitted; it asks ``sinfo`` once for every node of every partition and
+compares each job's resources the way snakemake-executor-plugin-slurm 2.8.0 turns them into
+``sbatch`` options.
 """
 
 from __future__ import annotations
@@ -13,15 +14,18 @@ from __future__ import annotations
 import re
 import subprocess
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shrinkflow.errors import ShrinkflowError
 
 # One row per node and partition: name, partition ('*' marks the default), CPUs, memory (MB),
-# generic resources (e.g. gpu:a100:4(S:0-1)) and the partition's time limit.
+# generic resources (e.g. gpu:a100:4(S:0-1),shard:a100:16) and the partition's time limit.
 SINFO = ["sinfo", "--noheader", "--Node", "--format=%N|%P|%c|%m|%G|%l"]
 SINFO_TIMEOUT_S = 60  # sinfo answers in milliseconds; a minute means slurmctld is unreachable
-_GPU = re.compile(r"gpu(?::[^:,()]+)?:(\d+)")  # gpu:2, gpu:a100:2, each entry of a Gres list
+_ENTRIES = re.compile(r",(?![^()]*\))")  # the commas between Gres entries, not inside (S:0,1)
+# GPU shares a site may configure (docs/scaling-out.md): shards (jobs time-slice a GPU, Slurm
+# only counts them) and CUDA MPS (its daemon runs the jobs' kernels side by side).
+SHARES = ("shard", "mps")
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,7 @@ class Node:
     memory_mb: int
     gpus: int
     max_minutes: float  # the partition's MaxTime; inf when unlimited
+    shares: dict[str, int] = field(default_factory=dict)  # SHARES the node offers, by name
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,7 @@ class Request:
     cpus: int
     memory_mb: int | None
     minutes: int | None
+    shares: dict[str, int] = field(default_factory=dict)  # SHARES asked for (gres shard:1)
 
 
 def parse_minutes(limit: str) -> float:
@@ -63,11 +69,20 @@ def parse_minutes(limit: str) -> float:
     return (int(days or 0) * 24 + hours) * 60 + minutes + seconds / 60
 
 
+def gres_count(gres: str, name: str) -> int:
+    """How many ``name`` a Gres string holds: ``gpu:a100:2(S:0-1),gpu:v100:1`` has 3 gpu,
+    ``gpu:4,shard:32`` 32 shard, a bare ``gpu`` 1, ``(null)`` none."""
+    total = 0
+    for entry in _ENTRIES.split(gres.strip()):
+        fields = re.sub(r"\(.*\)$", "", entry.strip()).split(":")
+        if fields[0] == name:
+            total += int(fields[-1]) if len(fields) > 1 and fields[-1].isdigit() else 1
+    return total
+
+
 def gpu_count(gres: str) -> int:
-    """GPUs in a Gres string: ``gpu:a100:2(S:0-1),gpu:v100:1`` has 3, ``(null)`` none."""
-    if re.fullmatch(r"gpu(\(.*\))?", gres.strip()):
-        return 1
-    return sum(int(n) for n in _GPU.findall(gres))
+    """GPUs in a Gres string (``gres_count``)."""
+    return gres_count(gres, "gpu")
 
 
 def parse_sinfo(text: str) -> list[Node]:
@@ -86,6 +101,7 @@ def parse_sinfo(text: str) -> list[Node]:
                 memory_mb=int(memory.rstrip("+")),
                 gpus=gpu_count(gres),
                 max_minutes=parse_minutes(limit),
+                shares={share: gres_count(gres, share) for share in SHARES},
             )
         )
     return nodes
@@ -114,8 +130,8 @@ def request_of(rule: str, resources, threads: int) -> Request:
     """What the Slurm executor (2.8.0) asks ``sbatch`` for, given a job's resources."""
     gpus = _int(resources.get("gpu")) or 0
     gres = resources.get("gres")
-    if isinstance(gres, str) and gres.startswith("gpu"):
-        gpus = max(gpus, gpu_count(gres))
+    gres = gres if isinstance(gres, str) else ""
+    gpus = max(gpus, gpu_count(gres))
     tasks = _int(resources.get("tasks")) or 1
     cpus = _int(resources.get("cpus_per_task"))
     per_gpu = _int(resources.get("cpus_per_gpu"))
@@ -134,6 +150,7 @@ def request_of(rule: str, resources, threads: int) -> Request:
         cpus=cpus,
         memory_mb=memory,
         minutes=_int(resources.get("runtime")),
+        shares={share: n for share in SHARES if (n := gres_count(gres, share))},
     )
 
 
@@ -160,6 +177,13 @@ def problem(request: Request, nodes: list[Node]) -> str | None:
         most = max(candidates, key=lambda n: n.gpus)
         have = f"{most.name} has {most.gpus}" if most.gpus else "none has one"
         return f"{ask} {_plural(request.gpus, 'GPU')}, but no node of {where} does ({have})"
+    for share, wanted in request.shares.items():
+        if max(n.shares.get(share, 0) for n in candidates) < wanted:
+            return (
+                f"{ask} gres {share}:{wanted}, but no node of {where} offers that many GPU "
+                f"{share}s (the site's slurm.conf needs GresTypes=gpu,{share} and a node "
+                f"Gres=...,{share}:N; docs/scaling-out.md)"
+            )
     if max(n.cpus for n in candidates) < request.cpus:
         most = max(candidates, key=lambda n: n.cpus)
         return (
@@ -177,6 +201,7 @@ def problem(request: Request, nodes: list[Node]) -> str | None:
         return f"{ask} runtime={request.minutes} min, but {where} allows at most {limit:g} min"
     if not any(
         n.gpus >= request.gpus
+        and all(n.shares.get(share, 0) >= k for share, k in request.shares.items())
         and n.cpus >= request.cpus
         and n.memory_mb >= (request.memory_mb or 0)
         for n in candidates

@@ -9,6 +9,7 @@ from pathlib import Path
 from shrinkflow.backends.base import backend_module, use_safe_training_kernels
 from shrinkflow.dag import node_label
 from shrinkflow.data.prepared import load_prepared
+from shrinkflow.gpu_slots import hold_gpu_slots
 from shrinkflow.outputs import read_json
 from shrinkflow.progress import say
 from shrinkflow.stages import job_config, read_node
@@ -19,6 +20,7 @@ from shrinkflow.training.distill import check_teacher, distill_plan
 def run(cfg: dict, model_dir: Path, data_dir: Path, out: Path, teacher: Path | None = None) -> None:
     node = {**read_node(model_dir), "stage": "finetuned"}
     use_safe_training_kernels(node)
+    hold_gpu_slots()
     if teacher is not None:
         check_teacher(teacher, node)
     # Only a distilled run reads the teacher (the DAG always names it).

@@ -12,6 +12,7 @@ from shrinkflow.backends.base import (
 from shrinkflow.dag import node_label
 from shrinkflow.data.prepared import load_prepared
 from shrinkflow.errors import ShrinkflowError
+from shrinkflow.gpu_slots import hold_gpu_slots
 from shrinkflow.progress import say
 from shrinkflow.stages import job_config, read_node
 from shrinkflow.stages.model_job import model_job, resume_dir_for
@@ -41,6 +42,9 @@ def run(
     parent = read_node(model_dir)
     rounds = cfg["prune"]["structured"]["rounds"]  # > 1: trains the shrunk model between rounds
     use_safe_training_kernels(parent, reshaped=method.startswith("structured") and rounds > 1)
+    hold_gpu_slots(
+        int(method.startswith("gradual_") or (method.startswith("structured") and rounds > 1))
+    )
     seeded = job_config(cfg, parent["seed"])  # the baseline's training seed
     check_prune_method(parent["backend"], method, "--method")
     prune = backend_module(parent["backend"], "prune")

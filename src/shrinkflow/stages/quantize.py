@@ -12,6 +12,7 @@ from shrinkflow.backends.base import (
 from shrinkflow.dag import QUANTIZABLE_STAGES, node_label
 from shrinkflow.data.prepared import load_prepared
 from shrinkflow.errors import ShrinkflowError
+from shrinkflow.gpu_slots import hold_gpu_slots
 from shrinkflow.progress import say
 from shrinkflow.quantization import parse_quant_method
 from shrinkflow.stages import job_config, read_node
@@ -34,6 +35,7 @@ def run(
     family = parse_quant_method(method).family
     source = read_node(model_dir)
     use_safe_training_kernels(source)  # qat_int8 trains it
+    hold_gpu_slots(int(family == "qat"))
     if source["stage"] not in QUANTIZABLE_STAGES:
         raise ShrinkflowError(
             f"--in {model_dir}: a {source['stage']} model; quantize a baseline or a "

@@ -26,6 +26,7 @@ from shrinkflow.backends.base import JobContext, backend_module, use_safe_traini
 from shrinkflow.custom_models import check_buildable
 from shrinkflow.dag import node_label, seed_folder
 from shrinkflow.data.prepared import PreparedData, load_prepared
+from shrinkflow.gpu_slots import hold_gpu_slots
 from shrinkflow.progress import say
 from shrinkflow.stages import job_config
 from shrinkflow.stages.model_job import TRAINING_METRICS, model_job, resume_dir_for
@@ -36,6 +37,7 @@ def run(
 ) -> None:
     check_buildable(cfg, backend_name, model_name)
     use_safe_training_kernels({"backend": backend_name, "model": model_name})
+    hold_gpu_slots(int(cfg["train"]["distributed"]["processes"]))  # one GPU per process
     params = cfg  # as given: the MLflow run logs them
     cfg = job_config(cfg, seed)
     train = backend_module(backend_name, "train")
