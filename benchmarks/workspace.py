@@ -32,10 +32,11 @@ def fresh_workspace(dest: Path) -> Path:
     return dest
 
 
-def timed(cmd: list[str], cwd: Path) -> float:
-    """Wall seconds of one command; exits with its output if it fails."""
+def timed(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> float:
+    """Wall seconds of one command (in ``env``, default this one's); exits with its output
+    if it fails."""
     start = time.perf_counter()
-    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
     elapsed = time.perf_counter() - start
     if result.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")

@@ -36,6 +36,7 @@ def main() -> None:
                 "outputs": sorted(map(str, job.output)),
                 "params": sorted(k for v in job.params if isinstance(v, dict) for k in v),
                 "wildcards": dict(job.wildcards.items()),
+                "threads": job.threads,
             }
             for job in workflow.dag.jobs
             if job.shellcmd

@@ -32,7 +32,7 @@ def test_default_params_are_valid():
         ),
         (
             "train.epoch=3",
-            "train: unknown key 'epoch' (allowed: augment, batch_size, distributed, epochs,",
+            "train: unknown key 'epoch' (allowed: augment, batch_size, compile, distributed,",
         ),
         ("bogus=1", "params: unknown key 'bogus'"),
         ("train.epochs=two", "train.epochs: 'two' is not of type integer"),

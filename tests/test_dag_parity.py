@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from projects import BIN, ROOT, copy_checkout, job_counts, tool_env
+from projects import BIN, ROOT, copy_checkout, job_counts, make_project, tool_env
 
 from shrinkflow.config import merge
 
@@ -170,6 +170,15 @@ def test_snakemake_and_dvc_plan_the_same_graph(checkout):
     for backend in ("torch", "tensorflow"):
         assert any(f"--backend {backend} " in c for c in smk)
         assert sum(f"results/models/{backend}/" in c for c in smk) > 1 + points
+
+
+def test_every_job_computes_with_one_thread(tmp_path):
+    """Each job's threads (Snakemake passes them as OMP_NUM_THREADS): one, so that on 2 cores
+    two jobs run side by side, training ones included (stage_table.JOB_THREADS)."""
+    project = make_project(tmp_path, quantize_methods=["static_int8", "qat_int8"])
+    jobs = snakemake_jobs(project).values()
+    assert {job["rule"] for job in jobs} >= {"train", "finetune", "prune", "quantize", "evaluate"}
+    assert {job["threads"] for job in jobs} == {1}
 
 
 def test_parity_holds_for_a_sweep_over_models(tmp_path):

@@ -27,6 +27,22 @@ def test_time_interleaved_takes_turns_call_by_call():
     assert [len(s) for s in seconds] == [3, 3]
 
 
+def test_a_spent_budget_ends_warmup_and_timing_early_but_not_before_the_minimum():
+    calls = []
+
+    def slow(name: str):
+        return lambda: calls.append(name) or time.sleep(0.02)
+
+    budget = measure.Budget(seconds=0.1, min_repeats=3)
+    seconds = measure.time_interleaved([slow("a"), slow("b")], 10, 30, budget=budget)
+    # a round takes 40 ms: warm-up ends after its first round at 25 ms; timing at 3 rounds
+    # (120 ms, past the budget), when the minimum is reached
+    assert calls[:2] == ["a", "b"] and calls.count("a") == calls.count("b") == 1 + 3
+    assert [len(s) for s in seconds] == [3, 3]
+    fast = measure.time_interleaved([lambda: None], 10, 30, budget=budget)
+    assert len(fast[0]) == 30  # within its budget, every repeat
+
+
 def test_time_calls_measures_the_call():
     seconds = measure.time_calls(lambda: time.sleep(0.01), warmup=0, repeats=3)
     assert all(0.009 <= s < 1.0 for s in seconds)
@@ -85,8 +101,7 @@ def test_measure_speeds_times_latency_and_throughput_batches_taking_turns():
     ]  # fmt: skip
     for batch in (1, 4):
         calls = [e[1] for e in events if e[0] == "call" and e[2] == batch]
-        warmup = ["model"] * 2 + ["reference"] * 2
-        assert calls == warmup + ["model", "reference"] * 3  # then call by call
+        assert calls == ["model", "reference"] * (2 + 3)  # warm-up and timing call by call
     assert all(speed.throughput_ips > 0 for speed in speeds)
 
 
@@ -131,13 +146,15 @@ def test_measure_speeds_syncs_and_times_inside_the_context():
 
 
 def test_speed_figures_name_the_batches_timed():
-    speed = measure.Speed(measure.LatencyStats(2.0, 3.0, 1.0), 500.0)
+    speed = measure.Speed(measure.LatencyStats(2.0, 3.0, 1.0), 500.0, 30, 12)
     assert measure.speed_figures(speed, {"batch_sizes": [4, 32, 8]}) == {
         "latency_ms_b1": 2.0,
         "latency_ms_b1_p90": 3.0,
         "latency_batch": 1,
         "throughput_ips": 500.0,
         "throughput_batch": 32,
+        "latency_calls": 30,
+        "throughput_calls": 12,
     }
 
 

@@ -50,6 +50,8 @@ KEYS = {
     "latency_batch",
     "throughput_ips",
     "throughput_batch",
+    "latency_calls",
+    "throughput_calls",
     "peak_mem_mb",
     "peak_mem_method",
     "threads",

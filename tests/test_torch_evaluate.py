@@ -117,6 +117,8 @@ def test_returns_every_measurement_with_summary_names(result):
         "latency_batch",
         "throughput_ips",
         "throughput_batch",
+        "latency_calls",
+        "throughput_calls",
         "peak_mem_mb",
         "peak_mem_method",
         "threads",

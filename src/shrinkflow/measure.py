@@ -17,6 +17,7 @@ Nothing here imports a framework.
 
 from __future__ import annotations
 
+import math
 import resource
 import sys
 import time
@@ -57,19 +58,28 @@ def time_interleaved(
     warmup: int,
     repeats: int,
     sync: Callable[[], None] | None = None,
+    budget: Budget | None = None,
 ) -> list[list[float]]:
-    """``time_calls`` for several functions at once, taking turns call by call.
+    """``time_calls`` for several functions at once, taking turns call by call (warm-up too).
 
     A burst of load from elsewhere then slows every function alike instead of one of them,
-    so their ratio (a speed-up) holds even on a busy machine.
+    so their ratio (a speed-up) holds even on a busy machine. With a ``budget``, warm-up and
+    timing end early once it is spent (``Budget``); every function gets as many calls.
     """
-    for fn in fns:
-        for _ in range(warmup):
+    budget = budget or Budget()
+    started = time.perf_counter()
+    for done in range(warmup):
+        if done and budget.warmup_spent(time.perf_counter() - started):
+            break
+        for fn in fns:
             fn()
             if sync is not None:
                 sync()
     seconds: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
+    started = time.perf_counter()
+    for done in range(repeats):
+        if budget.timing_spent(done, time.perf_counter() - started):
+            break
         for fn, times in zip(fns, seconds, strict=True):
             start = time.perf_counter()
             fn()
@@ -77,6 +87,24 @@ def time_interleaved(
                 sync()
             times.append(time.perf_counter() - start)
     return seconds
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long one batch size's timing may take (``evaluate.max_seconds``): timed rounds (a
+    call of each model) stop once ``seconds`` have passed, never before ``min_repeats`` rounds
+    (or ``repeats``, if fewer); warm-up stops after a quarter of it, never before one round.
+    A model of 1 s per call at the throughput batch then costs seconds, not a minute; a fast
+    one still gets all its ``repeats``. Unbounded by default."""
+
+    seconds: float = math.inf
+    min_repeats: int = 5
+
+    def warmup_spent(self, elapsed: float) -> bool:
+        return elapsed >= self.seconds / 4
+
+    def timing_spent(self, rounds: int, elapsed: float) -> bool:
+        return rounds >= self.min_repeats and elapsed >= self.seconds
 
 
 @dataclass(frozen=True)
@@ -105,6 +133,8 @@ class Speed:
 
     latency: LatencyStats
     throughput_ips: float  # images per second at the throughput batch
+    latency_calls: int  # timed calls behind each median (fewer than repeats: the budget ended)
+    throughput_calls: int
 
 
 def measure_speeds(
@@ -117,23 +147,29 @@ def measure_speeds(
     ``settings["batch_sizes"]``, one ``Speed`` per model of ``calls_at``; the models take turns
     call by call.
 
-    ``settings`` is ``cfg["evaluate"]`` (``batch_sizes``, ``warmup``, ``repeats``). Each batch
+    ``settings`` is ``cfg["evaluate"]`` (``batch_sizes``, ``warmup``, ``repeats``,
+    ``max_seconds``: each batch size's ``Budget``). Each batch
     size's calls are prepared (``calls_at``, model by model) before any is timed, and timed
     inside ``context()``; ``sync`` runs after every call (``time_interleaved``).
     """
     latency_batch = LATENCY_BATCH
     throughput_batch = max(settings["batch_sizes"])
+    budget = Budget(float(settings.get("max_seconds") or math.inf))
 
-    def timings(batch: int) -> list[LatencyStats]:
+    def timings(batch: int) -> list[list[float]]:
         calls = [call_at(batch) for call_at in calls_at]
         with context():
-            seconds = time_interleaved(calls, settings["warmup"], settings["repeats"], sync)
-        return [LatencyStats.from_seconds(s) for s in seconds]
+            return time_interleaved(calls, settings["warmup"], settings["repeats"], sync, budget)
 
     latencies = timings(latency_batch)
     throughputs = latencies if throughput_batch == latency_batch else timings(throughput_batch)
     return [
-        Speed(latency, throughput_batch / (throughput.median_ms / 1e3))
+        Speed(
+            LatencyStats.from_seconds(latency),
+            throughput_batch / LatencyStats.from_seconds(throughput).median_ms * 1e3,
+            latency_calls=len(latency),
+            throughput_calls=len(throughput),
+        )
         for latency, throughput in zip(latencies, throughputs, strict=True)
     ]
 
@@ -146,6 +182,8 @@ def speed_figures(speed: Speed, settings: Mapping) -> dict[str, float | int]:
         "latency_batch": LATENCY_BATCH,
         "throughput_ips": speed.throughput_ips,
         "throughput_batch": max(settings["batch_sizes"]),
+        "latency_calls": speed.latency_calls,
+        "throughput_calls": speed.throughput_calls,
     }
 
 

@@ -123,6 +123,15 @@ class Stage:
         return tuple(k for k in keys if not any(k.startswith(f"{p}.") for p in keys if p != k))
 
 
+# The CPU threads every job computes with (each rule's `threads:`, which Snakemake passes to
+# the job as OMP_NUM_THREADS; shrinkflow.backends.base.use_job_threads). One: a small CNN on
+# CPU trains only 1.4-1.6x faster on a second thread, while a second job on the other core
+# does twice the work, so on N cores N jobs run side by side (a sweep is many small jobs); and
+# a CPU run's numbers, which depend on its thread count, do not depend on --cores. A long CPU
+# training on a big machine takes more with `--set-threads train=8 finetune=8`
+# (docs/performance.md).
+JOB_THREADS = 1
+
 # Which families read more than the stage's shared keys. Pruning: gradual methods re-train
 # while pruning (all of `train`), structured methods fine-tune between rounds (`train`, at
 # `finetune.lr`). Quantization: every method but fixed-point weights and float conversions

@@ -79,6 +79,9 @@ if "params.yaml" not in workflow.configfiles:
 # but not tracked by Snakemake's params trigger (stage_table.UntrackedArguments): the values a
 # job reads are its `shrinkflow` entry, so a preset re-runs only the jobs whose values change.
 PARAMS = stage_table.UntrackedArguments(params_args())
+# Each rule's `threads:`, passed to its job as OMP_NUM_THREADS: one thread per job, so on N
+# cores N jobs run side by side (stage_table.JOB_THREADS says why).
+JOB_THREADS = stage_table.JOB_THREADS
 # Each rule's `conda:` (relative to workflow/rules/): used with --sw-deployment-method conda.
 SOFTWARE = "../envs/shrinkflow.yaml"
 SUMMARY = str(dag.SUMMARY)

@@ -11,7 +11,7 @@ rule download:
     params:
         shrinkflow=TABLE["download"].params,
         cli=PARAMS,
-    threads: 1
+    threads: JOB_THREADS
     resources:
         mem_mb=2000,
     conda:
@@ -32,7 +32,7 @@ rule prepare:
     params:
         shrinkflow=TABLE["prepare"].params,
         cli=PARAMS,
-    threads: 1
+    threads: JOB_THREADS
     resources:
         mem_mb=4000,
     conda:

@@ -15,7 +15,7 @@ rule evaluate:
     params:
         shrinkflow=TABLE["evaluate"].params,
         cli=PARAMS,
-    threads: 2
+    threads: JOB_THREADS
     resources:
         mem_mb=4000,
     conda:
@@ -36,7 +36,7 @@ rule evaluate_quantized:
     params:
         shrinkflow=TABLE["evaluate_quantized"].params,
         cli=PARAMS,
-    threads: 2
+    threads: JOB_THREADS
     resources:
         mem_mb=4000,
     conda:
@@ -58,7 +58,7 @@ rule summarize:
     params:
         shrinkflow=TABLE["summarize"].params,
         cli=PARAMS,
-    threads: 1
+    threads: JOB_THREADS
     resources:
         mem_mb=1000,
     conda:

@@ -13,7 +13,7 @@ rule sensitivity:
     params:
         shrinkflow=TABLE["sensitivity"].params,
         cli=PARAMS,
-    threads: 2
+    threads: JOB_THREADS
     resources:
         mem_mb=4000,
     conda:
@@ -34,7 +34,7 @@ rule prune:
     params:
         shrinkflow=TABLE["prune"].params,
         cli=PARAMS,
-    threads: 2
+    threads: JOB_THREADS
     resources:
         mem_mb=8000,
     conda:
@@ -55,7 +55,7 @@ rule finetune:
     params:
         shrinkflow=TABLE["finetune"].params,
         cli=PARAMS,
-    threads: 2
+    threads: JOB_THREADS
     resources:
         mem_mb=8000,
     conda:

@@ -13,7 +13,7 @@ rule quantize:
     params:
         shrinkflow=TABLE["quantize"].params,
         cli=PARAMS,
-    threads: 2
+    threads: JOB_THREADS
     resources:
         mem_mb=8000,
     conda:

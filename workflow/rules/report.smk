@@ -26,7 +26,7 @@ rule report:
     params:
         shrinkflow=TABLE["report"].params,
         cli=PARAMS,
-    threads: 1
+    threads: JOB_THREADS
     resources:
         mem_mb=2000,
     conda:

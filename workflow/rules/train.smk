@@ -13,7 +13,7 @@ rule train:
     params:
         shrinkflow=TABLE["train"].params,
         cli=PARAMS,
-    threads: 2
+    threads: JOB_THREADS
     resources:
         mem_mb=8000,
     conda:

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from shrinkflow import warm
 from shrinkflow.errors import ShrinkflowError
 from shrinkflow.quantization import FIXED_PREFIX, FLOAT_METHODS, INT8_METHODS, parse_quant_method
 
@@ -135,7 +137,8 @@ ONEDNN_ENV = "TF_ENABLE_ONEDNN_OPTS"
 
 def use_safe_training_kernels(node: Mapping[str, Any], reshaped: bool = False) -> None:
     """Before a TensorFlow job that trains ``node``'s model (``reshaped``: one this job will
-    filter-prune and train) imports TensorFlow: Eigen's kernels for irregular widths."""
+    filter-prune and train) imports TensorFlow: Eigen's kernels for irregular widths. (In a
+    warm child TensorFlow is imported already, so the job is handed back: shrinkflow.warm.)"""
     if node["backend"] != "tensorflow":
         return
     method = str(node.get("prune_method") or "")
@@ -143,8 +146,30 @@ def use_safe_training_kernels(node: Mapping[str, Any], reshaped: bool = False) -
         reshaped
         or method.startswith("structured")
         or node["model"] not in REGISTRY_MODELS["tensorflow"]
-    ):
-        os.environ.setdefault(ONEDNN_ENV, "0")
+    ) and ONEDNN_ENV not in os.environ:  # the user's setting wins
+        os.environ[ONEDNN_ENV] = "0"
+        warm.require_imported_with([ONEDNN_ENV])
+
+
+# Snakemake sets it to the rule's threads (stage_table.Stage.threads) for every job; a user may.
+THREADS_ENV = "OMP_NUM_THREADS"
+
+
+def job_threads() -> int | None:
+    """The CPU threads this job computes with, where its environment says
+    (``OMP_NUM_THREADS``, a positive integer); None: the framework's default (every CPU)."""
+    value = os.environ.get(THREADS_ENV, "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def use_job_threads() -> None:
+    """Apply ``job_threads`` to every backend this process has loaded (each backend package's
+    ``use_job_threads``; a fresh process's frameworks take it when they load). For a warm child
+    (shrinkflow.warm), whose frameworks were imported before it had a job."""
+    for backend in BACKENDS:
+        package = sys.modules.get(f"shrinkflow.backends.{backend}")
+        if package is not None:
+            package.use_job_threads()
 
 
 def backend_module(backend: str, job: str) -> ModuleType:

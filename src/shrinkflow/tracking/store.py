@@ -11,6 +11,7 @@ Snakefile imports this package's helpers.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from pathlib import Path
@@ -50,6 +51,30 @@ MLFLOW_ENV = {
     # its database fails the request, which is then retried as above
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "120",
 }
+
+
+# What a job's first `open_store` imports beyond `import mlflow`: the tracking client, the SQL
+# stores, alembic's schema check, tenacity's retries. A warm server (shrinkflow.warm) imports
+# them once, so that opening a job's run costs its children ~0.3 s instead of ~4 s.
+FIRST_USE_MODULES = (
+    "mlflow.tracking",
+    "mlflow.store.tracking.sqlalchemy_store",
+    "mlflow.store.tracking.sqlalchemy_workspace_store",
+    "mlflow.store.model_registry.sqlalchemy_store",
+    "sqlalchemy.dialects.sqlite",
+    "alembic.command",
+    "alembic.config",
+    "alembic.runtime.migration",
+    "alembic.script",
+    "tenacity",
+)
+
+
+def preload() -> None:
+    """Import what opening a store imports, without opening one (no file, no thread)."""
+    import_mlflow()
+    for name in FIRST_USE_MODULES:
+        importlib.import_module(name)
 
 
 def import_mlflow() -> None:

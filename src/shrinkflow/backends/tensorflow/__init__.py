@@ -15,7 +15,7 @@ then imports TensorFlow and queries its devices with stderr filtered
 error of a machine without a GPU, do not reach a job's log; errors do. (The same
 ``os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")`` atop each module here is therefore
 redundant.) Listing the devices does not start TensorFlow's runtime: thread counts and logical
-devices can still be configured after it.
+devices can still be configured after it, and ``use_job_threads`` does, for the job's threads.
 """
 
 import os
@@ -29,3 +29,18 @@ with filtered_stderr():
     import tensorflow as tf
 
     tf.config.list_physical_devices()  # cuInit, on a GPU machine before any device is in use
+
+from shrinkflow.backends.base import job_threads  # noqa: E402
+
+
+def use_job_threads() -> None:
+    """Compute with the job's threads (``OMP_NUM_THREADS``, which Snakemake sets to the
+    rule's threads and TensorFlow itself ignores): intra- and inter-op pools, and TFLite's
+    interpreters (``tflite.default_threads``). Before the runtime starts; unset: every CPU."""
+    threads = job_threads()
+    if threads is not None:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
+use_job_threads()
