@@ -90,6 +90,9 @@ def env_for(root: Path, store: str) -> dict[str, str]:
     )
     # No id from outside: each job takes the one of the process that launched it (this one).
     env.pop("SHRINKFLOW_INVOCATION_ID", None)
+    # Each job in its own process, not a warm server's child (shrinkflow.warm): these tests
+    # look at the job's process tree (its torchrun workers, their sockets).
+    env["SHRINKFLOW_WARM"] = "0"
     return env
 
 

@@ -61,7 +61,8 @@ def runtime(tmp_path_factory):
         pytest.skip("no warm server on a machine with an NVIDIA GPU (shrinkflow.warm)")
     folder = tmp_path_factory.mktemp("xdg")
     env = tool_env(XDG_RUNTIME_DIR=str(folder), SHRINKFLOW_WARM="1", SHRINKFLOW_WARM_IDLE="300")
-    # The first command finds no server: it starts one and runs here (a bad argument: quick).
+    # The first command finds no server: it starts one and waits for it (a bad argument: the
+    # job itself is quick).
     subprocess.run([BIN / "shrinkflow", "evaluate"], env=env, capture_output=True, check=False)
     logs = folder / "shrinkflow"
     _wait_for(lambda: list(logs.glob("*.sock")), 180, "the warm server's socket")
@@ -189,6 +190,7 @@ def test_a_handed_back_job_runs_where_its_variables_hold(tmp_path, monkeypatch):
 
     started: list[dict] = []
     monkeypatch.setattr(client, "_start_server", lambda paths, env: started.append(dict(env)))
+    monkeypatch.setattr(client, "LOCK_GRACE_S", 0.2)  # no server takes the lock: none is coming
     thread = threading.Thread(target=fake_server)
     thread.start()
     assert client.run_warm(["finetune", "--in", "x"]) is None  # run it here

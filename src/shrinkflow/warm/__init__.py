@@ -12,10 +12,12 @@ Snakemake, `dvc repro` and a terminal see an ordinary process; if the command it
 the server stops the child.
 
 Nothing has to be started: the first job that finds no server starts one in the background and
-runs itself the ordinary way, the next ones are forked warm. A server serves one installation
-in one import-time environment (``identity``): edited code, an installed or removed package, or
-a change of a variable read at import (``TF_*``, ``PYTHON*``...) gives a new server; an idle one
-exits after ``SHRINKFLOW_WARM_IDLE`` seconds (default 120). A job whose import-time environment
+waits for it (its imports take as long as the job's own would; jobs that come meanwhile wait
+too), then all are forked warm; if none comes, a job runs itself the ordinary way. A server
+serves one installation in one import-time environment (``identity``): edited code, an
+installed or removed package, or a change of a variable read at import (``TF_*``,
+``PYTHON*``...) gives a new server; an idle one exits after ``SHRINKFLOW_WARM_IDLE`` seconds
+(default 120). A job whose import-time environment
 must differ (TensorFlow jobs that train irregular widths need oneDNN off before TensorFlow is
 imported: ``backends.base.use_safe_training_kernels``) raises ``FreshImports`` in the warm
 child, before it computes or writes anything, and the command runs it again where that

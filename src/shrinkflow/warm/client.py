@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 
 from shrinkflow import warm
@@ -44,18 +45,18 @@ def _wants_warm(argv: list[str], environ: Mapping[str, str]) -> bool:
 
 
 def run_warm(argv: list[str]) -> int | None:
-    """The job's exit status from a warm server, or None: run it here (no server answered;
-    one is started for the jobs that follow). A job handed back with variables to set is sent
-    to the server of that environment, or run here with them."""
+    """The job's exit status from a warm server, or None: run it here (no server came). With
+    no server of this identity yet, one is started and the job waits for it (its imports take
+    as long as the job's own would). A job handed back with variables to set is sent to the
+    server of that environment, or run here with them."""
     env = dict(os.environ)
     for _attempt in range(2):
         try:
             paths = identity.server_paths(env)
         except OSError:
             return None  # no private runtime folder: run here
-        conn = _connect(paths.socket)
+        conn = _connect(paths.socket) or _started_server(paths, env)
         if conn is None:
-            _start_server(paths, env)
             os.environ.update(env)
             return None
         with conn:
@@ -126,17 +127,51 @@ def _die_like(signum: int, previous: Mapping) -> int:
     return 128 + signum
 
 
+# How long a job waits for a server that is starting (importing both frameworks and MLflow:
+# 10-20 s on 2 cores) before it runs itself: as long as its own imports would take, without
+# importing them a second time beside the server.
+START_WAIT_S = 60.0
+# A server just started takes its lock within this; a lock still free after it means none is
+# coming (its imports failed, or it lost the race to another, which then holds the lock).
+LOCK_GRACE_S = 5.0
+
+
+def _started_server(paths: identity.ServerPaths, env: Mapping[str, str]) -> socket.socket | None:
+    """A connection to the server of this identity once it is ready: started here unless one
+    is starting already (it holds its lock); None if none comes (its imports failed before, or
+    fail now, or it is not ready within START_WAIT_S): the job then runs here."""
+    if paths.failed.exists():
+        return None
+    started = time.monotonic()
+    _start_server(paths, env)
+    while time.monotonic() - started < START_WAIT_S:
+        time.sleep(0.1)
+        conn = _connect(paths.socket)
+        if conn is not None:
+            return conn
+        if paths.failed.exists():
+            return None
+        if time.monotonic() - started > LOCK_GRACE_S and not _lock_held(paths.lock):
+            return None
+    return None
+
+
+def _lock_held(path) -> bool:
+    """Whether a server (starting or running) holds the lock file at ``path``."""
+    try:
+        with open(path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    except BlockingIOError:
+        return True
+    return False
+
+
 def _start_server(paths: identity.ServerPaths, env: Mapping[str, str]) -> None:
     """Start the server of this identity in the background, unless one holds its lock (it is
-    starting or running) or its imports failed before."""
-    if paths.failed.exists():
+    starting or running)."""
+    if _lock_held(paths.lock):
         return
-    with open(paths.lock, "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return
-        fcntl.flock(lock, fcntl.LOCK_UN)
     server_env = {k: v for k, v in env.items() if k not in identity.THREAD_ENV}
     with open(paths.log, "ab") as log:
         subprocess.Popen(
