@@ -104,7 +104,7 @@ def _run_on(conn: socket.socket, argv: list[str], env: dict[str, str]) -> int | 
             elif "exit" in message:
                 return restart if restart is not None else int(message["exit"])
             elif "signal" in message:
-                return _die_like(int(message["signal"]), previous)
+                return _die_like(int(message["signal"]))
     except OSError:
         if not child:
             return None  # the server went away before it took the job: run it here
@@ -118,7 +118,7 @@ def _run_on(conn: socket.socket, argv: list[str], env: dict[str, str]) -> int | 
     return 1
 
 
-def _die_like(signum: int, previous: Mapping) -> int:
+def _die_like(signum: int) -> int:
     """End as the child ended: killed by ``signum`` (the shell's 128 + N if that fails)."""
     sys.stdout.flush()
     sys.stderr.flush()

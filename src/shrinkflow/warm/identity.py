@@ -50,6 +50,16 @@ class ServerPaths:
     log: Path
     failed: Path  # written when its imports failed: no job starts another one in vain
 
+    @classmethod
+    def of(cls, socket: Path) -> ServerPaths:
+        """The files beside ``socket``, named after it."""
+        return cls(
+            socket=socket,
+            lock=socket.with_suffix(".lock"),
+            log=socket.with_suffix(".log"),
+            failed=socket.with_suffix(".failed"),
+        )
+
 
 # A Unix socket's path has at most 107 bytes on Linux; the key and suffix take 26.
 MAX_FOLDER_CHARS = 80
@@ -90,11 +100,4 @@ def digest(environ: Mapping[str, str], path: list[str] | None = None) -> str:
 
 
 def server_paths(environ: Mapping[str, str], path: list[str] | None = None) -> ServerPaths:
-    folder = runtime_folder()
-    key = digest(environ, path)
-    return ServerPaths(
-        socket=folder / f"{key}.sock",
-        lock=folder / f"{key}.lock",
-        log=folder / f"{key}.log",
-        failed=folder / f"{key}.failed",
-    )
+    return ServerPaths.of(runtime_folder() / f"{digest(environ, path)}.sock")

@@ -62,18 +62,12 @@ def preload() -> list[str]:
 
 
 def serve(socket_path: Path, idle_s: float) -> None:
-    paths = identity.ServerPaths(
-        socket=socket_path,
-        lock=socket_path.with_suffix(".lock"),
-        log=socket_path.with_suffix(".log"),
-        failed=socket_path.with_suffix(".failed"),
-    )
+    paths = identity.ServerPaths.of(socket_path)
     lock = open(paths.lock, "a")  # noqa: SIM115 - held (flock) for the server's life
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return
-    say = _logger()
     started = time.monotonic()
     try:
         for backend in preload():
@@ -292,11 +286,9 @@ def _reseed_numpy() -> None:
         numpy.random.seed()
 
 
-def _logger():
-    def say(text: str) -> None:
-        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}", file=sys.stderr, flush=True)
-
-    return say
+def say(text: str) -> None:
+    """One line of the server's log (its stderr), time-stamped."""
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}", file=sys.stderr, flush=True)
 
 
 def main() -> None:
